@@ -1,0 +1,246 @@
+"""The exception tree of kmsg-worker, split by what the caller does next.
+
+::
+
+    KmsgError
+    ├── ConfigurationError            fix the settings; raised at start, not at first send
+    ├── ValidationError (ValueError)  fix the input; raised at the producer, nothing stored
+    │   └── BatchValidationError      one or more rows of a bulk request are invalid
+    ├── IdempotencyConflictError      same idempotency key, different request
+    ├── MessageNotFoundError (LookupError)
+    ├── InvalidStateError             e.g. cancelling a message that was already dispatched
+    ├── StorageUnavailableError       the system of record cannot be reached: nothing was accepted
+    └── ProviderError                 a provider call failed; carries the provider's own code and text
+        ├── ProviderTransientError    retry the same provider later (timeouts, 5xx, busy)
+        │   ├── ProviderTimeout       the request may or may not have reached the provider
+        │   ├── ProviderConnectionError
+        │   └── ProviderRateLimited   429 or "too many requests"; honour ``retry_after``
+        └── ProviderRejected          never retried on the same provider: fail over or fail
+
+A :class:`ProviderError` also says whose fault it was (``blame``): ``"message"`` (invalid number,
+template mismatch: another provider would reject it too, so no failover) or ``"provider"``
+(authentication, balance, outage: another provider may well succeed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+__all__ = [
+    "BatchValidationError",
+    "ConfigurationError",
+    "ErrorCode",
+    "IdempotencyConflictError",
+    "InvalidStateError",
+    "KmsgError",
+    "MessageNotFoundError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderTimeout",
+    "ProviderTransientError",
+    "RowError",
+    "StorageUnavailableError",
+    "ValidationError",
+]
+
+Blame = Literal["message", "provider"]
+
+
+class ErrorCode(StrEnum):
+    """Stable, machine-readable error codes stored with every failed attempt."""
+
+    #: The request itself is invalid (bad field, bad number, content rule).
+    INVALID_REQUEST = "INVALID_REQUEST"
+    #: The recipient number is invalid or cannot receive this kind of message.
+    INVALID_RECIPIENT = "INVALID_RECIPIENT"
+    #: Credentials rejected, signature wrong, IP not allowed.
+    AUTHENTICATION_FAILED = "AUTHENTICATION_FAILED"
+    #: The account has no balance left.
+    INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
+    #: The AlimTalk/RCS template does not exist or is not approved.
+    TEMPLATE_NOT_FOUND = "TEMPLATE_NOT_FOUND"
+    #: The text does not match the registered template.
+    TEMPLATE_MISMATCH = "TEMPLATE_MISMATCH"
+    #: The sender number or Kakao profile is not registered with the provider.
+    SENDER_NOT_REGISTERED = "SENDER_NOT_REGISTERED"
+    #: The recipient blocked the sender, opted out (080) or is on a block list.
+    RECIPIENT_BLOCKED = "RECIPIENT_BLOCKED"
+    #: The recipient does not use KakaoTalk (AlimTalk could not be delivered).
+    NOT_KAKAO_USER = "NOT_KAKAO_USER"
+    #: Too many requests; wait ``retry_after`` seconds.
+    RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+    #: Connection refused, reset or dropped.
+    NETWORK_ERROR = "NETWORK_ERROR"
+    #: The provider did not answer in time; the outcome is unknown.
+    NETWORK_TIMEOUT = "NETWORK_TIMEOUT"
+    #: The provider answered 5xx or said it is busy or down.
+    NETWORK_SERVICE_UNAVAILABLE = "NETWORK_SERVICE_UNAVAILABLE"
+    #: The provider reported an error we cannot classify more precisely.
+    PROVIDER_ERROR = "PROVIDER_ERROR"
+    #: The carrier or Kakao reported a failed delivery.
+    DELIVERY_FAILED = "DELIVERY_FAILED"
+    #: The provider does not support this message type or feature.
+    UNSUPPORTED = "UNSUPPORTED"
+    #: A worker crashed while holding the message; the outcome could not be established.
+    OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+    #: Tracking gave up waiting for a final delivery report.
+    TRACKING_TIMEOUT = "TRACKING_TIMEOUT"
+    #: The message was redelivered or crashed workers too often.
+    POISON_MESSAGE = "POISON_MESSAGE"
+    #: Retries or the message's maximum age ran out.
+    RETRIES_EXHAUSTED = "RETRIES_EXHAUSTED"
+    #: Anything else.
+    UNKNOWN_ERROR = "UNKNOWN_ERROR"
+
+
+class KmsgError(Exception):
+    """Root of every error raised by kmsg-worker."""
+
+
+class ConfigurationError(KmsgError):
+    """A setting is missing or invalid.
+
+    Args:
+        message: What is wrong and how to fix it; names the environment variable.
+        variable: The environment variable concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class ValidationError(KmsgError, ValueError):
+    """Invalid input, raised to the producer before anything is stored or queued.
+
+    Args:
+        field: Dotted path of the offending field (``"to"``, ``"kakao.profile_id"``).
+        rule: Short machine-readable rule name (``"max_bytes"``, ``"required"``).
+        message: Human-readable explanation naming the field and the rule.
+    """
+
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        super().__init__(f"{field}: {message} [{rule}]")
+        self.field = field
+        self.rule = rule
+        self.detail = message
+
+    def as_dict(self) -> dict[str, str]:
+        """Return the error as a JSON-friendly mapping."""
+        return {"field": self.field, "rule": self.rule, "message": self.detail}
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One invalid row of a bulk request (``row`` counts from 1)."""
+
+    row: int
+    field: str
+    rule: str
+    message: str
+
+
+class BatchValidationError(ValidationError):
+    """Some rows of a bulk request are invalid and the caller asked to reject the whole batch."""
+
+    def __init__(self, errors: Sequence[RowError]) -> None:
+        first = errors[0]
+        super().__init__(
+            f"rows[{first.row}].{first.field}",
+            first.rule,
+            f"{len(errors)} invalid row(s); first at row {first.row}: {first.message}",
+        )
+        self.errors = list(errors)
+
+
+class IdempotencyConflictError(KmsgError):
+    """The idempotency key was already used for a different request."""
+
+    def __init__(self, key_hint: str) -> None:
+        super().__init__(
+            f"idempotency key {key_hint!r} was already used with a different request; "
+            "use a new key for a new request"
+        )
+
+
+class MessageNotFoundError(KmsgError, LookupError):
+    """No message (or batch) with that id."""
+
+
+class InvalidStateError(KmsgError):
+    """The operation is not allowed in the message's current state."""
+
+
+class StorageUnavailableError(KmsgError):
+    """The database could not be reached; the request was *not* accepted."""
+
+
+class ProviderError(KmsgError):
+    """A provider call failed.
+
+    Args:
+        message: Human-readable text (never contains credentials or phone numbers).
+        provider: Provider name (``"solapi"``).
+        code: Normalised :class:`ErrorCode`.
+        provider_code: The provider's own code, kept as text (``"3104"``, ``"-101"``).
+        provider_message: The provider's own error text.
+        status_code: HTTP status, when there was a response.
+        retry_after: Seconds to wait before the next try, when the provider said so.
+        blame: ``"message"`` or ``"provider"`` (see module docstring).
+    """
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        code: ErrorCode = ErrorCode.PROVIDER_ERROR,
+        provider_code: str | None = None,
+        provider_message: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        blame: Blame = "provider",
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.code = code
+        self.provider_code = provider_code
+        self.provider_message = provider_message
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.blame: Blame = blame
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self)!r}, provider={self.provider!r}, code={self.code.value!r}, "
+            f"provider_code={self.provider_code!r}, status_code={self.status_code!r})"
+        )
+
+
+class ProviderTransientError(ProviderError):
+    """Retry the same provider later."""
+
+    retryable = True
+
+
+class ProviderTimeout(ProviderTransientError):
+    """No answer in time. The provider may have accepted the message: reconcile before resending."""
+
+
+class ProviderConnectionError(ProviderTransientError):
+    """The connection failed before a response was read."""
+
+
+class ProviderRateLimited(ProviderTransientError):
+    """The provider throttled us; wait ``retry_after`` seconds."""
+
+
+class ProviderRejected(ProviderError):
+    """A permanent refusal: do not retry on this provider."""

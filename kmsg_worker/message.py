@@ -1,0 +1,720 @@
+"""The message model: types, normalisation and validation.
+
+:func:`normalize` turns what a producer hands us (keyword arguments, a dict from JSON or a CSV row)
+into a frozen :class:`Message`, or raises :class:`~kmsg_worker.errors.ValidationError` naming the
+field and the rule. It runs in the producer's process, before anything is written or queued.
+
+Differences from k-msg that are deliberate (``shared/reference/providers.md`` §2):
+
+* auto SMS -> LMS is decided on the text *after* ``#{var}`` interpolation;
+* nothing the caller gave is dropped when ``type`` is omitted (schedule, media, options survive);
+* unknown fields are an error instead of being silently ignored (a typo such as ``scheduled`` for
+  ``scheduled_at`` would otherwise send at once);
+* phone numbers are normalised and checked for every provider.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta, tzinfo
+from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from kmsg_worker.errors import ValidationError
+
+__all__ = [
+    "KAKAO_TYPES",
+    "TEXT_TYPES",
+    "Failover",
+    "Media",
+    "Message",
+    "MessageType",
+    "Priority",
+    "ValidationLimits",
+    "count_bytes",
+    "interpolate",
+    "normalize",
+    "normalize_phone",
+]
+
+
+class MessageType(StrEnum):
+    """Every message type the system knows (``providers.md`` §2.1)."""
+
+    SMS = "SMS"  #: Short text, at most 90 bytes.
+    LMS = "LMS"  #: Long text with an optional subject, at most 2,000 bytes.
+    MMS = "MMS"  #: LMS with an image.
+    ALIMTALK = "ALIMTALK"  #: Kakao AlimTalk: approved template + variables.
+    FRIENDTALK = "FRIENDTALK"  #: Kakao FriendTalk: free text to channel friends.
+    NSA = "NSA"  #: Naver smart alarm (template based).
+    VOICE = "VOICE"  #: Text-to-speech call.
+    FAX = "FAX"  #: Fax of uploaded files.
+    RCS_SMS = "RCS_SMS"  #: RCS short text.
+    RCS_LMS = "RCS_LMS"  #: RCS long text.
+    RCS_MMS = "RCS_MMS"  #: RCS with media.
+    RCS_TPL = "RCS_TPL"  #: RCS template.
+    RCS_ITPL = "RCS_ITPL"  #: RCS image template.
+    RCS_LTPL = "RCS_LTPL"  #: RCS LMS template.
+
+
+class Priority(StrEnum):
+    """Which queue a single send goes to."""
+
+    HIGH = "high"  #: One-time passwords and alerts: the priority queue.
+    NORMAL = "normal"  #: Ordinary single sends.
+    BULK = "bulk"  #: Campaign traffic; never delays the other two.
+
+
+#: Types whose ``text`` is free text and is interpolated with ``variables``.
+TEXT_TYPES = frozenset(
+    {
+        MessageType.SMS,
+        MessageType.LMS,
+        MessageType.MMS,
+        MessageType.FRIENDTALK,
+        MessageType.VOICE,
+        MessageType.RCS_SMS,
+        MessageType.RCS_LMS,
+        MessageType.RCS_MMS,
+    }
+)
+#: Kakao types: they use a sender profile rather than a sender number.
+KAKAO_TYPES = frozenset({MessageType.ALIMTALK, MessageType.FRIENDTALK})
+_TEMPLATE_TYPES = frozenset(
+    {MessageType.ALIMTALK, MessageType.NSA, MessageType.RCS_TPL, MessageType.RCS_ITPL, MessageType.RCS_LTPL}
+)
+_SUBJECT_TYPES = frozenset({MessageType.LMS, MessageType.MMS, MessageType.RCS_LMS, MessageType.RCS_MMS})
+_MEDIA_TYPES = frozenset(
+    {MessageType.MMS, MessageType.FRIENDTALK, MessageType.RCS_MMS, MessageType.RCS_ITPL}
+)
+
+_VAR_PATTERN = re.compile(r"#\{([^}]+)\}")
+_PHONE_STRIP = re.compile(r"[\s\-().]")
+_DOMESTIC = re.compile(r"^0\d{8,10}$")
+_INTERNATIONAL = re.compile(r"^\+[1-9]\d{6,14}$")
+_SENDER = re.compile(r"^(\+?\d{3,16})$")
+_BUTTON_KEYS = frozenset(
+    {"name", "type", "url_pc", "url_mobile", "scheme_ios", "scheme_android", "chat_extra", "chat_event"}
+)
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def count_bytes(text: str) -> int:
+    """Count bytes the way Korean carriers bill them (``providers.md`` §2.3).
+
+    Every UTF-16 code unit up to U+007F counts 1, every other unit counts 2, so Hangul counts 2
+    and an emoji outside the basic plane (a surrogate pair) counts 4.
+
+    Args:
+        text: The message text.
+
+    Returns:
+        The estimated byte count.
+    """
+    total = 0
+    for ch in text:
+        cp = ord(ch)
+        if cp <= 0x7F:
+            total += 1
+        elif cp > 0xFFFF:
+            total += 4
+        else:
+            total += 2
+    return total
+
+
+def _stringify(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def interpolate(text: str, variables: Mapping[str, str]) -> str:
+    """Replace ``#{key}`` tokens with ``variables[key]``; unknown keys are left as they are.
+
+    Args:
+        text: Text containing ``#{key}`` tokens (a key is anything but ``}``).
+        variables: Already stringified variable values.
+
+    Returns:
+        The interpolated text.
+    """
+    if "#{" not in text:
+        return text
+    return _VAR_PATTERN.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
+def normalize_phone(value: object, field_name: str = "to") -> str:
+    """Normalise a phone number: strip spaces, hyphens, dots and brackets, keep a leading ``+``.
+
+    Args:
+        value: The number as given (``"010-1234-5678"``, ``"+82 10 1234 5678"``).
+        field_name: Field to name in the error.
+
+    Returns:
+        Digits only (``"01012345678"``), or ``"+"`` and digits for an international number.
+
+    Raises:
+        ValidationError: The value is not a string, or not a plausible Korean or E.164 number.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(field_name, "type", f"must be a string, got {type(value).__name__}")
+    cleaned = _PHONE_STRIP.sub("", value.strip())
+    if not cleaned:
+        raise ValidationError(field_name, "required", "a phone number is required")
+    if _DOMESTIC.match(cleaned) or _INTERNATIONAL.match(cleaned):
+        return cleaned
+    raise ValidationError(
+        field_name,
+        "phone_format",
+        "must be a Korean number starting with 0 (9-11 digits, e.g. 010-1234-5678) "
+        "or an international number starting with + (7-15 digits)",
+    )
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    """Byte and length limits; configurable because carriers and providers change them.
+
+    Attributes:
+        auto_lms_bytes: When ``type`` is omitted, text above this many bytes becomes LMS.
+        sms_max_bytes: Maximum bytes of an explicit SMS.
+        lms_max_bytes: Maximum bytes of an LMS or MMS text.
+        subject_max_bytes: Maximum bytes of an LMS/MMS subject.
+        kakao_max_chars: Maximum characters of an AlimTalk/FriendTalk text.
+        max_variables: Maximum number of template variables.
+        schedule_tolerance: How far in the past a ``scheduled_at`` may be (clock skew).
+        timezone: Zone for naive datetimes.
+    """
+
+    auto_lms_bytes: int = 90
+    sms_max_bytes: int = 90
+    lms_max_bytes: int = 2000
+    subject_max_bytes: int = 40
+    kakao_max_chars: int = 1000
+    max_variables: int = 100
+    schedule_tolerance: timedelta = timedelta(seconds=60)
+    timezone: str = "Asia/Seoul"
+
+
+@dataclass(frozen=True)
+class Media:
+    """An image or file attached to a message.
+
+    Exactly one of ``ref`` (a URL or a provider file id) and ``data_b64`` (base64 bytes) is set.
+    """
+
+    ref: str | None = None
+    data_b64: str | None = None
+    filename: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Failover:
+    """AlimTalk -> SMS/LMS fallback request.
+
+    Attributes:
+        enabled: Whether to fall back when the recipient cannot get the AlimTalk.
+        channel: ``"sms"``, ``"lms"`` or ``None`` (decide by the fallback text's bytes).
+        content: Fallback text (required for a fallback to be sent).
+        title: Fallback subject for LMS.
+    """
+
+    enabled: bool = True
+    channel: str | None = None
+    content: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A validated, normalised message. Immutable; stored as JSON in the system of record."""
+
+    id: str
+    type: MessageType
+    to: str
+    sender: str | None = None
+    text: str | None = None
+    subject: str | None = None
+    template_id: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+    media: Media | None = None
+    buttons: tuple[dict[str, Any], ...] = ()
+    kakao: dict[str, Any] = field(default_factory=dict)
+    naver: dict[str, Any] = field(default_factory=dict)
+    voice: dict[str, Any] = field(default_factory=dict)
+    fax: dict[str, Any] = field(default_factory=dict)
+    rcs: dict[str, Any] = field(default_factory=dict)
+    failover: Failover | None = None
+    provider_id: str | None = None
+    provider_options: dict[str, Any] = field(default_factory=dict)
+    scheduled_at: datetime | None = None
+    country: str | None = None
+    custom_fields: dict[str, str] = field(default_factory=dict)
+    tenant: str = "default"
+    priority: Priority = Priority.NORMAL
+    idempotency_key: str | None = None
+    #: Set when ``type`` was omitted and chosen by :func:`normalize`.
+    type_inferred: bool = False
+
+    @property
+    def parts(self) -> int:
+        """Billing units for rate limits: long texts cost more than short ones."""
+        if self.type in (MessageType.SMS, MessageType.RCS_SMS):
+            return 1
+        if self.type in (MessageType.LMS, MessageType.MMS, MessageType.RCS_LMS, MessageType.RCS_MMS):
+            return 3
+        return 1
+
+    def content(self) -> dict[str, Any]:
+        """Return the JSON-serialisable form stored in the database (``Message.from_content`` reverses it)."""
+        data = asdict(self)
+        data["type"] = self.type.value
+        data["priority"] = self.priority.value
+        data["buttons"] = list(self.buttons)
+        data["scheduled_at"] = self.scheduled_at.isoformat() if self.scheduled_at else None
+        return data
+
+    @classmethod
+    def from_content(cls, data: Mapping[str, Any]) -> Message:
+        """Rebuild a message from :meth:`content` output (trusted: it was validated on the way in)."""
+        values = dict(data)
+        values["type"] = MessageType(values["type"])
+        values["priority"] = Priority(values.get("priority", "normal"))
+        values["buttons"] = tuple(values.get("buttons") or ())
+        if values.get("media"):
+            values["media"] = Media(**values["media"])
+        if values.get("failover"):
+            values["failover"] = Failover(**values["failover"])
+        if values.get("scheduled_at"):
+            values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
+        return cls(**values)
+
+    def with_id(self, message_id: str) -> Message:
+        """Return a copy carrying another id (used for failover children)."""
+        return replace(self, id=message_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# normalisation
+
+_ALIASES = {
+    "from": "sender",
+    "from_": "sender",
+    "content": "text",
+    "message_id": "id",
+    "messageId": "id",
+    "providerId": "provider_id",
+    "templateId": "template_id",
+    "template_code": "template_id",
+    "imageUrl": "image_url",
+    "scheduledAt": "scheduled_at",
+    "providerOptions": "provider_options",
+    "customFields": "custom_fields",
+    "idempotencyKey": "idempotency_key",
+}
+_KNOWN = frozenset(
+    {
+        "id",
+        "type",
+        "to",
+        "sender",
+        "text",
+        "subject",
+        "template_id",
+        "variables",
+        "media",
+        "image_url",
+        "buttons",
+        "kakao",
+        "naver",
+        "voice",
+        "fax",
+        "rcs",
+        "failover",
+        "provider_id",
+        "provider_options",
+        "scheduled_at",
+        "country",
+        "custom_fields",
+        "tenant",
+        "priority",
+        "idempotency_key",
+    }
+)
+
+
+def _canonical_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValidationError("message", "type", f"must be a mapping, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ValidationError(repr(key), "unknown_field", "field names must be strings")
+        name = _ALIASES.get(key, key)
+        if name not in _KNOWN:
+            raise ValidationError(key, "unknown_field", f"unknown field; known fields: {', '.join(sorted(_KNOWN))}")
+        if name in out and value is not None:
+            raise ValidationError(name, "duplicate_field", f"given twice (as {key!r} and an alias)")
+        if value is not None or name not in out:
+            out[name] = value
+    return out
+
+
+def _opt_str(data: Mapping[str, Any], name: str, *, max_len: int = 10_000) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(name, "type", f"must be a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise ValidationError(name, "max_length", f"must be at most {max_len} characters")
+    return value
+
+
+def _opt_dict(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(name, "type", f"must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValidationError(name, "type", "keys must be strings")
+    return dict(value)
+
+
+def _variables(data: Mapping[str, Any], limits: ValidationLimits) -> dict[str, str]:
+    raw = _opt_dict(data, "variables")
+    if len(raw) > limits.max_variables:
+        raise ValidationError("variables", "max_items", f"at most {limits.max_variables} variables")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, (Mapping, list, tuple, set, bytes)):
+            raise ValidationError(f"variables.{key}", "type", "must be a string, number, bool, date or null")
+        out[key] = _stringify(value)
+    return out
+
+
+def _media(data: Mapping[str, Any]) -> Media | None:
+    raw = data.get("media")
+    image_url = _opt_str(data, "image_url", max_len=2048)
+    if raw is None:
+        return Media(ref=image_url) if image_url else None
+    if not isinstance(raw, Mapping):
+        raise ValidationError("media", "type", "must be a mapping such as {'image': {'ref': url}}")
+    image = raw.get("image", raw)
+    if not isinstance(image, Mapping):
+        raise ValidationError("media.image", "type", "must be a mapping with 'ref' or 'data_b64'")
+    ref = image.get("ref") or image_url
+    data_b64 = image.get("data_b64")
+    if isinstance(image.get("bytes"), (bytes, bytearray)):
+        import base64
+
+        data_b64 = base64.b64encode(bytes(image["bytes"])).decode("ascii")
+    if ref is not None and not isinstance(ref, str):
+        raise ValidationError("media.image.ref", "type", "must be a string (URL or file id)")
+    if data_b64 is not None and not isinstance(data_b64, str):
+        raise ValidationError("media.image.data_b64", "type", "must be base64 text")
+    if bool(ref) == bool(data_b64):
+        raise ValidationError("media.image", "one_of", "give exactly one of 'ref' (URL/file id) or 'bytes'/'data_b64'")
+    filename = image.get("filename")
+    content_type = image.get("content_type") or image.get("contentType")
+    for name, val in (("filename", filename), ("content_type", content_type)):
+        if val is not None and not isinstance(val, str):
+            raise ValidationError(f"media.image.{name}", "type", "must be a string")
+    return Media(ref=ref, data_b64=data_b64, filename=filename, content_type=content_type)
+
+
+def _buttons(data: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    raw = data.get("buttons")
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ValidationError("buttons", "type", "must be a list of buttons")
+    if len(raw) > 5:
+        raise ValidationError("buttons", "max_items", "at most 5 buttons (Kakao rule)")
+    out = []
+    for i, button in enumerate(raw):
+        if not isinstance(button, Mapping):
+            raise ValidationError(f"buttons[{i}]", "type", "must be a mapping with 'name' and 'type'")
+        unknown = set(button) - _BUTTON_KEYS
+        if unknown:
+            raise ValidationError(f"buttons[{i}].{sorted(unknown)[0]}", "unknown_field", "unknown button field")
+        name, kind = button.get("name"), button.get("type")
+        if not isinstance(name, str) or not name.strip():
+            raise ValidationError(f"buttons[{i}].name", "required", "a button needs a non-empty name")
+        if len(name) > 28:
+            raise ValidationError(f"buttons[{i}].name", "max_length", "at most 28 characters (Kakao rule)")
+        if kind not in {"WL", "AL", "DS", "BK", "MD", "BC", "BT", "AC"}:
+            raise ValidationError(f"buttons[{i}].type", "enum", "must be one of WL, AL, DS, BK, MD, BC, BT, AC")
+        if kind == "WL" and not button.get("url_mobile"):
+            raise ValidationError(f"buttons[{i}].url_mobile", "required", "a WL (web link) button needs url_mobile")
+        out.append(dict(button))
+    return tuple(out)
+
+
+def _failover(data: Mapping[str, Any]) -> Failover | None:
+    raw = data.get("failover")
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        return Failover(enabled=raw)
+    if not isinstance(raw, Mapping):
+        raise ValidationError("failover", "type", "must be a mapping or a bool")
+    allowed = {"enabled", "channel", "fallback_channel", "content", "fallback_content", "title", "fallback_title"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValidationError(f"failover.{sorted(unknown)[0]}", "unknown_field", "unknown failover field")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValidationError("failover.enabled", "type", "must be a bool")
+    channel = raw.get("channel", raw.get("fallback_channel"))
+    if channel is not None:
+        if not isinstance(channel, str) or channel.lower() not in {"sms", "lms"}:
+            raise ValidationError("failover.channel", "enum", "must be 'sms' or 'lms'")
+        channel = channel.lower()
+    content = raw.get("content", raw.get("fallback_content"))
+    title = raw.get("title", raw.get("fallback_title"))
+    for name, val in (("content", content), ("title", title)):
+        if val is not None and not isinstance(val, str):
+            raise ValidationError(f"failover.{name}", "type", "must be a string")
+    return Failover(enabled=enabled, channel=channel, content=content, title=title)
+
+
+def _scheduled_at(data: Mapping[str, Any], limits: ValidationLimits, now: datetime) -> datetime | None:
+    raw = data.get("scheduled_at")
+    if raw is None:
+        return None
+    zone: tzinfo = ZoneInfo(limits.timezone)
+    if isinstance(raw, str):
+        try:
+            value = datetime.fromisoformat(raw)
+        except ValueError:
+            raise ValidationError("scheduled_at", "datetime", "must be an ISO 8601 date-time") from None
+    elif isinstance(raw, datetime):
+        value = raw
+    else:
+        raise ValidationError("scheduled_at", "type", "must be a datetime or an ISO 8601 string")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=zone)
+    if value < now - limits.schedule_tolerance:
+        raise ValidationError(
+            "scheduled_at", "in_past", f"is in the past ({value.isoformat()}); give a future time or omit it"
+        )
+    return value.astimezone(UTC)
+
+
+def _check_text(mtype: MessageType, text: str | None, subject: str | None, limits: ValidationLimits) -> None:
+    if mtype in TEXT_TYPES and not (text and text.strip()):
+        raise ValidationError("text", "required", f"{mtype.value} needs a non-empty text")
+    if text is None:
+        return
+    nbytes = count_bytes(text)
+    if mtype in (MessageType.SMS, MessageType.RCS_SMS) and nbytes > limits.sms_max_bytes:
+        raise ValidationError(
+            "text", "max_bytes", f"{mtype.value} text is {nbytes} bytes; at most {limits.sms_max_bytes} (use LMS)"
+        )
+    if mtype in (MessageType.LMS, MessageType.MMS, MessageType.RCS_LMS, MessageType.RCS_MMS):
+        if nbytes > limits.lms_max_bytes:
+            raise ValidationError(
+                "text", "max_bytes", f"{mtype.value} text is {nbytes} bytes; at most {limits.lms_max_bytes}"
+            )
+    if mtype in KAKAO_TYPES and len(text) > limits.kakao_max_chars:
+        raise ValidationError("text", "max_length", f"Kakao text is at most {limits.kakao_max_chars} characters")
+    if subject is not None:
+        if mtype not in _SUBJECT_TYPES:
+            raise ValidationError("subject", "not_allowed", f"{mtype.value} has no subject; use LMS or MMS")
+        sbytes = count_bytes(subject)
+        if sbytes > limits.subject_max_bytes:
+            raise ValidationError(
+                "subject", "max_bytes", f"subject is {sbytes} bytes; at most {limits.subject_max_bytes}"
+            )
+
+
+def _check_type_fields(mtype: MessageType, msg: dict[str, Any]) -> None:
+    if mtype in _TEMPLATE_TYPES and not msg.get("template_id"):
+        raise ValidationError("template_id", "required", f"{mtype.value} needs a template code (template_id)")
+    if msg.get("media") is not None and mtype not in _MEDIA_TYPES:
+        raise ValidationError("media", "not_allowed", f"{mtype.value} cannot carry media; use MMS")
+    if mtype is MessageType.MMS and msg.get("media") is None:
+        raise ValidationError("media", "required", "MMS needs an image (media or image_url)")
+    if mtype is MessageType.FAX:
+        fax = msg["fax"]
+        ids, urls = fax.get("file_ids"), fax.get("file_urls")
+        if not ids and not urls:
+            raise ValidationError("fax.file_ids", "required", "FAX needs fax.file_ids or fax.file_urls")
+        for name, val in (("file_ids", ids), ("file_urls", urls)):
+            if val is not None and (
+                not isinstance(val, (list, tuple)) or not all(isinstance(v, str) and v for v in val)
+            ):
+                raise ValidationError(f"fax.{name}", "type", "must be a list of non-empty strings")
+    if mtype is MessageType.VOICE:
+        voice_type = msg["voice"].get("voice_type", "FEMALE")
+        if voice_type not in {"FEMALE", "MALE"}:
+            raise ValidationError("voice.voice_type", "enum", "must be FEMALE or MALE")
+        reply_range = msg["voice"].get("reply_range")
+        if reply_range is not None and (not isinstance(reply_range, int) or not 1 <= reply_range <= 9):
+            raise ValidationError("voice.reply_range", "range", "must be an integer from 1 to 9")
+    if msg.get("buttons") and mtype not in (KAKAO_TYPES | {MessageType.NSA} | _RCS):
+        raise ValidationError("buttons", "not_allowed", f"{mtype.value} cannot carry buttons")
+    if msg.get("failover") is not None and mtype is not MessageType.ALIMTALK:
+        raise ValidationError("failover", "not_allowed", "failover to SMS/LMS applies to ALIMTALK only")
+
+
+_RCS = frozenset(
+    {
+        MessageType.RCS_SMS,
+        MessageType.RCS_LMS,
+        MessageType.RCS_MMS,
+        MessageType.RCS_TPL,
+        MessageType.RCS_ITPL,
+        MessageType.RCS_LTPL,
+    }
+)
+
+
+def _infer_type(text: str | None, subject: str | None, media: Media | None, limits: ValidationLimits) -> MessageType:
+    if media is not None:
+        return MessageType.MMS
+    if subject:
+        return MessageType.LMS
+    if text is not None and count_bytes(text) > limits.auto_lms_bytes:
+        return MessageType.LMS
+    return MessageType.SMS
+
+
+def normalize(
+    raw: Mapping[str, Any],
+    *,
+    limits: ValidationLimits | None = None,
+    now: datetime | None = None,
+    default_sender: str | None = None,
+) -> Message:
+    """Validate and normalise one message.
+
+    Args:
+        raw: The message as given by the producer. Python names (``sender``, ``template_id``) and the
+            k-msg aliases (``from``, ``templateId``, ``content``, ``imageUrl``) are both accepted.
+        limits: Byte and length limits; defaults to :class:`ValidationLimits()`.
+        now: Current time (for ``scheduled_at`` checks); defaults to the wall clock.
+        default_sender: Sender number used when none is given.
+
+    Returns:
+        A frozen :class:`Message` with a fresh id unless one was given.
+
+    Raises:
+        ValidationError: Naming the field and the rule.
+    """
+    limits = limits or ValidationLimits()
+    now = now or datetime.now(UTC)
+    data = _canonical_keys(raw)
+
+    to = normalize_phone(data.get("to"), "to")
+    sender_raw = data.get("sender") or default_sender
+    sender = None
+    if sender_raw is not None:
+        sender = normalize_phone_sender(sender_raw)
+
+    variables = _variables(data, limits)
+    text = _opt_str(data, "text", max_len=20_000)
+    subject = _opt_str(data, "subject", max_len=1000)
+    if subject is not None and not subject.strip():
+        subject = None
+    if text is not None and variables:
+        text = interpolate(text, variables)
+    media = _media(data)
+
+    raw_type = data.get("type")
+    inferred = raw_type is None
+    if inferred:
+        mtype = _infer_type(text, subject, media, limits)
+    else:
+        if not isinstance(raw_type, str):
+            raise ValidationError("type", "type", "must be a string")
+        try:
+            mtype = MessageType(raw_type.upper())
+        except ValueError:
+            raise ValidationError(
+                "type", "enum", f"unknown type {raw_type!r}; one of {', '.join(t.value for t in MessageType)}"
+            ) from None
+
+    message_id = data.get("id")
+    if message_id is None:
+        message_id = uuid.uuid4().hex
+    elif not isinstance(message_id, str) or not re.match(r"^[A-Za-z0-9_.:\-]{1,64}$", message_id):
+        raise ValidationError("id", "format", "must be 1-64 characters of letters, digits, _ . : -")
+
+    priority_raw = data.get("priority") or "normal"
+    try:
+        priority = Priority(priority_raw)
+    except ValueError:
+        raise ValidationError("priority", "enum", "must be high, normal or bulk") from None
+
+    tenant = _opt_str(data, "tenant", max_len=64) or "default"
+    idem = data.get("idempotency_key")
+    if idem is not None and (not isinstance(idem, str) or not _IDEMPOTENCY_KEY.match(idem)):
+        raise ValidationError("idempotency_key", "format", "must be 1-200 printable ASCII characters")
+
+    custom = _opt_dict(data, "custom_fields")
+    fields: dict[str, Any] = {
+        "template_id": _opt_str(data, "template_id", max_len=128),
+        "media": media,
+        "buttons": _buttons(data),
+        "kakao": _opt_dict(data, "kakao"),
+        "naver": _opt_dict(data, "naver"),
+        "voice": _opt_dict(data, "voice"),
+        "fax": _opt_dict(data, "fax"),
+        "rcs": _opt_dict(data, "rcs"),
+        "failover": _failover(data),
+    }
+    _check_text(mtype, text, subject, limits)
+    _check_type_fields(mtype, fields)
+
+    country = _opt_str(data, "country", max_len=4)
+    provider_id = _opt_str(data, "provider_id", max_len=32)
+    return Message(
+        id=message_id,
+        type=mtype,
+        to=to,
+        sender=sender,
+        text=text,
+        subject=subject,
+        variables=variables,
+        provider_id=provider_id,
+        provider_options=_opt_dict(data, "provider_options"),
+        scheduled_at=_scheduled_at(data, limits, now),
+        country=country,
+        custom_fields={k: _stringify(v) for k, v in custom.items()},
+        tenant=tenant,
+        priority=priority,
+        idempotency_key=idem,
+        type_inferred=inferred,
+        **fields,
+    )
+
+
+def normalize_phone_sender(value: object) -> str:
+    """Normalise a sender (caller id) number; Korean senders may be short (``1588-1234``)."""
+    if not isinstance(value, str):
+        raise ValidationError("sender", "type", f"must be a string, got {type(value).__name__}")
+    cleaned = _PHONE_STRIP.sub("", value.strip())
+    if not _SENDER.match(cleaned) or len(cleaned.lstrip("+")) < 7:
+        raise ValidationError("sender", "phone_format", "must be a registered sender number such as 1588-1234")
+    return cleaned
+
+
+def redact(message: Message) -> dict[str, Any]:
+    """Return a loggable summary of a message: no text, the number masked."""
+    from kmsg_worker.logging import mask_phone
+
+    return {"message_id": message.id, "type": message.type.value, "to": mask_phone(message.to)}

@@ -1,0 +1,321 @@
+"""The provider contract: one base class, capabilities, and the normalised results.
+
+A provider adapter turns :class:`~kmsg_worker.message.Message` objects into its vendor's wire
+format and the vendor's answers back into :class:`SendOutcome` and :class:`StatusReport`. HTTP
+adapters derive from :class:`~kmsg_worker.providers.base_http.HttpProvider`, which owns the shared
+``httpx.Client``, timeouts and the translation of transport errors.
+
+Order of a send (the template method :meth:`Provider.send_batch`):
+check capability -> ``_send_batch`` (vendor) -> per-recipient :class:`SendOutcome`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected
+from kmsg_worker.message import Message, MessageType
+
+__all__ = [
+    "Balance",
+    "Capabilities",
+    "DeliveryState",
+    "HealthReport",
+    "Provider",
+    "ProviderConfig",
+    "SendOutcome",
+    "SendWarning",
+    "StatusQuery",
+    "StatusReport",
+]
+
+
+class DeliveryState(StrEnum):
+    """What a provider says about one message."""
+
+    PENDING = "PENDING"  #: Accepted, not yet handed to the carrier / Kakao.
+    SENT = "SENT"  #: Handed to the carrier, awaiting the delivery report.
+    DELIVERED = "DELIVERED"  #: Final: the handset got it.
+    FAILED = "FAILED"  #: Final: the carrier or Kakao reported a failure (code kept).
+    UNKNOWN = "UNKNOWN"  #: The provider's answer could not be interpreted.
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do; routing and the pipeline read this instead of guessing.
+
+    Attributes:
+        types: Message types it can send.
+        bulk_limit: Most recipients in one send request (1 = no bulk API).
+        status_query: It has a delivery-status API.
+        bulk_status: Its status API answers for many messages in one call.
+        alimtalk_fallback: Native AlimTalk -> SMS fallback: ``full``, ``partial`` or ``none``.
+        balance: It has a balance API.
+        templates: It has a template management API.
+        file_upload: It has a file upload API (MMS images, fax).
+        lookup_by_reference: It can find a message by *our* id (used to reconcile unknown outcomes).
+    """
+
+    types: frozenset[MessageType]
+    bulk_limit: int = 1
+    status_query: bool = False
+    bulk_status: bool = False
+    alimtalk_fallback: Literal["full", "partial", "none"] = "none"
+    balance: bool = False
+    templates: bool = False
+    file_upload: bool = False
+    lookup_by_reference: bool = False
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Settings for one provider instance, built from the environment by :mod:`kmsg_worker.settings`.
+
+    Attributes:
+        name: Registry name (``"solapi"``).
+        base_url: Main API base URL; points at the real service or at a fake server.
+        credentials: Secrets (API keys); never logged, never in a repr.
+        options: Non-secret options (sender numbers, profile ids, extra base URLs, batch limits).
+    """
+
+    name: str
+    base_url: str | None = None
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, "
+            f"credentials=<{len(self.credentials)} hidden>, options={dict(self.options)!r})"
+        )
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """Return a non-secret option, or ``default``."""
+        return self.options.get(key, default)
+
+    def secret(self, key: str) -> str:
+        """Return a credential or raise a configuration error naming the variable."""
+        from kmsg_worker.errors import ConfigurationError
+
+        value = self.credentials.get(key)
+        if not value:
+            var = f"KMSG_{self.name.upper()}_{key.upper()}"
+            raise ConfigurationError(f"{var} is not set (needed by provider {self.name!r})", variable=var)
+        return value
+
+
+@dataclass(frozen=True)
+class SendWarning:
+    """Something the provider could only partly honour (e.g. ``FAILOVER_PARTIAL_PROVIDER``)."""
+
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SendOutcome:
+    """The provider's answer for one recipient of a send request.
+
+    Exactly one of ``provider_message_id`` (accepted) and ``error`` (refused) is meaningful:
+    ``accepted`` tells which.
+    """
+
+    message_id: str
+    accepted: bool
+    provider_message_id: str | None = None
+    state: DeliveryState = DeliveryState.PENDING
+    error: ProviderError | None = None
+    warnings: list[SendWarning] = field(default_factory=list)
+    #: True when the provider itself will fall back to SMS (native failover requested).
+    native_fallback: bool = False
+    raw: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    """What a status API needs to find one message."""
+
+    message_id: str
+    provider_message_id: str
+    type: MessageType
+    to: str
+    requested_at: datetime
+    scheduled_at: datetime | None = None
+
+
+@dataclass
+class StatusReport:
+    """A delivery status, normalised.
+
+    Attributes:
+        message_id: Our id.
+        state: Normalised state.
+        code: The provider's own status code (``"3104"``), kept verbatim.
+        description: The provider's status text.
+        not_kakao_user: The recipient cannot get AlimTalk (triggers the SMS/LMS fallback).
+        raw: The provider's payload for this message.
+    """
+
+    message_id: str
+    state: DeliveryState
+    code: str | None = None
+    description: str | None = None
+    sent_at: datetime | None = None
+    delivered_at: datetime | None = None
+    failed_at: datetime | None = None
+    not_kakao_user: bool = False
+    raw: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Account balance."""
+
+    amount: float
+    currency: str = "KRW"
+    raw: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Result of :meth:`Provider.health`."""
+
+    ok: bool
+    detail: str
+    latency_ms: float | None = None
+
+
+class Provider:
+    """Base class of every provider adapter.
+
+    Subclasses set :attr:`name` and :attr:`capabilities` and implement ``_send_batch`` (and
+    ``_query_status`` / ``_balance`` where the vendor has them). Hooks that a subclass leaves open
+    raise :class:`NotImplementedError` naming the subclass.
+
+    Args:
+        config: This provider's settings.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    #: Setting keys that are secrets (``KMSG_<NAME>_<KEY>``); kept out of logs and reprs.
+    credential_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Credentials without which the provider cannot work; checked at worker start.
+    required_credentials: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: ProviderConfig) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__qualname__} must set the class attribute 'name'")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} base_url={self.config.base_url!r}>"
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def batch_limit(self) -> int:
+        """Most recipients per request: the vendor limit, lowered by ``options['batch_limit']``."""
+        configured = self.config.option("batch_limit")
+        limit = self.capabilities.bulk_limit
+        return min(limit, int(configured)) if configured else limit
+
+    def supports(self, mtype: MessageType) -> bool:
+        """Whether this provider can send ``mtype``."""
+        return mtype in self.capabilities.types
+
+    def send(self, message: Message) -> SendOutcome:
+        """Send one message.
+
+        Returns:
+            The outcome; a per-recipient refusal comes back as ``accepted=False`` with ``error``.
+
+        Raises:
+            ProviderError: The whole request failed (transport error, auth, 5xx).
+        """
+        return self.send_batch([message])[0]
+
+    def send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
+        """Send up to :attr:`batch_limit` messages in as few requests as the vendor allows.
+
+        Returns:
+            One outcome per message, in the same order.
+
+        Raises:
+            ProviderError: The whole request failed; no recipient is known to be accepted.
+        """
+        if not messages:
+            return []
+        if len(messages) > self.batch_limit:
+            raise ValueError(f"{self.name}: {len(messages)} messages exceed the batch limit {self.batch_limit}")
+        for message in messages:
+            if not self.supports(message.type):
+                raise ProviderRejected(
+                    f"{self.name} does not support {message.type.value}",
+                    provider=self.name,
+                    code=ErrorCode.UNSUPPORTED,
+                    blame="provider",
+                )
+        outcomes = self._send_batch(messages)
+        if len(outcomes) != len(messages):
+            raise ProviderError(
+                f"{self.name}: {len(outcomes)} results for {len(messages)} messages", provider=self.name
+            )
+        return outcomes
+
+    def query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
+        """Ask the vendor for delivery statuses.
+
+        Returns:
+            Reports for the messages the vendor knows about; a message it does not know (yet) is
+            simply absent.
+        """
+        if not self.capabilities.status_query:
+            raise ProviderRejected(f"{self.name} has no status API", provider=self.name, code=ErrorCode.UNSUPPORTED)
+        return self._query_status(queries)
+
+    def lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
+        """Find messages by *our* ids to reconcile a send whose outcome is unknown.
+
+        Returns:
+            Outcomes for the ids the provider has; an id it never received is absent.
+        """
+        if not self.capabilities.lookup_by_reference:
+            raise ProviderRejected(
+                f"{self.name} cannot look messages up by reference", provider=self.name, code=ErrorCode.UNSUPPORTED
+            )
+        return self._lookup(message_ids)
+
+    def balance(self) -> Balance:
+        """Return the account balance."""
+        if not self.capabilities.balance:
+            raise ProviderRejected(f"{self.name} has no balance API", provider=self.name, code=ErrorCode.UNSUPPORTED)
+        return self._balance()
+
+    def health(self) -> HealthReport:
+        """Check the configuration (and, for HTTP providers, an authenticated probe)."""
+        return HealthReport(ok=True, detail="configured")
+
+    def close(self) -> None:
+        """Release resources (the shared HTTP client is owned by the caller and left open)."""
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
+        raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _send_batch")
+
+    def _query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
+        raise NotImplementedError(
+            f"{type(self).__module__}.{type(self).__qualname__} must implement _query_status"
+        )
+
+    def _lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
+        raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _lookup")
+
+    def _balance(self) -> Balance:
+        raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _balance")

@@ -1,0 +1,228 @@
+"""The HTTP tier between :class:`Provider` and the vendor modules.
+
+It owns the shared ``httpx.Client`` (injected: one per worker process, never one per call), the
+timeouts, the User-Agent, JSON decoding with error wrapping, and the translation of transport
+failures into the project's taxonomy at the boundary (:func:`map_transport_errors`). A vendor module
+only builds requests and parses answers; it overrides :meth:`HttpProvider.raise_for_status` only
+for its own codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from kmsg_worker.errors import (
+    ErrorCode,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderTransientError,
+)
+from kmsg_worker.providers.base import HealthReport, Provider, ProviderConfig
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "HttpProvider",
+    "make_http_client",
+    "map_transport_errors",
+    "parse_retry_after",
+]
+
+#: Explicit per-phase timeouts: a provider that does not answer in 10 s is treated as down,
+#: far below the Celery time limit so the task can still record the attempt.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=10.0, write=10.0, pool=5.0)
+#: Connection pool per worker process.
+DEFAULT_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0)
+USER_AGENT = "kmsg-worker/0.1 (+httpx)"
+
+
+def make_http_client(
+    *, timeout: httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """Create the one ``httpx.Client`` a process shares between all providers.
+
+    Args:
+        timeout: Per-phase timeouts.
+        transport: Injected transport (tests use ``httpx.MockTransport``).
+    """
+    return httpx.Client(
+        timeout=timeout,
+        limits=DEFAULT_LIMITS,
+        headers={"User-Agent": USER_AGENT},
+        transport=transport,
+        follow_redirects=False,
+    )
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds, or ``None``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+@contextlib.contextmanager
+def map_transport_errors(provider: str) -> Iterator[None]:
+    """Translate httpx transport exceptions into the project's taxonomy (most specific first).
+
+    A timeout while *reading* means the request may have reached the provider: it becomes
+    :class:`ProviderTimeout`, which the pipeline reconciles before any resend. A connect timeout or
+    a refused connection never reached it: :class:`ProviderConnectionError`.
+    """
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise ProviderConnectionError(
+            f"{provider}: connect timeout", provider=provider, code=ErrorCode.NETWORK_ERROR
+        ) from exc
+    except httpx.PoolTimeout as exc:
+        raise ProviderConnectionError(
+            f"{provider}: no free connection in the pool", provider=provider, code=ErrorCode.NETWORK_ERROR
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(
+            f"{provider}: no response in time ({type(exc).__name__})",
+            provider=provider,
+            code=ErrorCode.NETWORK_TIMEOUT,
+        ) from exc
+    except httpx.RemoteProtocolError as exc:
+        # The server closed the connection after we sent the request: the outcome is unknown.
+        raise ProviderTimeout(
+            f"{provider}: connection dropped before the response", provider=provider, code=ErrorCode.NETWORK_TIMEOUT
+        ) from exc
+    except httpx.ReadError as exc:
+        raise ProviderTimeout(
+            f"{provider}: connection reset while reading the response",
+            provider=provider,
+            code=ErrorCode.NETWORK_TIMEOUT,
+        ) from exc
+    except httpx.TransportError as exc:
+        raise ProviderConnectionError(
+            f"{provider}: {type(exc).__name__}", provider=provider, code=ErrorCode.NETWORK_ERROR
+        ) from exc
+
+
+class HttpProvider(Provider):
+    """A provider that speaks HTTP through a shared, injected ``httpx.Client``.
+
+    Args:
+        config: This provider's settings (``base_url`` must be set).
+        client: The process-wide client; created by the caller (after fork in workers).
+    """
+
+    #: Default base URL of the real service; overridden by ``config.base_url``.
+    default_base_url: str = ""
+
+    def __init__(self, config: ProviderConfig, client: httpx.Client) -> None:
+        super().__init__(config)
+        self.client = client
+        self.base_url = (config.base_url or self.default_base_url).rstrip("/")
+
+    def url(self, path: str, base: str | None = None) -> str:
+        """Join ``path`` onto the base URL (or another configured base)."""
+        return f"{(base or self.base_url).rstrip('/')}/{path.lstrip('/')}"
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        data: Mapping[str, Any] | None = None,
+        files: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
+        """Send one request; transport errors and HTTP errors come out as :class:`ProviderError`."""
+        with map_transport_errors(self.name):
+            response = self.client.request(
+                method, url, headers=headers, json=json, data=data, files=files, params=params
+            )
+        self.raise_for_status(response)
+        return response
+
+    def decode_json(self, response: httpx.Response) -> Any:
+        """Decode a JSON body or raise a transient provider error keeping the status code."""
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ProviderTransientError(
+                f"{self.name}: response is not JSON (HTTP {response.status_code})",
+                provider=self.name,
+                code=ErrorCode.PROVIDER_ERROR,
+                status_code=response.status_code,
+            ) from exc
+
+    def raise_for_status(self, response: httpx.Response) -> None:
+        """Map an HTTP error status to the taxonomy. Vendors override to read their own codes."""
+        status = response.status_code
+        if status < 400:
+            return
+        raise self.http_error(response)
+
+    def http_error(
+        self, response: httpx.Response, *, provider_code: str | None = None, provider_message: str | None = None
+    ) -> ProviderError:
+        """Build the error for an HTTP failure status (429 and 5xx retryable, other 4xx permanent)."""
+        status = response.status_code
+        text = provider_message or response.reason_phrase
+        common: dict[str, Any] = {
+            "provider": self.name,
+            "status_code": status,
+            "provider_code": provider_code,
+            "provider_message": provider_message,
+        }
+        if status == 429:
+            return ProviderRateLimited(
+                f"{self.name}: rate limited (HTTP 429)",
+                code=ErrorCode.RATE_LIMIT_EXCEEDED,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                **common,
+            )
+        if status >= 500 or status in (408, 425):
+            return ProviderTransientError(
+                f"{self.name}: HTTP {status} {text}", code=ErrorCode.NETWORK_SERVICE_UNAVAILABLE, **common
+            )
+        if status in (401, 403):
+            return ProviderRejected(
+                f"{self.name}: authentication failed (HTTP {status}) {text}",
+                code=ErrorCode.AUTHENTICATION_FAILED,
+                **common,
+            )
+        return ProviderRejected(f"{self.name}: HTTP {status} {text}", code=ErrorCode.INVALID_REQUEST, **common)
+
+    def health(self) -> HealthReport:
+        """Probe the balance API when there is one (authenticated), else only check the settings."""
+        if not self.capabilities.balance:
+            return HealthReport(ok=bool(self.base_url), detail=f"configured ({self.base_url})")
+        started = time.perf_counter()
+        try:
+            balance = self.balance()
+        except ProviderError as exc:
+            return HealthReport(ok=False, detail=str(exc))
+        return HealthReport(
+            ok=True,
+            detail=f"authenticated; balance {balance.amount:g} {balance.currency}",
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
