@@ -178,6 +178,12 @@ class Settings:
 
         providers = tuple(p.strip().lower() for p in (_env(env, "KMSG_PROVIDERS") or "mock").split(",") if p.strip())
         configs = {name: _provider_config(env, name) for name in providers}
+        if "mock" in configs and not configs["mock"].option("call_log"):
+            # Scripted mock outcomes and reconciliation must see calls made by every worker process.
+            mock = configs["mock"]
+            configs["mock"] = ProviderConfig(
+                name="mock", options={**mock.options, "call_log": str(var_dir / "mock-calls.jsonl")}
+            )
         default_provider = _env(env, "KMSG_DEFAULT_PROVIDER")
         if default_provider and default_provider not in providers:
             raise ConfigurationError(

@@ -1,0 +1,95 @@
+"""How the library hands work to Celery without importing the Celery tasks.
+
+:class:`Dispatcher` is the seam: the producer and the pipeline call it *after* their transaction
+commits (outbox). :class:`CeleryDispatcher` publishes by task name through any Celery app, batching
+publishes on one producer connection. Tests and the benchmarks can pass their own dispatcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from kmsg_worker.message import Priority
+
+__all__ = ["QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
+
+#: Celery queue names, one per kind of work so a campaign never delays an OTP.
+QUEUES = {
+    "priority": "kmsg.priority",
+    "send": "kmsg.send",
+    "bulk": "kmsg.bulk",
+    "poll": "kmsg.poll",
+    "maintenance": "kmsg.maintenance",
+}
+#: Registered task names (defined in the top-level ``tasks`` package).
+TASK_NAMES = {
+    "send": "kmsg.send_message",
+    "chunk": "kmsg.send_chunk",
+    "poll": "kmsg.poll_statuses",
+    "sweep": "kmsg.sweep",
+}
+
+
+def queue_for(priority: Priority | str) -> str:
+    """The queue a single send of ``priority`` goes to."""
+    value = Priority(priority)
+    if value is Priority.HIGH:
+        return QUEUES["priority"]
+    if value is Priority.BULK:
+        return QUEUES["bulk"]
+    return QUEUES["send"]
+
+
+class Dispatcher(Protocol):
+    """Publishes task ids to the broker."""
+
+    def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
+        """Enqueue one send task per message id."""
+
+    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
+        """Enqueue one bulk chunk task for these ids of a batch."""
+
+
+class NullDispatcher:
+    """Publishes nothing; the sweeps pick the rows up (used when no broker is reachable on purpose)."""
+
+    def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
+        """Do nothing."""
+
+    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
+        """Do nothing."""
+
+
+class CeleryDispatcher:
+    """Publish through a Celery app by task name (no import of the task modules).
+
+    Args:
+        app: A configured ``celery.Celery`` instance.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
+        """Enqueue one ``kmsg.send_message`` per id, all on one pooled producer connection."""
+        if not message_ids:
+            return
+        queue = queue_for(priority)
+        with self.app.producer_or_acquire() as producer:
+            for message_id in message_ids:
+                self.app.send_task(
+                    TASK_NAMES["send"],
+                    kwargs={"message_id": message_id},
+                    queue=queue,
+                    countdown=countdown,
+                    producer=producer,
+                )
+
+    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
+        """Enqueue one ``kmsg.send_chunk`` carrying the chunk's ids."""
+        self.app.send_task(
+            TASK_NAMES["chunk"],
+            kwargs={"batch_id": batch_id, "message_ids": list(message_ids)},
+            queue=QUEUES["bulk"],
+        )

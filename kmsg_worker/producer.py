@@ -1,0 +1,406 @@
+"""The producer API: :class:`KMsg`.
+
+Every call validates first (nothing is written for invalid input), writes the rows in one
+transaction (the outbox), and only after the commit publishes task ids. If publishing fails, the
+rows are already safe: the maintenance sweep re-enqueues messages left ``queued``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kmsg_worker.dispatch import Dispatcher
+from kmsg_worker.errors import (
+    BatchValidationError,
+    InvalidStateError,
+    MessageNotFoundError,
+    RowError,
+    ValidationError,
+)
+from kmsg_worker.logging import get_logger
+from kmsg_worker.message import Message, normalize
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.settings import Settings
+from kmsg_worker.status import FINAL, MessageStatus
+from kmsg_worker.storage.db import storage_errors
+from kmsg_worker.storage.models import Batch, MessageRow
+
+__all__ = ["AttemptInfo", "BatchReceipt", "KMsg", "MessageInfo", "Receipt"]
+
+S = MessageStatus
+log = get_logger("kmsg.producer")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What :meth:`KMsg.send` returns: the message was stored and will be sent.
+
+    Attributes:
+        message_id: The id to query with :meth:`KMsg.get`.
+        status: ``queued`` or ``scheduled``.
+        type: The (possibly inferred) message type.
+        route: Providers in failover order.
+        duplicate: True when an idempotency key matched an earlier identical request.
+    """
+
+    message_id: str
+    status: str
+    type: str
+    route: tuple[str, ...]
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class BatchReceipt:
+    """What :meth:`KMsg.send_many` returns.
+
+    Attributes:
+        batch_id: The batch's id.
+        message_ids: Ids of the accepted messages, in input order.
+        invalid: Rows skipped as invalid (only with ``on_invalid="skip"``).
+    """
+
+    batch_id: str
+    message_ids: list[str]
+    invalid: list[RowError] = field(default_factory=list)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptInfo:
+    """One provider call of a message."""
+
+    attempt_no: int
+    provider: str
+    outcome: str
+    error_code: str | None
+    provider_code: str | None
+    http_status: int | None
+    latency_ms: float | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """A message as the system of record knows it."""
+
+    id: str
+    status: str
+    type: str
+    to: str
+    provider: str | None
+    provider_message_id: str | None
+    route: list[str]
+    attempts: list[AttemptInfo]
+    error_code: str | None
+    error_message: str | None
+    provider_status_code: str | None
+    created_at: datetime
+    scheduled_at: datetime | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    final_at: datetime | None
+    parent_id: str | None
+    children: list[str]
+    batch_id: str | None
+    warnings: list[dict[str, Any]]
+
+    @property
+    def final(self) -> bool:
+        """Whether the message reached a final state."""
+        return MessageStatus(self.status) in FINAL
+
+
+def _request_hash(message: Message) -> str:
+    content = message.content()
+    content.pop("id", None)
+    content.pop("idempotency_key", None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class KMsg:
+    """Send, schedule, query and cancel messages.
+
+    Args:
+        settings: Defaults to :meth:`Settings.from_env`.
+        runtime: An existing per-process runtime (shares its engine and dispatcher).
+        dispatcher: Where to publish tasks; defaults to the Celery app named by ``KMSG_DISPATCHER``
+            (``config.celery:dispatcher``), resolved lazily so this module never imports Celery tasks.
+
+    Example::
+
+        from kmsg_worker import KMsg
+
+        kmsg = KMsg()
+        receipt = kmsg.send(to="010-1234-5678", text="인증번호 [123456]", priority="high")
+        kmsg.get(receipt.message_id).status
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        runtime: Runtime | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        if runtime is None:
+            settings = settings or Settings.from_env()
+            runtime = Runtime(settings, dispatcher=dispatcher or _default_dispatcher())
+        elif dispatcher is not None:
+            runtime.dispatcher = dispatcher
+        self.runtime = runtime
+        self.settings = runtime.settings
+
+    def close(self) -> None:
+        """Release the database pool and HTTP client."""
+        self.runtime.close()
+
+    def __enter__(self) -> KMsg:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- single ------------------------------------------------------------------------------------
+
+    def validate(self, message: Mapping[str, Any] | None = None, /, **fields: Any) -> Message:
+        """Validate and normalise without storing anything.
+
+        Raises:
+            ValidationError: Naming the field and the rule.
+        """
+        raw = {**(message or {}), **fields}
+        return normalize(
+            raw, limits=self.settings.limits, now=self.runtime.now(), default_sender=self.settings.default_sender
+        )
+
+    def _row(self, message: Message, route: list[str], now: datetime, batch_id: str | None = None) -> dict[str, Any]:
+        scheduled = message.scheduled_at is not None and message.scheduled_at > now
+        return {
+            "id": message.id,
+            "tenant": message.tenant,
+            "batch_id": batch_id,
+            "parent_id": None,
+            "type": message.type.value,
+            "recipient": message.to,
+            "status": S.SCHEDULED if scheduled else S.QUEUED,
+            "priority": message.priority.value,
+            "route": route,
+            "route_index": 0,
+            "attempts": 0,
+            "provider_attempts": 0,
+            "deliveries": 0,
+            "retry_task_published": False,
+            "outcome_unknown": False,
+            "check_count": 0,
+            "native_fallback": False,
+            "scheduled_at": message.scheduled_at,
+            "content": message.content(),
+            "idempotency_key": message.idempotency_key,
+            "created_at": now,
+            "updated_at": now,
+            "queued_at": None if scheduled else now,
+        }
+
+    def send(self, message: Mapping[str, Any] | None = None, /, **fields: Any) -> Receipt:
+        """Validate, store and enqueue one message.
+
+        Accepts a mapping, keyword arguments, or both (keywords win). See
+        :func:`kmsg_worker.message.normalize` for the fields.
+
+        Returns:
+            A :class:`Receipt`; the send itself happens in a worker.
+
+        Raises:
+            ValidationError: Invalid input (nothing stored, nothing queued).
+            IdempotencyConflictError: The key was used for a different request.
+            StorageUnavailableError: The database is down; nothing was accepted.
+        """
+        msg = self.validate(message, **fields)
+        route = self.runtime.router.route(msg)
+        now = self.runtime.now()
+        row = self._row(msg, route, now)
+        idem = None
+        if msg.idempotency_key:
+            idem = (msg.tenant, msg.idempotency_key, _request_hash(msg), self.settings.idempotency_ttl)
+        with storage_errors():
+            existing = self.runtime.store.insert_messages([row], idempotency=idem, now=now)
+        if existing is not None:
+            found = self.runtime.store.get(existing[0])
+            return Receipt(
+                existing[0], found.status if found else "unknown", msg.type.value, tuple(route), duplicate=True
+            )
+        log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
+        if row["status"] == S.QUEUED:
+            self._publish([msg.id], msg.priority.value)
+        return Receipt(msg.id, str(row["status"].value), msg.type.value, tuple(route))
+
+    def schedule(self, message: Mapping[str, Any] | None = None, /, *, at: datetime | str, **fields: Any) -> Receipt:
+        """Store a message to be sent at ``at`` (naive times are in ``KMSG_TIMEZONE``, Asia/Seoul).
+
+        Any horizon works: the row waits in the database and a beat sweep dispatches it when due;
+        there is never a long Celery ETA. Cancel with :meth:`cancel` until it is dispatched.
+        """
+        return self.send(message, **{**fields, "scheduled_at": at})
+
+    def _publish(self, ids: list[str], priority: str) -> None:
+        try:
+            self.runtime.dispatcher.send(ids, priority=priority)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: the sweep re-enqueues
+            # The rows are committed: a broker outage delays the send, it never loses it.
+            log.warning("message.enqueue_failed", count=len(ids), error=type(exc).__name__)
+
+    # -- bulk --------------------------------------------------------------------------------------
+
+    def send_many(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        on_invalid: str = "reject",
+        idempotency_key: str | None = None,
+    ) -> BatchReceipt:
+        """Validate and store many messages as one batch, then enqueue them.
+
+        Args:
+            messages: Mappings, each merged over ``defaults``.
+            defaults: Shared fields (e.g. the text with ``#{name}`` variables, the sender).
+            on_invalid: ``"reject"`` (raise :class:`BatchValidationError`, store nothing) or
+                ``"skip"`` (store the valid rows, report the invalid ones).
+            idempotency_key: Makes the whole batch idempotent.
+
+        Returns:
+            The batch receipt.
+        """
+        if on_invalid not in ("reject", "skip"):
+            raise ValidationError("on_invalid", "enum", "must be 'reject' or 'skip'")
+        now = self.runtime.now()
+        batch_id = uuid.uuid4().hex
+        base = dict(defaults or {})
+        rows: list[dict[str, Any]] = []
+        errors: list[RowError] = []
+        for index, item in enumerate(messages, start=1):
+            try:
+                merged = {**base, **item}
+                merged.setdefault("priority", "bulk")
+                msg = self.validate(merged)
+                rows.append(self._row(msg, self.runtime.router.route(msg), now, batch_id))
+            except ValidationError as exc:
+                errors.append(RowError(index, exc.field, exc.rule, exc.detail))
+        if errors and on_invalid == "reject":
+            raise BatchValidationError(errors)
+        digest = hashlib.sha256(
+            json.dumps([{k: v for k, v in r["content"].items() if k != "id"} for r in rows], sort_keys=True, default=str).encode()
+        ).hexdigest()
+        idem = ("default", idempotency_key, digest, self.settings.idempotency_ttl) if idempotency_key else None
+        with storage_errors():
+            with self.runtime.store.sessions.begin() as s:
+                s.add(
+                    Batch(
+                        id=batch_id,
+                        status="queued",
+                        total=len(rows),
+                        invalid=len(errors),
+                        invalid_rows=[e.__dict__ for e in errors] or None,
+                        created_at=now,
+                    )
+                )
+            existing = self.runtime.store.insert_messages(rows, idempotency=idem, now=now)
+        if existing is not None:
+            found = self.runtime.store.get(existing[0]) if existing else None
+            return BatchReceipt(found.batch_id if found and found.batch_id else "", existing, duplicate=True)
+        queued = [r["id"] for r in rows if r["status"] == S.QUEUED]
+        for start in range(0, len(queued), 1000):
+            self._publish(queued[start : start + 1000], "bulk")
+        log.info("batch.accepted", batch_id=batch_id, total=len(rows), invalid=len(errors))
+        return BatchReceipt(batch_id, [r["id"] for r in rows], errors)
+
+    # -- queries and control -----------------------------------------------------------------------
+
+    def get(self, message_id: str) -> MessageInfo:
+        """Return everything known about a message, its attempts and its failover children.
+
+        Raises:
+            MessageNotFoundError: No such message.
+        """
+        store = self.runtime.store
+        row = store.get(message_id)
+        if row is None:
+            raise MessageNotFoundError(f"no message with id {message_id!r}")
+        attempts = [
+            AttemptInfo(
+                a.attempt_no, a.provider, a.outcome, a.error_code, a.provider_code, a.http_status, a.latency_ms, a.created_at
+            )
+            for a in store.attempts(message_id)
+        ]
+        return _info(row, attempts, [c.id for c in store.children(message_id)])
+
+    def cancel(self, message_id: str) -> MessageInfo:
+        """Cancel a message that has not been dispatched to a provider yet.
+
+        Raises:
+            MessageNotFoundError: No such message.
+            InvalidStateError: It was already sent (or is being sent, or is final).
+        """
+        now = self.runtime.now()
+        changed = self.runtime.store.transition(message_id, S.CANCELLED, now=now, error_code="CANCELLED")
+        if not changed:
+            row = self.runtime.store.get(message_id)
+            if row is None:
+                raise MessageNotFoundError(f"no message with id {message_id!r}")
+            raise InvalidStateError(
+                f"message {message_id} cannot be cancelled: it is already {row.status}"
+                + (" (it was dispatched to the provider)" if row.status in (S.SENDING, S.SENT, S.DELIVERED) else "")
+            )
+        log.info("message.cancelled", message_id=message_id)
+        return self.get(message_id)
+
+
+def _info(row: MessageRow, attempts: list[AttemptInfo], children: list[str]) -> MessageInfo:
+    return MessageInfo(
+        id=row.id,
+        status=row.status,
+        type=row.type,
+        to=row.recipient,
+        provider=row.provider or (row.route[row.route_index] if row.route else None),
+        provider_message_id=row.provider_message_id,
+        route=list(row.route),
+        attempts=attempts,
+        error_code=row.error_code,
+        error_message=row.error_message,
+        provider_status_code=row.provider_status_code,
+        created_at=row.created_at,
+        scheduled_at=row.scheduled_at,
+        sent_at=row.sent_at,
+        delivered_at=row.delivered_at,
+        final_at=row.final_at,
+        parent_id=row.parent_id,
+        children=children,
+        batch_id=row.batch_id,
+        warnings=list(row.warnings or []),
+    )
+
+
+def _default_dispatcher() -> Dispatcher:
+    import importlib
+    import os
+
+    target = os.environ.get("KMSG_DISPATCHER", "config.celery:dispatcher")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        from kmsg_worker.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"KMSG_DISPATCHER={target!r} cannot be imported ({exc}); pass dispatcher= to KMsg", variable="KMSG_DISPATCHER"
+        ) from exc
+    factory = getattr(module, attr)
+    dispatcher: Dispatcher = factory() if callable(factory) and not hasattr(factory, "send") else factory
+    return dispatcher

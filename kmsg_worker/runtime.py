@@ -1,0 +1,123 @@
+"""The per-process bundle of resources: settings, engine, store, HTTP client, providers, router.
+
+One :class:`Runtime` per process. In Celery workers it is built in ``worker_process_init`` (after the
+fork), so every child has its own database connections and its own ``httpx.Client``; nothing is
+created per task.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from kmsg_worker.dispatch import Dispatcher, NullDispatcher
+from kmsg_worker.providers.base import Provider
+from kmsg_worker.providers.base_http import HttpProvider, make_http_client
+from kmsg_worker.providers.registry import provider_class
+from kmsg_worker.routing import Router
+from kmsg_worker.settings import Settings
+from kmsg_worker.storage.db import create_schema, dispose_after_fork, make_engine
+from kmsg_worker.storage.repo import Store
+
+__all__ = ["Runtime"]
+
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Runtime:
+    """Resources shared by everything in one process.
+
+    Args:
+        settings: The settings.
+        dispatcher: Where tasks are published (default: nothing; the sweeps still recover rows).
+        clock: Time source (tests pass a controllable one).
+        create_tables: Create missing tables (the embedded default; PostgreSQL uses Alembic, but
+            creating missing tables is harmless there too and keeps tests simple).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dispatcher: Dispatcher | None = None,
+        clock: Clock = _utcnow,
+        create_tables: bool = True,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher: Dispatcher = dispatcher or NullDispatcher()
+        self.now = clock
+        self.engine = make_engine(settings.database_url)
+        if create_tables:
+            create_schema(self.engine)
+        self.store = Store(self.engine)
+        self._http = http_client
+        self._providers: dict[str, Provider] = {}
+        self._lock = threading.Lock()
+        self.router = Router(settings.providers, settings.routing, settings.default_provider, counter=self._counter())
+        self.extras: dict[str, Any] = {}
+
+    def _counter(self) -> Callable[[str], int] | None:
+        if not self.settings.redis_url:
+            return None
+        import redis
+
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+        def incr(key: str) -> int:
+            # Shared across every worker process and machine: round robin holds globally.
+            return int(client.incr(f"kmsg:{key}")) - 1
+
+        return incr
+
+    @property
+    def http(self) -> httpx.Client:
+        """The process's one ``httpx.Client`` (created on first use)."""
+        if self._http is None:
+            self._http = make_http_client()
+        return self._http
+
+    def provider(self, name: str) -> Provider:
+        """The provider instance for ``name`` (one per process)."""
+        with self._lock:
+            existing = self._providers.get(name)
+            if existing is not None:
+                return existing
+            cls = provider_class(name)
+            config = self.settings.provider_config(name)
+            instance: Provider
+            if issubclass(cls, HttpProvider):
+                instance = cls(config, self.http)
+            else:
+                instance = cls(config)
+            self._providers[name] = instance
+            return instance
+
+    def set_provider(self, name: str, provider: Provider) -> None:
+        """Replace a provider instance (tests)."""
+        with self._lock:
+            self._providers[name] = provider
+
+    def after_fork(self) -> None:
+        """Forget inherited connections and clients; they are rebuilt on first use in the child."""
+        dispose_after_fork(self.engine)
+        self._http = None
+        self._providers.clear()
+
+    def close(self) -> None:
+        """Close the HTTP client and the engine's pool."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        for provider in self._providers.values():
+            provider.close()
+        self._providers.clear()
+        self.engine.dispose()

@@ -1,0 +1,220 @@
+"""SQLAlchemy 2.0 typed models: the system of record.
+
+Indexes are chosen for the sweeps, so each sweep's cost depends on the rows that are due, not on
+the size of the table: partial indexes on PostgreSQL (``WHERE status = ...``), plain composite
+indexes on SQLite.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Attempt", "Base", "Batch", "DeadLetter", "IdempotencyKey", "MessageRow"]
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite has no timezone type: values are stored as naive UTC text (which sorts correctly) and
+    come back aware, so code never compares naive with aware datetimes.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+TS = UTCDateTime()
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class MessageRow(Base):
+    """One message, from acceptance to its final state."""
+
+    __tablename__ = "kmsg_messages"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
+    batch_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    #: The AlimTalk message this is the SMS/LMS fallback of.
+    parent_id: Mapped[str | None] = mapped_column(String(80), index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    #: Providers to try in order (failover route), and where we are in it.
+    route: Mapped[list[str]] = mapped_column(JsonType)
+    route_index: Mapped[int] = mapped_column(Integer, default=0)
+    provider: Mapped[str | None] = mapped_column(String(32))
+    provider_message_id: Mapped[str | None] = mapped_column(String(128))
+    #: Provider calls made (all providers) and calls on the current provider.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    provider_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Times a worker claimed the message; too many means it is poison.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS)
+    #: True when a Celery countdown task will wake this retry; else the sweep does.
+    retry_task_published: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The last provider call timed out: reconcile before any resend.
+    outcome_unknown: Mapped[bool] = mapped_column(Boolean, default=False)
+    scheduled_at: Mapped[datetime | None] = mapped_column(TS)
+    next_check_at: Mapped[datetime | None] = mapped_column(TS)
+    check_count: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    provider_status_code: Mapped[str | None] = mapped_column(String(40))
+    provider_status_message: Mapped[str | None] = mapped_column(Text)
+    native_fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: ``created``, or ``skipped:<reason>`` once the AlimTalk fallback was decided.
+    fallback_state: Mapped[str | None] = mapped_column(String(64))
+    warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
+    content: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+    queued_at: Mapped[datetime | None] = mapped_column(TS)
+    sent_at: Mapped[datetime | None] = mapped_column(TS)
+    delivered_at: Mapped[datetime | None] = mapped_column(TS)
+    final_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        # Sweeps: each reads only its due rows.
+        Index(
+            "ix_kmsg_messages_due_check",
+            "next_check_at",
+            postgresql_where=text("status = 'sent'"),
+            sqlite_where=text("status = 'sent'"),
+        ),
+        Index(
+            "ix_kmsg_messages_due_schedule",
+            "scheduled_at",
+            postgresql_where=text("status = 'scheduled'"),
+            sqlite_where=text("status = 'scheduled'"),
+        ),
+        Index(
+            "ix_kmsg_messages_due_retry",
+            "next_attempt_at",
+            postgresql_where=text("status = 'retrying'"),
+            sqlite_where=text("status = 'retrying'"),
+        ),
+        Index(
+            "ix_kmsg_messages_stale_queued",
+            "queued_at",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        Index(
+            "ix_kmsg_messages_lease",
+            "lease_until",
+            postgresql_where=text("status = 'sending'"),
+            sqlite_where=text("status = 'sending'"),
+        ),
+        Index("ix_kmsg_messages_provider_pmid", "provider", "provider_message_id"),
+        Index("ix_kmsg_messages_created", "created_at"),
+        Index("ix_kmsg_messages_status", "status"),
+    )
+
+
+class Attempt(Base):
+    """One provider call (or reconciliation) for one message."""
+
+    __tablename__ = "kmsg_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(80), ForeignKey("kmsg_messages.id", ondelete="CASCADE"))
+    attempt_no: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(32))
+    #: ``accepted``, ``rejected``, ``retryable``, ``timeout``, ``reconciled_sent``, ``reconciled_missing``.
+    outcome: Mapped[str] = mapped_column(String(24))
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    provider_code: Mapped[str | None] = mapped_column(String(40))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+    __table_args__ = (UniqueConstraint("message_id", "attempt_no", name="uq_kmsg_attempts_message_attempt"),)
+
+
+class IdempotencyKey(Base):
+    """A producer's idempotency key, unique per tenant for its retention window."""
+
+    __tablename__ = "kmsg_idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    message_ids: Mapped[list[str]] = mapped_column(JsonType)
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+class Batch(Base):
+    """A bulk campaign: its messages carry ``batch_id``; counts come from the messages."""
+
+    __tablename__ = "kmsg_batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    invalid_rows: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
+    chunk_size: Mapped[int] = mapped_column(Integer, default=1000)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    started_at: Mapped[datetime | None] = mapped_column(TS)
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+    cancelled_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class DeadLetter(Base):
+    """A task payload that could not be processed (malformed, unknown id): kept, never crashing a worker."""
+
+    __tablename__ = "kmsg_dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    task_id: Mapped[str | None] = mapped_column(String(100))
+    message_id: Mapped[str | None] = mapped_column(String(80), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)

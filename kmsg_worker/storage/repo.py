@@ -1,0 +1,321 @@
+"""Every read and write of the system of record, as conditional statements.
+
+Each status change is ``UPDATE ... WHERE id IN (...) AND status IN (<allowed previous states>)``:
+a row that moved on meanwhile is simply not updated, which is what makes repeated Celery
+deliveries, duplicate beats and overlapping sweeps harmless. Claims use ``UPDATE ... RETURNING``
+(PostgreSQL, and SQLite >= 3.35), with ``FOR UPDATE SKIP LOCKED`` in the sub-select on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from kmsg_worker.errors import IdempotencyConflictError
+from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
+from kmsg_worker.storage.db import make_sessionmaker
+from kmsg_worker.storage.models import Attempt, DeadLetter, IdempotencyKey, MessageRow
+
+__all__ = ["Claim", "Store"]
+
+S = MessageStatus
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A message a worker now holds (status ``sending``, leased)."""
+
+    id: str
+    content: dict[str, Any]
+    route: list[str]
+    route_index: int
+    attempts: int
+    provider_attempts: int
+    deliveries: int
+    created_at: datetime
+    outcome_unknown: bool
+    scheduled_at: datetime | None
+
+    @property
+    def provider(self) -> str:
+        """The provider this attempt goes to."""
+        return self.route[self.route_index]
+
+
+class Store:
+    """Data access for messages, attempts, idempotency keys and dead letters.
+
+    Args:
+        engine: The process's engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    # -- intake -----------------------------------------------------------------------------------
+
+    def insert_messages(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        idempotency: tuple[str, str, str, timedelta] | None = None,
+        now: datetime,
+        session: Session | None = None,
+    ) -> list[str] | None:
+        """Insert message rows in one transaction, guarded by an idempotency key.
+
+        Args:
+            rows: Column values for :class:`MessageRow`.
+            idempotency: ``(tenant, key, request_hash, ttl)`` or ``None``.
+            now: Current time.
+            session: Use this session's transaction instead of a new one (bulk intake).
+
+        Returns:
+            ``None`` when the rows were inserted; the original message ids when the same key and
+            the same request were seen within the window (nothing inserted).
+
+        Raises:
+            IdempotencyConflictError: Same key, different request.
+        """
+        for _ in range(3):
+            try:
+                with self.sessions.begin() as s:
+                    if idempotency is not None:
+                        existing = self._check_idempotency(s, idempotency, now, [r["id"] for r in rows])
+                        if existing is not None:
+                            return existing
+                    if rows:
+                        s.execute(insert(MessageRow), list(rows))
+                return None
+            except IntegrityError:
+                if idempotency is None:
+                    raise
+                # A concurrent producer inserted the same key first: read it on the next round.
+                continue
+        raise IdempotencyConflictError(idempotency[1] if idempotency else "?")
+
+    def _check_idempotency(
+        self, s: Session, idem: tuple[str, str, str, timedelta], now: datetime, ids: list[str]
+    ) -> list[str] | None:
+        tenant, key, request_hash, ttl = idem
+        row = s.get(IdempotencyKey, (tenant, key))
+        if row is not None and row.expires_at > now:
+            if row.request_hash != request_hash:
+                raise IdempotencyConflictError(key)
+            return list(row.message_ids)
+        if row is not None:
+            s.delete(row)
+            s.flush()
+        s.add(
+            IdempotencyKey(
+                tenant=tenant, key=key, request_hash=request_hash, message_ids=ids, created_at=now, expires_at=now + ttl
+            )
+        )
+        s.flush()
+        return None
+
+    def purge_idempotency(self, now: datetime) -> int:
+        """Delete expired idempotency keys."""
+        with self.sessions.begin() as s:
+            result = s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= now))
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def get(self, message_id: str) -> MessageRow | None:
+        """Load one message row."""
+        with self.sessions() as s:
+            return s.get(MessageRow, message_id)
+
+    def attempts(self, message_id: str) -> list[Attempt]:
+        """All attempt rows of a message, oldest first."""
+        with self.sessions() as s:
+            return list(s.scalars(select(Attempt).where(Attempt.message_id == message_id).order_by(Attempt.attempt_no)))
+
+    def children(self, message_id: str) -> list[MessageRow]:
+        """Failover children of a message."""
+        with self.sessions() as s:
+            return list(s.scalars(select(MessageRow).where(MessageRow.parent_id == message_id)))
+
+    def count_by_status(self, ids: Iterable[str] | None = None) -> dict[str, int]:
+        """Messages per status (optionally among ``ids``)."""
+        stmt = select(MessageRow.status, func.count()).group_by(MessageRow.status)
+        if ids is not None:
+            stmt = stmt.where(MessageRow.id.in_(list(ids)))
+        with self.sessions() as s:
+            return {status: int(n) for status, n in s.execute(stmt)}
+
+    # -- claims and transitions -------------------------------------------------------------------
+
+    def claim_for_send(self, message_id: str, *, now: datetime, lease: timedelta) -> Claim | None:
+        """Move one message ``queued|due retrying -> sending``; ``None`` if someone else has it."""
+        due_retry = and_(MessageRow.status == S.RETRYING, MessageRow.next_attempt_at <= now + timedelta(seconds=1))
+        stmt = (
+            update(MessageRow)
+            .where(MessageRow.id == message_id, or_(MessageRow.status == S.QUEUED, due_retry))
+            .values(
+                status=S.SENDING,
+                lease_until=now + lease,
+                deliveries=MessageRow.deliveries + 1,
+                updated_at=now,
+                retry_task_published=False,
+            )
+            .returning(
+                MessageRow.id,
+                MessageRow.content,
+                MessageRow.route,
+                MessageRow.route_index,
+                MessageRow.attempts,
+                MessageRow.provider_attempts,
+                MessageRow.deliveries,
+                MessageRow.created_at,
+                MessageRow.outcome_unknown,
+                MessageRow.scheduled_at,
+            )
+        )
+        with self.sessions.begin() as s:
+            row = s.execute(stmt).first()
+        if row is None:
+            return None
+        return Claim(*row)
+
+    def transition(
+        self,
+        ids: str | Sequence[str],
+        target: MessageStatus,
+        *,
+        now: datetime,
+        expect: Iterable[MessageStatus] | None = None,
+        session: Session | None = None,
+        **values: Any,
+    ) -> int:
+        """Conditionally move messages to ``target`` from the allowed previous states.
+
+        Args:
+            ids: One id or several.
+            target: New status.
+            now: Current time (``updated_at``, and ``final_at`` for final states).
+            expect: Narrow the allowed previous states (default: all of :data:`ALLOWED` [target]).
+            session: Run inside this session's transaction.
+            **values: Other columns to set.
+
+        Returns:
+            How many rows changed.
+        """
+        id_list = [ids] if isinstance(ids, str) else list(ids)
+        if not id_list:
+            return 0
+        allowed = set(ALLOWED[target]) if expect is None else set(expect) & set(ALLOWED[target])
+        allowed -= FINAL  # terminal states never regress, whatever a caller asks
+        vals: dict[str, Any] = {"status": target, "updated_at": now, **values}
+        if target in FINAL:
+            vals.setdefault("final_at", now)
+            vals.setdefault("lease_until", None)
+        stmt = update(MessageRow).where(MessageRow.id.in_(id_list), MessageRow.status.in_(allowed)).values(**vals)
+        if session is not None:
+            return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        with self.sessions.begin() as s:
+            return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    def update_fields(self, message_id: str, *, expect: MessageStatus, now: datetime, **values: Any) -> int:
+        """Set columns on a message only while it is in ``expect`` (no status change)."""
+        stmt = (
+            update(MessageRow)
+            .where(MessageRow.id == message_id, MessageRow.status == expect)
+            .values(updated_at=now, **values)
+        )
+        with self.sessions.begin() as s:
+            return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    def record_attempt(self, session: Session | None = None, **values: Any) -> None:
+        """Insert one attempt row; a duplicate ``(message_id, attempt_no)`` is ignored (redelivery)."""
+        if session is not None:
+            session.execute(insert(Attempt).values(**values))
+            return
+        try:
+            with self.sessions.begin() as s:
+                s.execute(insert(Attempt).values(**values))
+        except IntegrityError:
+            pass
+
+    def dead_letter(
+        self, *, task_name: str, task_id: str | None, reason: str, payload: str | None, message_id: str | None, now: datetime
+    ) -> None:
+        """Keep a task payload that could not be processed, with its reason."""
+        with self.sessions.begin() as s:
+            s.add(
+                DeadLetter(
+                    task_name=task_name,
+                    task_id=task_id,
+                    message_id=message_id,
+                    reason=reason[:2000],
+                    payload=(payload or "")[:4000],
+                    created_at=now,
+                )
+            )
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Most recent dead letters first."""
+        with self.sessions() as s:
+            return list(s.scalars(select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)))
+
+    # -- sweeps -----------------------------------------------------------------------------------
+
+    def _claim_ids(
+        self, where: ColumnElement[bool], order: Any, limit: int, values: dict[str, Any]
+    ) -> list[tuple[str, str]]:
+        """``UPDATE ... SET values WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING id``.
+
+        Returns:
+            ``(id, priority)`` of every row this call claimed; a concurrent sweep gets the others.
+        """
+        sub = select(MessageRow.id).where(where).order_by(order).limit(limit)
+        if self.is_postgres:
+            sub = sub.with_for_update(skip_locked=True)
+        stmt = update(MessageRow).where(MessageRow.id.in_(sub.scalar_subquery()), where).values(**values)
+        with self.sessions.begin() as s:
+            return [(r[0], r[1]) for r in s.execute(stmt.returning(MessageRow.id, MessageRow.priority))]
+
+    def claim_due_scheduled(self, *, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """``scheduled -> queued`` for rows whose time has come; returns their ids to enqueue."""
+        where = and_(MessageRow.status == S.SCHEDULED, MessageRow.scheduled_at <= now)
+        return self._claim_ids(where, MessageRow.scheduled_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now})
+
+    def claim_stale_queued(self, *, now: datetime, older_than: timedelta, limit: int) -> list[tuple[str, str]]:
+        """Rows left ``queued`` too long (their task was lost): refresh ``queued_at`` and re-enqueue."""
+        where = and_(MessageRow.status == S.QUEUED, MessageRow.queued_at <= now - older_than, MessageRow.batch_id.is_(None))
+        return self._claim_ids(where, MessageRow.queued_at, limit, {"queued_at": now, "updated_at": now})
+
+    def claim_due_retries(self, *, now: datetime, grace: timedelta, limit: int) -> list[tuple[str, str]]:
+        """``retrying -> queued`` for retries no countdown task will wake (or whose task was lost)."""
+        where = and_(
+            MessageRow.status == S.RETRYING,
+            MessageRow.next_attempt_at <= now,
+            or_(MessageRow.retry_task_published.is_(False), MessageRow.next_attempt_at <= now - grace),
+            MessageRow.batch_id.is_(None),
+        )
+        return self._claim_ids(
+            where, MessageRow.next_attempt_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now}
+        )
+
+    def claim_expired_leases(self, *, now: datetime, extend: timedelta, limit: int) -> list[tuple[str, str]]:
+        """Rows stuck in ``sending`` past their lease (a worker died): extend the lease while we reconcile."""
+        where = and_(MessageRow.status == S.SENDING, MessageRow.lease_until <= now)
+        return self._claim_ids(where, MessageRow.lease_until, limit, {"lease_until": now + extend, "updated_at": now})
+
+    def claim_due_checks(self, *, now: datetime, hold: timedelta, limit: int) -> list[MessageRow]:
+        """Rows ``sent`` whose next status check is due: push ``next_check_at`` forward and return them."""
+        where = and_(MessageRow.status == S.SENT, MessageRow.next_check_at <= now)
+        ids = [i for i, _ in self._claim_ids(where, MessageRow.next_check_at, limit, {"next_check_at": now + hold})]
+        if not ids:
+            return []
+        with self.sessions() as s:
+            return list(s.scalars(select(MessageRow).where(MessageRow.id.in_(ids))))

@@ -1,0 +1,84 @@
+"""The maintenance sweep run by beat: nothing accepted is ever left behind.
+
+* scheduled rows whose time has come -> ``queued`` and enqueued (never a long Celery ETA);
+* retries that wait in the database (longer than a countdown) -> ``queued`` and enqueued;
+* rows left ``queued`` too long (their task was lost with Redis) -> enqueued again;
+* rows stuck in ``sending`` past their lease (a worker died) -> reconciled, then re-sent only if
+  the provider never got them;
+* expired idempotency keys -> deleted.
+
+Every step claims its rows with a conditional update, so two beats or an overlapping run do no
+harm: a message is enqueued twice at worst, and the send claim makes the second task a no-op.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from kmsg_worker.logging import get_logger
+from kmsg_worker.pipeline import reconcile_lease
+from kmsg_worker.runtime import Runtime
+
+__all__ = ["SweepReport", "sweep"]
+
+log = get_logger("kmsg.sweeps")
+
+
+@dataclass
+class SweepReport:
+    """Counts of what one sweep did."""
+
+    scheduled: int = 0
+    retries: int = 0
+    stale_queued: int = 0
+    leases: int = 0
+    idempotency_purged: int = 0
+
+
+def _enqueue(rt: Runtime, claimed: Sequence[tuple[str, str]]) -> None:
+    by_priority: dict[str, list[str]] = defaultdict(list)
+    for message_id, priority in claimed:
+        by_priority[priority].append(message_id)
+    for priority, ids in by_priority.items():
+        rt.dispatcher.send(ids, priority=priority)
+
+
+def sweep(rt: Runtime) -> SweepReport:
+    """Run every maintenance step once."""
+    settings = rt.settings
+    now = rt.now()
+    limit = settings.sweep_batch
+    report = SweepReport()
+
+    due = rt.store.claim_due_scheduled(now=now, limit=limit)
+    _enqueue(rt, due)
+    report.scheduled = len(due)
+
+    retries = rt.store.claim_due_retries(
+        now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit
+    )
+    _enqueue(rt, retries)
+    report.retries = len(retries)
+
+    stale = rt.store.claim_stale_queued(now=now, older_than=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
+    _enqueue(rt, stale)
+    report.stale_queued = len(stale)
+
+    leases = rt.store.claim_expired_leases(now=now, extend=timedelta(seconds=settings.lease_seconds), limit=limit)
+    for message_id, _ in leases:
+        reconcile_lease(rt, message_id)
+    report.leases = len(leases)
+
+    report.idempotency_purged = rt.store.purge_idempotency(now)
+    if report.scheduled or report.retries or report.stale_queued or report.leases:
+        log.info(
+            "maintenance.swept",
+            scheduled=report.scheduled,
+            retries=report.retries,
+            stale_queued=report.stale_queued,
+            leases=report.leases,
+        )
+    return report

@@ -1,0 +1,10 @@
+"""Thin Celery tasks: take ids, call one :mod:`kmsg_worker` function, record the outcome.
+
+Apps send with ``from tasks import send_message; send_message.delay(to=..., text=...)``.
+"""
+
+from tasks.maintenance import sweep
+from tasks.send import send_message
+from tasks.tracking import poll
+
+__all__ = ["poll", "send_message", "sweep"]

@@ -1,0 +1,39 @@
+"""Worker lifecycle: fail fast on bad settings, one runtime per child, bound log context per task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import signals
+
+from config.celery import settings
+from kmsg_worker.logging import configure_logging
+from tasks.context import reset_runtime
+
+
+@signals.worker_init.connect
+def _check_settings(**_: Any) -> None:
+    # A missing credential stops the worker at start, naming the variable (not at the first send).
+    configure_logging(settings.log_level, json_output=settings.log_json)
+    settings.check_providers()
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    configure_logging(settings.log_level, json_output=settings.log_json)
+    reset_runtime()
+
+
+@signals.task_prerun.connect
+def _bind_context(task_id: str | None = None, task: Any = None, kwargs: Any = None, **_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    values: dict[str, Any] = {"task_id": task_id, "task": getattr(task, "name", None)}
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("message_id"), str):
+        values["message_id"] = kwargs["message_id"]
+    structlog.contextvars.bind_contextvars(**values)
+
+
+@signals.task_postrun.connect
+def _clear_context(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()

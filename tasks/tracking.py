@@ -1,0 +1,15 @@
+"""``kmsg.poll_statuses``: the delivery-status sweep, run by beat."""
+
+from __future__ import annotations
+
+from config.celery import app
+from kmsg_worker.tracking import poll_statuses
+from tasks.context import get_runtime
+
+__all__ = ["poll"]
+
+
+@app.task(name="kmsg.poll_statuses", acks_late=False, ignore_result=True)
+def poll() -> int:
+    """Poll providers for due ``sent`` messages; returns how many were claimed."""
+    return poll_statuses(get_runtime()).claimed
