@@ -1,0 +1,428 @@
+"""Shared machinery of the fake provider servers: a real HTTP server on loopback.
+
+A vendor fake (``kmsg_worker.testing.fake_solapi`` ...) subclasses :class:`FakeProviderServer` and
+implements :meth:`FakeProviderServer.handle` for its endpoints; this module gives it:
+
+* a threaded stdlib HTTP server with Nagle disabled (otherwise every response waits ~40 ms on
+  delayed ACKs, see ``reference/performance.md``), one thread per keep-alive connection;
+* a :class:`Ledger` of accepted messages that **counts deliveries per recipient**, so tests prove
+  that nothing was sent twice, and progresses each message's delivery status over time by rule;
+* :class:`Faults` injected on demand: latency, a share of 5xx, 429 with ``Retry-After``,
+  connection resets, responses slower than the client timeout, and "accepted but the response
+  was lost";
+* a control API under ``/_fake/`` (``GET /_fake/stats``, ``POST /_fake/faults``,
+  ``POST /_fake/rules``, ``POST /_fake/reset``) for processes that do not share memory with it.
+
+Everything binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "Clock",
+    "DeliveryRule",
+    "FakeProviderServer",
+    "FakeRequest",
+    "FakeResponse",
+    "Faults",
+    "Ledger",
+    "LedgerEntry",
+]
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Faults:
+    """Faults to inject; every share is a probability in [0, 1] drawn per request.
+
+    Attributes:
+        latency_ms: Added to every request (real providers answer in ~20 ms).
+        error_rate: Share of requests answered with ``error_status`` before anything is accepted.
+        error_status: Status used for injected errors (503 by default).
+        rate_limit_rate: Share of requests answered 429 with ``Retry-After: retry_after``.
+        retry_after: Seconds announced in ``Retry-After``.
+        reset_rate: Share of requests whose connection is closed without any response (not accepted).
+        slow_rate: Share of requests answered only after ``slow_ms`` (beyond the client timeout).
+        slow_ms: Delay of slow responses.
+        lost_response_rate: Share of requests that are **accepted and recorded**, then the connection
+            is closed without a response: the client cannot know the outcome.
+    """
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    error_status: int = 503
+    rate_limit_rate: float = 0.0
+    retry_after: float = 1.0
+    reset_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_ms: float = 0.0
+    lost_response_rate: float = 0.0
+
+
+@dataclass
+class DeliveryRule:
+    """How a recipient's message progresses after it is accepted.
+
+    Attributes:
+        final: ``"DELIVERED"`` or ``"FAILED"``.
+        code: The vendor's status code for the final state (``"4000"``, ``"3104"``).
+        message: The vendor's status text.
+        sent_after: Seconds until the message is handed to the carrier.
+        final_after: Seconds until the final state.
+    """
+
+    final: str = "DELIVERED"
+    code: str | None = None
+    message: str | None = None
+    sent_after: float = 0.0
+    final_after: float = 0.0
+
+
+@dataclass
+class LedgerEntry:
+    """One accepted message as the fake stores it."""
+
+    provider_message_id: str
+    to: str
+    type: str
+    accepted_at: float
+    reference: str | None = None
+    group_id: str | None = None
+    text: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    rule: DeliveryRule = field(default_factory=DeliveryRule)
+
+    def state(self, now: float) -> tuple[str, str | None, str | None]:
+        """Return ``(state, code, message)`` at time ``now``: PENDING -> SENT -> final."""
+        age = now - self.accepted_at
+        if age >= self.rule.final_after:
+            return self.rule.final, self.rule.code, self.rule.message
+        if age >= self.rule.sent_after:
+            return "SENT", None, None
+        return "PENDING", None, None
+
+
+class Ledger:
+    """Accepted messages, deliveries counted per recipient, and the status rules.
+
+    Args:
+        clock: Time source (tests pass a controllable clock).
+    """
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.entries: dict[str, LedgerEntry] = {}
+        #: Accepted messages per recipient number.
+        self.per_recipient: Counter[str] = Counter()
+        #: Accepted messages per client reference (our message id, when the wire carries it).
+        self.per_reference: Counter[str] = Counter()
+        self.requests = 0
+        self.rejected = 0
+        self.default_rule = DeliveryRule()
+        self.rules_by_recipient: dict[str, DeliveryRule] = {}
+        self._rule_fn: Callable[[LedgerEntry], DeliveryRule | None] | None = None
+        self._seq = 0
+
+    def next_id(self, prefix: str = "") -> str:
+        """A unique, increasing provider message id."""
+        with self._lock:
+            self._seq += 1
+            return f"{prefix}{self._seq:012d}"
+
+    def set_rule(self, to: str, rule: DeliveryRule) -> None:
+        """Make messages to ``to`` end as ``rule`` says."""
+        self.rules_by_recipient[to] = rule
+
+    def set_rule_function(self, fn: Callable[[LedgerEntry], DeliveryRule | None] | None) -> None:
+        """Decide rules by code (e.g. every ALIMTALK to numbers ending in 9 fails with 3104)."""
+        self._rule_fn = fn
+
+    def _rule_for(self, entry: LedgerEntry) -> DeliveryRule:
+        if entry.to in self.rules_by_recipient:
+            return self.rules_by_recipient[entry.to]
+        if self._rule_fn is not None:
+            rule = self._rule_fn(entry)
+            if rule is not None:
+                return rule
+        return self.default_rule
+
+    def accept(self, entries: list[LedgerEntry]) -> None:
+        """Record accepted messages (one lock for a whole bulk request)."""
+        with self._lock:
+            for entry in entries:
+                entry.rule = self._rule_for(entry)
+                self.entries[entry.provider_message_id] = entry
+                self.per_recipient[entry.to] += 1
+                if entry.reference:
+                    self.per_reference[entry.reference] += 1
+
+    def get(self, provider_message_id: str) -> LedgerEntry | None:
+        """Return an accepted message by the id the fake gave it."""
+        return self.entries.get(provider_message_id)
+
+    def by_reference(self, reference: str) -> list[LedgerEntry]:
+        """Accepted messages carrying our reference (slow scan; tests and reconciliation only)."""
+        return [e for e in list(self.entries.values()) if e.reference == reference]
+
+    def duplicates(self) -> dict[str, int]:
+        """References accepted more than once."""
+        return {ref: n for ref, n in self.per_reference.items() if n > 1}
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-friendly summary (served at ``GET /_fake/stats``)."""
+        with self._lock:
+            return {
+                "accepted": len(self.entries),
+                "requests": self.requests,
+                "rejected": self.rejected,
+                "recipients": len(self.per_recipient),
+                "max_per_recipient": max(self.per_recipient.values(), default=0),
+                "duplicates": {r: n for r, n in self.per_reference.items() if n > 1},
+                "per_reference": dict(self.per_reference),
+            }
+
+    def reset(self) -> None:
+        """Forget everything (rules included)."""
+        with self._lock:
+            self.entries.clear()
+            self.per_recipient.clear()
+            self.per_reference.clear()
+            self.requests = self.rejected = 0
+            self.rules_by_recipient.clear()
+            self.default_rule = DeliveryRule()
+            self._rule_fn = None
+
+
+@dataclass
+class FakeRequest:
+    """A parsed request handed to :meth:`FakeProviderServer.handle`."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """Decode the body as JSON (raises ``ValueError`` when it is not)."""
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class FakeResponse:
+    """What the fake answers. ``after_accept`` marks a response whose loss must be simulated."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None
+
+    def encode(self) -> tuple[bytes, str]:
+        """Body bytes and content type."""
+        if self.raw is not None:
+            return self.raw, self.headers.get("Content-Type", "text/plain; charset=utf-8")
+        return json.dumps(self.body, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8"
+
+
+class _DropConnection(Exception):
+    """Raised inside a handler to close the socket without answering."""
+
+
+class FakeProviderServer:
+    """Base class of the fake provider servers.
+
+    Args:
+        host: Always loopback.
+        port: 0 picks a free port.
+        clock: Time source for status progression.
+    """
+
+    #: Vendor name, e.g. ``"solapi"``.
+    name = "fake"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, clock: Clock = time.time) -> None:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("fake provider servers bind to loopback only")
+        self.ledger = Ledger(clock)
+        self.faults = Faults()
+        self._rng = random.Random(1234)
+        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeProviderServer:
+        """Serve in a background thread; returns ``self``."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fake-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> FakeProviderServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def set_faults(self, **values: Any) -> None:
+        """Replace the injected faults (unknown names raise ``TypeError``)."""
+        self.faults = Faults(**values)
+
+    # -- vendor hook ------------------------------------------------------------------------------
+
+    def handle(self, request: FakeRequest) -> FakeResponse:
+        """Answer one vendor request. Subclasses implement their endpoints here."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement handle()")
+
+    def drop_connection(self) -> None:
+        """Call from :meth:`handle` after recording an acceptance to simulate a lost response."""
+        raise _DropConnection()
+
+    def should_lose_response(self) -> bool:
+        """Whether this accepted request's response should be lost (``lost_response_rate``)."""
+        return self.faults.lost_response_rate > 0 and self._rng.random() < self.faults.lost_response_rate
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _pre_faults(self) -> FakeResponse | None:
+        f = self.faults
+        if f.latency_ms:
+            time.sleep(f.latency_ms / 1000.0)
+        roll = self._rng.random
+        if f.reset_rate and roll() < f.reset_rate:
+            raise _DropConnection()
+        if f.slow_rate and roll() < f.slow_rate:
+            time.sleep(f.slow_ms / 1000.0)
+        if f.rate_limit_rate and roll() < f.rate_limit_rate:
+            return FakeResponse(
+                429,
+                {"errorCode": "TooManyRequests", "errorMessage": "rate limited"},
+                headers={"Retry-After": f"{f.retry_after:g}"},
+            )
+        if f.error_rate and roll() < f.error_rate:
+            return FakeResponse(f.error_status, {"errorCode": "ServiceUnavailable", "errorMessage": "injected"})
+        return None
+
+    def _control(self, request: FakeRequest) -> FakeResponse:
+        action = request.path.removeprefix("/_fake/")
+        if action == "stats":
+            return FakeResponse(200, self.ledger.stats())
+        if action == "faults" and request.method == "POST":
+            self.set_faults(**request.json())
+            return FakeResponse(200, asdict(self.faults))
+        if action == "rules" and request.method == "POST":
+            payload = request.json()
+            for to, rule in (payload.get("recipients") or {}).items():
+                self.ledger.set_rule(to, DeliveryRule(**rule))
+            if payload.get("default"):
+                self.ledger.default_rule = DeliveryRule(**payload["default"])
+            return FakeResponse(200, {"ok": True})
+        if action == "reset" and request.method == "POST":
+            self.ledger.reset()
+            self.faults = Faults()
+            return FakeResponse(200, {"ok": True})
+        return FakeResponse(404, {"error": "unknown control action"})
+
+    def _dispatch(self, request: FakeRequest) -> FakeResponse:
+        if request.path.startswith("/_fake/"):
+            return self._control(request)
+        self.ledger.requests += 1
+        injected = self._pre_faults()
+        if injected is not None:
+            return injected
+        return self.handle(request)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # Without this every response waits for the client's delayed ACK (~40 ms).
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+                return
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                parts = urlsplit(self.path)
+                request = FakeRequest(
+                    self.command, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}, body
+                )
+                try:
+                    response = server._dispatch(request)
+                except _DropConnection:
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                payload, content_type = response.encode()
+                head = [f"HTTP/1.1 {response.status} {self.responses.get(response.status, ('',))[0]}"]
+                headers = {"Content-Type": content_type, "Content-Length": str(len(payload)), **response.headers}
+                head.extend(f"{k}: {v}" for k, v in headers.items())
+                # Headers and body in one write: one segment, no Nagle stall.
+                self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+                self.wfile.flush()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        return Handler
+
+
+def parse_multipart(request: FakeRequest) -> dict[str, Any]:
+    """Parse ``multipart/form-data`` or urlencoded bodies into ``{name: str | bytes}``.
+
+    File parts come back as ``bytes``; text parts as ``str``.
+    """
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        return {k: v[-1] for k, v in parse_qs(request.body.decode("utf-8"), keep_blank_values=True).items()}
+    if not content_type.startswith("multipart/form-data"):
+        raise ValueError(f"expected a form body, got {content_type or 'no content type'}")
+    boundary = content_type.split("boundary=", 1)[1].strip().strip('"').encode("latin-1")
+    fields: dict[str, Any] = {}
+    for part in request.body.split(b"--" + boundary):
+        part = part.strip(b"\r\n")
+        if not part or part == b"--":
+            continue
+        head, _, value = part.partition(b"\r\n\r\n")
+        disposition = next(
+            (line for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition")), b""
+        ).decode("utf-8")
+        params = dict(
+            item.strip().split("=", 1) for item in disposition.split(";")[1:] if "=" in item
+        )
+        name = params.get("name", "").strip('"')
+        if "filename" in params:
+            fields[name] = value
+        else:
+            fields[name] = value.decode("utf-8")
+    return fields
