@@ -333,7 +333,27 @@ def reconcile_lease(rt: Runtime, message_id: str) -> DeliveryResult:
     if hit is not None:
         _mark_sent(rt, claim, hit, now, latency_ms=None, attempt_outcome="reconciled_sent")
         return DeliveryResult(message_id, "reconciled_sent", S.SENT, provider.name)
-    changed = rt.store.transition(message_id, S.QUEUED, now=now, expect=[S.SENDING], queued_at=now, lease_until=None)
+    with rt.store.sessions.begin() as s:
+        changed = rt.store.transition(
+            message_id,
+            S.QUEUED,
+            now=now,
+            expect=[S.SENDING],
+            session=s,
+            queued_at=now,
+            lease_until=None,
+            attempts=row.attempts + 1,
+        )
+        if changed:
+            rt.store.record_attempt(
+                s,
+                message_id=message_id,
+                attempt_no=row.attempts + 1,
+                provider=provider.name,
+                outcome="reconciled_missing",
+                detail="worker lost while sending; provider never received it; re-queued",
+                created_at=now,
+            )
     if changed:
         log.warning("lease.requeued", message_id=message_id, provider=provider.name, deliveries=row.deliveries)
         rt.dispatcher.send([message_id], priority=row.priority)

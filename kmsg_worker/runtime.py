@@ -55,6 +55,7 @@ class Runtime:
         self.settings = settings
         self.dispatcher: Dispatcher = dispatcher or NullDispatcher()
         self.now = clock
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.database_url)
         if create_tables:
             create_schema(self.engine)
