@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined,unused-ignore]
 
 from kmsg_worker.dispatch import QUEUES, TASK_NAMES
 from kmsg_worker.settings import Settings
@@ -82,6 +82,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
         },
         # Publishing itself retries briefly; a broker outage longer than this is covered by the
         # stale-queued sweep (the row was committed before we published).
-        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
         "beat_max_loop_interval": 5,
     }

@@ -43,12 +43,17 @@ def _producer() -> Any:
 # -- demo -----------------------------------------------------------------------------------------
 
 DEMO_MESSAGES: list[tuple[str, dict[str, Any]]] = [
-    ("OTP SMS", {"to": "010-1234-5678", "text": "[kmsg] 인증번호 [482913] 를 입력해 주세요", "priority": "high"}),
+    (
+        "OTP SMS",
+        {"to": "010-1234-5678", "text": "[kmsg] 인증번호 [482913] 를 입력해 주세요", "priority": "high"},
+    ),
     (
         "long text -> LMS",
         {
             "to": "010-2345-6789",
-            "text": "#{name}님, 주문하신 상품이 오늘 출고되었습니다. 배송 조회는 앱의 주문 내역에서 확인하실 수 있습니다.",
+            "text": (
+                "#{name}님, 주문하신 상품이 오늘 출고되었습니다. 배송 조회는 앱의 주문 내역에서 확인하실 수 있습니다."
+            ),
             "variables": {"name": "김민준"},
         },
     ),
@@ -83,7 +88,11 @@ DEMO_MESSAGES: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "fails twice, then succeeds",
-        {"to": "010-6789-0123", "text": "retried with backoff", "provider_options": {"mock": {"fail_times": 2}}},
+        {
+            "to": "010-6789-0123",
+            "text": "retried with backoff",
+            "provider_options": {"mock": {"fail_times": 2}},
+        },
     ),
 ]
 
@@ -120,17 +129,34 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    where = "embedded (SQLite + kombu SQLAlchemy transport)" if settings.embedded else "servers"
+    where = "embedded (SQLite + kombu filesystem transport)" if settings.embedded else "servers"
     print(f"kmsg demo: broker={_safe_url(settings.broker_url)} database={_safe_url(settings.database_url)} [{where}]")
     celery = [sys.executable, "-m", "celery", "-A", "config.celery"]
     worker = _start(
-        [*celery, "worker", "-Q", ",".join(QUEUES.values()), "-c", "2", "-n", f"demo-{os.getpid()}@%h",
-         "--without-mingle", "--without-gossip", "--loglevel=WARNING"],
+        [
+            *celery,
+            "worker",
+            "-Q",
+            ",".join(QUEUES.values()),
+            "-c",
+            "2",
+            "-n",
+            f"demo-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel=WARNING",
+        ],
         env,
         settings.var_dir / "demo-worker.log",
     )
     beat = _start(
-        [*celery, "beat", "--schedule", str(settings.var_dir / f"beat-schedule-{os.getpid()}"), "--loglevel=WARNING"],
+        [
+            *celery,
+            "beat",
+            "--schedule",
+            str(settings.var_dir / f"beat-schedule-{os.getpid()}"),
+            "--loglevel=WARNING",
+        ],
         env,
         settings.var_dir / "demo-beat.log",
     )
@@ -199,7 +225,16 @@ def _safe_url(url: str) -> str:
 def cmd_send(ns: argparse.Namespace) -> int:
     """Send one message."""
     fields: dict[str, Any] = {"to": ns.to}
-    for name in ("text", "type", "subject", "template_id", "provider_id", "priority", "idempotency_key", "scheduled_at"):
+    for name in (
+        "text",
+        "type",
+        "subject",
+        "template_id",
+        "provider_id",
+        "priority",
+        "idempotency_key",
+        "scheduled_at",
+    ):
         value = getattr(ns, name)
         if value is not None:
             fields[name] = value
@@ -246,7 +281,12 @@ def cmd_dead(ns: argparse.Namespace) -> int:
             print("dead messages:")
             _print_table(rows, ["id", "type", "deliveries", "error"])
             letters = [
-                {"id": d.id, "task": d.task_name, "reason": d.reason[:60], "at": d.created_at.isoformat(timespec="seconds")}
+                {
+                    "id": d.id,
+                    "task": d.task_name,
+                    "reason": d.reason[:60],
+                    "at": d.created_at.isoformat(timespec="seconds"),
+                }
                 for d in store.dead_letters(ns.limit)
             ]
             print("\ndead letters (malformed tasks):")
@@ -264,7 +304,12 @@ def cmd_dead(ns: argparse.Namespace) -> int:
                 s.query(MessageRow)
                 .filter(MessageRow.id == ns.message_id, MessageRow.status == MessageStatus.DEAD)
                 .update(
-                    {"status": MessageStatus.QUEUED, "deliveries": 0, "queued_at": now - timedelta(0), "final_at": None},
+                    {
+                        "status": MessageStatus.QUEUED,
+                        "deliveries": 0,
+                        "queued_at": now - timedelta(0),
+                        "final_at": None,
+                    },
                     synchronize_session=False,
                 )
             )
@@ -293,7 +338,7 @@ def cmd_fake_providers(ns: argparse.Namespace) -> int:
     """Run the fake provider servers on loopback until interrupted."""
     from kmsg_worker.testing.servers import start_fakes
 
-    fakes = start_fakes(base_port=ns.port)
+    fakes = start_fakes(host=ns.host, base_port=ns.port)
     for name, fake in fakes.items():
         print(f"{name}: {fake.url}   (export KMSG_{name.upper()}_BASE_URL={fake.url})")
     sys.stdout.flush()
@@ -347,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fakes = sub.add_parser("fake-providers", help="run fake Solapi/IWINV/Aligo servers on 127.0.0.1")
     fakes.add_argument("--port", type=int, default=0, help="first port (0 = any free port)")
+    fakes.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback outside a container)")
     fakes.set_defaults(func=cmd_fake_providers)
     return parser
 

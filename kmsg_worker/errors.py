@@ -163,8 +163,7 @@ class IdempotencyConflictError(KmsgError):
 
     def __init__(self, key_hint: str) -> None:
         super().__init__(
-            f"idempotency key {key_hint!r} was already used with a different request; "
-            "use a new key for a new request"
+            f"idempotency key {key_hint!r} was already used with a different request; use a new key for a new request"
         )
 
 

@@ -88,9 +88,7 @@ _TEMPLATE_TYPES = frozenset(
     {MessageType.ALIMTALK, MessageType.NSA, MessageType.RCS_TPL, MessageType.RCS_ITPL, MessageType.RCS_LTPL}
 )
 _SUBJECT_TYPES = frozenset({MessageType.LMS, MessageType.MMS, MessageType.RCS_LMS, MessageType.RCS_MMS})
-_MEDIA_TYPES = frozenset(
-    {MessageType.MMS, MessageType.FRIENDTALK, MessageType.RCS_MMS, MessageType.RCS_ITPL}
-)
+_MEDIA_TYPES = frozenset({MessageType.MMS, MessageType.FRIENDTALK, MessageType.RCS_MMS, MessageType.RCS_ITPL})
 
 _VAR_PATTERN = re.compile(r"#\{([^}]+)\}")
 _PHONE_STRIP = re.compile(r"[\s\-().]")
@@ -471,7 +469,15 @@ def _failover(data: Mapping[str, Any]) -> Failover | None:
         return Failover(enabled=raw)
     if not isinstance(raw, Mapping):
         raise ValidationError("failover", "type", "must be a mapping or a bool")
-    allowed = {"enabled", "channel", "fallback_channel", "content", "fallback_content", "title", "fallback_title"}
+    allowed = {
+        "enabled",
+        "channel",
+        "fallback_channel",
+        "content",
+        "fallback_content",
+        "title",
+        "fallback_title",
+    }
     unknown = set(raw) - allowed
     if unknown:
         raise ValidationError(f"failover.{sorted(unknown)[0]}", "unknown_field", "unknown failover field")
@@ -522,7 +528,9 @@ def _check_text(mtype: MessageType, text: str | None, subject: str | None, limit
     nbytes = count_bytes(text)
     if mtype in (MessageType.SMS, MessageType.RCS_SMS) and nbytes > limits.sms_max_bytes:
         raise ValidationError(
-            "text", "max_bytes", f"{mtype.value} text is {nbytes} bytes; at most {limits.sms_max_bytes} (use LMS)"
+            "text",
+            "max_bytes",
+            f"{mtype.value} text is {nbytes} bytes; at most {limits.sms_max_bytes} (use LMS)",
         )
     if mtype in (MessageType.LMS, MessageType.MMS, MessageType.RCS_LMS, MessageType.RCS_MMS):
         if nbytes > limits.lms_max_bytes:

@@ -164,7 +164,13 @@ def _mark_sent(
 
 
 def _schedule_retry(
-    rt: Runtime, claim: Claim, *, delay: float, now: datetime, error: ProviderError, outcome_unknown: bool = False
+    rt: Runtime,
+    claim: Claim,
+    *,
+    delay: float,
+    now: datetime,
+    error: ProviderError,
+    outcome_unknown: bool = False,
 ) -> None:
     publish = delay <= rt.settings.retry.max_countdown
     changed = rt.store.transition(
@@ -248,7 +254,11 @@ def record_outcome(
             )
             return DeliveryResult(claim.id, "unknown", S.UNKNOWN, claim.provider)
         rt.store.update_fields(
-            claim.id, expect=S.SENDING, now=now, attempts=attempt_no, provider_attempts=claim.provider_attempts + 1
+            claim.id,
+            expect=S.SENDING,
+            now=now,
+            attempts=attempt_no,
+            provider_attempts=claim.provider_attempts + 1,
         )
         delay = RECONCILE_DELAY if unknown else decision.delay
         _schedule_retry(rt, claim, delay=delay, now=now, error=error, outcome_unknown=unknown)

@@ -177,7 +177,10 @@ class KMsg:
         """
         raw = {**(message or {}), **fields}
         return normalize(
-            raw, limits=self.settings.limits, now=self.runtime.now(), default_sender=self.settings.default_sender
+            raw,
+            limits=self.settings.limits,
+            now=self.runtime.now(),
+            default_sender=self.settings.default_sender,
         )
 
     def _row(self, message: Message, route: list[str], now: datetime, batch_id: str | None = None) -> dict[str, Any]:
@@ -234,7 +237,11 @@ class KMsg:
         if existing is not None:
             found = self.runtime.store.get(existing[0])
             return Receipt(
-                existing[0], found.status if found else "unknown", msg.type.value, tuple(route), duplicate=True
+                existing[0],
+                found.status if found else "unknown",
+                msg.type.value,
+                tuple(route),
+                duplicate=True,
             )
         log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
         if row["status"] == S.QUEUED:
@@ -296,7 +303,11 @@ class KMsg:
         if errors and on_invalid == "reject":
             raise BatchValidationError(errors)
         digest = hashlib.sha256(
-            json.dumps([{k: v for k, v in r["content"].items() if k != "id"} for r in rows], sort_keys=True, default=str).encode()
+            json.dumps(
+                [{k: v for k, v in r["content"].items() if k != "id"} for r in rows],
+                sort_keys=True,
+                default=str,
+            ).encode()
         ).hexdigest()
         idem = ("default", idempotency_key, digest, self.settings.idempotency_ttl) if idempotency_key else None
         with storage_errors():
@@ -335,7 +346,14 @@ class KMsg:
             raise MessageNotFoundError(f"no message with id {message_id!r}")
         attempts = [
             AttemptInfo(
-                a.attempt_no, a.provider, a.outcome, a.error_code, a.provider_code, a.http_status, a.latency_ms, a.created_at
+                a.attempt_no,
+                a.provider,
+                a.outcome,
+                a.error_code,
+                a.provider_code,
+                a.http_status,
+                a.latency_ms,
+                a.created_at,
             )
             for a in store.attempts(message_id)
         ]
@@ -399,7 +417,8 @@ def _default_dispatcher() -> Dispatcher:
         from kmsg_worker.errors import ConfigurationError
 
         raise ConfigurationError(
-            f"KMSG_DISPATCHER={target!r} cannot be imported ({exc}); pass dispatcher= to KMsg", variable="KMSG_DISPATCHER"
+            f"KMSG_DISPATCHER={target!r} cannot be imported ({exc}); pass dispatcher= to KMsg",
+            variable="KMSG_DISPATCHER",
         ) from exc
     factory = getattr(module, attr)
     dispatcher: Dispatcher = factory() if callable(factory) and not hasattr(factory, "send") else factory

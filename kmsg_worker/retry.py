@@ -34,7 +34,7 @@ def backoff_delay(
     delay = max(jittered, policy.base_delay * (1 - policy.jitter), 0.05)
     if retry_after is not None and retry_after > delay:
         delay = retry_after
-    return delay
+    return float(delay)
 
 
 class Action(StrEnum):

@@ -57,13 +57,13 @@ def sweep(rt: Runtime) -> SweepReport:
     _enqueue(rt, due)
     report.scheduled = len(due)
 
-    retries = rt.store.claim_due_retries(
-        now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit
-    )
+    retries = rt.store.claim_due_retries(now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
     _enqueue(rt, retries)
     report.retries = len(retries)
 
-    stale = rt.store.claim_stale_queued(now=now, older_than=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
+    stale = rt.store.claim_stale_queued(
+        now=now, older_than=timedelta(seconds=settings.stale_queued_seconds), limit=limit
+    )
     _enqueue(rt, stale)
     report.stale_queued = len(stale)
 

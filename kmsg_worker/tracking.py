@@ -154,7 +154,9 @@ def _apply(rt: Runtime, row: MessageRow, report: StatusReport | None, now: datet
         "check_count": row.check_count + 1,
     }
     if report.state is DeliveryState.DELIVERED:
-        rt.store.transition(row.id, S.DELIVERED, now=now, expect=[S.SENT], delivered_at=report.delivered_at or now, **values)
+        rt.store.transition(
+            row.id, S.DELIVERED, now=now, expect=[S.SENT], delivered_at=report.delivered_at or now, **values
+        )
         out.delivered += 1
         return
     not_kakao = _is_not_kakao_user(report)

@@ -26,9 +26,7 @@ log = get_logger("kmsg.tasks")
 class SendMessageTask(Task):  # type: ignore[misc]
     """A task whose ``delay``/``apply_async`` with message fields goes through the producer API."""
 
-    def apply_async(
-        self, args: Any = None, kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> AsyncResult:
+    def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
         if kwargs and "message_id" not in kwargs and not args:
             receipt = get_producer().send(kwargs)
             result = AsyncResult(receipt.message_id, app=self.app)

@@ -148,9 +148,28 @@ class Cluster:
     def start_worker(self, name: str = "w1", concurrency: int = 2, queues: str = QUEUE_LIST) -> subprocess.Popen[bytes]:
         log = open(self.var_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config.celery", "worker", "-Q", queues, "-c", str(concurrency),
-             "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
-            env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config.celery",
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}-{uuid.uuid4().hex[:6]}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel=INFO",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs.append(proc)
         return proc
@@ -158,9 +177,22 @@ class Cluster:
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         log = open(self.var_dir / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config.celery", "beat", "--schedule",
-             str(self.var_dir / f"{name}-schedule"), "--loglevel=INFO"],
-            env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config.celery",
+                "beat",
+                "--schedule",
+                str(self.var_dir / f"{name}-schedule"),
+                "--loglevel=INFO",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs.append(proc)
         return proc
@@ -168,7 +200,12 @@ class Cluster:
     def run_python(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run code in a separate producer process with the cluster's environment."""
         return subprocess.run(
-            [sys.executable, "-c", code], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-c", code],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def stop(self) -> None:

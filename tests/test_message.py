@@ -30,7 +30,15 @@ def rejected(field: str, rule: str, **fields: Any) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("가" * 45, 90), ("가" * 46, 92), ("a" * 91, 91), ("인증번호 [123456] 입니다", 24), ("😀", 4), ("é", 2), ("\n", 1)],
+    [
+        ("가" * 45, 90),
+        ("가" * 46, 92),
+        ("a" * 91, 91),
+        ("인증번호 [123456] 입니다", 24),
+        ("😀", 4),
+        ("é", 2),
+        ("\n", 1),
+    ],
 )
 def test_count_bytes_follows_the_carrier_rule(text: str, expected: int) -> None:
     assert count_bytes(text) == expected
@@ -38,7 +46,12 @@ def test_count_bytes_follows_the_carrier_rule(text: str, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("가" * 45, MessageType.SMS), ("가" * 46, MessageType.LMS), ("a" * 90, MessageType.SMS), ("a" * 91, MessageType.LMS)],
+    [
+        ("가" * 45, MessageType.SMS),
+        ("가" * 46, MessageType.LMS),
+        ("a" * 90, MessageType.SMS),
+        ("a" * 91, MessageType.LMS),
+    ],
 )
 def test_type_omitted_upgrades_to_lms_above_90_bytes(text: str, expected: MessageType) -> None:
     message = make(text=text)
@@ -155,7 +168,9 @@ def test_alimtalk_needs_a_template_code() -> None:
 
 def test_alimtalk_failover_is_kept() -> None:
     message = make(
-        type="ALIMTALK", template_id="T", failover={"enabled": True, "fallback_channel": "LMS", "fallback_content": "x"}
+        type="ALIMTALK",
+        template_id="T",
+        failover={"enabled": True, "fallback_channel": "LMS", "fallback_content": "x"},
     )
     assert message.failover is not None
     assert (message.failover.channel, message.failover.content) == ("lms", "x")
@@ -199,7 +214,13 @@ def test_voice_options_are_checked() -> None:
 def test_buttons_are_checked() -> None:
     ok = make(type="FRIENDTALK", text="hi", buttons=[{"name": "open", "type": "WL", "url_mobile": "https://x"}])
     assert ok.buttons[0]["name"] == "open"
-    rejected("buttons[0].url_mobile", "required", type="FRIENDTALK", text="hi", buttons=[{"name": "a", "type": "WL"}])
+    rejected(
+        "buttons[0].url_mobile",
+        "required",
+        type="FRIENDTALK",
+        text="hi",
+        buttons=[{"name": "a", "type": "WL"}],
+    )
     rejected("buttons[0].type", "enum", type="FRIENDTALK", text="hi", buttons=[{"name": "a", "type": "XX"}])
     rejected("buttons", "max_items", type="FRIENDTALK", text="hi", buttons=[{"name": "a", "type": "BK"}] * 6)
     rejected("buttons", "not_allowed", type="SMS", text="hi", buttons=[{"name": "a", "type": "BK"}])

@@ -9,7 +9,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from kmsg_worker.errors import IdempotencyConflictError, InvalidStateError, MessageNotFoundError, ValidationError
+from kmsg_worker.errors import (
+    IdempotencyConflictError,
+    InvalidStateError,
+    MessageNotFoundError,
+    ValidationError,
+)
 from kmsg_worker.pipeline import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
@@ -159,7 +164,9 @@ def test_exhausted_retries_fail(kmsg: KMsg, runtime: Runtime, clock: Clock) -> N
 
 
 def test_lost_response_is_reconciled_not_resent(kmsg: KMsg, runtime: Runtime, clock: Clock) -> None:
-    receipt = kmsg.send(to="01012345678", text="hi", provider_options={"mock": {"script": [{"outcome": "lost_response"}]}})
+    receipt = kmsg.send(
+        to="01012345678", text="hi", provider_options={"mock": {"script": [{"outcome": "lost_response"}]}}
+    )
     mid = receipt.message_id
     assert deliver(runtime, mid).action == "retry"
     assert mock_of(runtime).calls_for(mid) == 1

@@ -122,7 +122,9 @@ class SendOutcome:
     """The provider's answer for one recipient of a send request.
 
     Exactly one of ``provider_message_id`` (accepted) and ``error`` (refused) is meaningful:
-    ``accepted`` tells which.
+    ``accepted`` tells which. An ``error`` that is a :class:`~kmsg_worker.errors.ProviderTimeout`
+    means *the outcome is unknown*: the provider may have taken the message, so the pipeline
+    reconciles before any resend. Any other retryable error means it was not taken.
     """
 
     message_id: str
@@ -287,7 +289,9 @@ class Provider:
         """
         if not self.capabilities.lookup_by_reference:
             raise ProviderRejected(
-                f"{self.name} cannot look messages up by reference", provider=self.name, code=ErrorCode.UNSUPPORTED
+                f"{self.name} cannot look messages up by reference",
+                provider=self.name,
+                code=ErrorCode.UNSUPPORTED,
             )
         return self._lookup(message_ids)
 
@@ -310,9 +314,7 @@ class Provider:
         raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _send_batch")
 
     def _query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
-        raise NotImplementedError(
-            f"{type(self).__module__}.{type(self).__qualname__} must implement _query_status"
-        )
+        raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _query_status")
 
     def _lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
         raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _lookup")

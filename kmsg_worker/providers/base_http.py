@@ -109,7 +109,9 @@ def map_transport_errors(provider: str) -> Iterator[None]:
     except httpx.RemoteProtocolError as exc:
         # The server closed the connection after we sent the request: the outcome is unknown.
         raise ProviderTimeout(
-            f"{provider}: connection dropped before the response", provider=provider, code=ErrorCode.NETWORK_TIMEOUT
+            f"{provider}: connection dropped before the response",
+            provider=provider,
+            code=ErrorCode.NETWORK_TIMEOUT,
         ) from exc
     except httpx.ReadError as exc:
         raise ProviderTimeout(
@@ -182,7 +184,11 @@ class HttpProvider(Provider):
         raise self.http_error(response)
 
     def http_error(
-        self, response: httpx.Response, *, provider_code: str | None = None, provider_message: str | None = None
+        self,
+        response: httpx.Response,
+        *,
+        provider_code: str | None = None,
+        provider_message: str | None = None,
     ) -> ProviderError:
         """Build the error for an HTTP failure status (429 and 5xx retryable, other 4xx permanent)."""
         status = response.status_code

@@ -200,15 +200,15 @@ class MockProvider(Provider):
                 )
                 warnings = []
                 if message.type is MessageType.ALIMTALK and message.failover and message.failover.enabled:
-                    warnings.append(
-                        SendWarning("FAILOVER_UNSUPPORTED_PROVIDER", "mock has no native SMS fallback")
-                    )
+                    warnings.append(SendWarning("FAILOVER_UNSUPPORTED_PROVIDER", "mock has no native SMS fallback"))
                 outcomes.append(
                     SendOutcome(message.id, True, pmid, DeliveryState.SENT, warnings=warnings, raw={"id": pmid})
                 )
                 if outcome == "lost_response":
                     lost = ProviderTimeout(
-                        "mock: response lost after acceptance", provider=self.name, code=ErrorCode.NETWORK_TIMEOUT
+                        "mock: response lost after acceptance",
+                        provider=self.name,
+                        code=ErrorCode.NETWORK_TIMEOUT,
                     )
             else:
                 error = build_error(self.name, step)

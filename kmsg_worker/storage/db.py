@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -81,7 +81,7 @@ class storage_errors:  # noqa: N801 - used as a context manager, reads like one
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is not None and isinstance(exc, OperationalError):
             raise StorageUnavailableError(
                 f"the database is unavailable; nothing was accepted ({type(exc.orig).__name__})"

@@ -116,7 +116,12 @@ class Store:
             s.flush()
         s.add(
             IdempotencyKey(
-                tenant=tenant, key=key, request_hash=request_hash, message_ids=ids, created_at=now, expires_at=now + ttl
+                tenant=tenant,
+                key=key,
+                request_hash=request_hash,
+                message_ids=ids,
+                created_at=now,
+                expires_at=now + ttl,
             )
         )
         s.flush()
@@ -247,7 +252,14 @@ class Store:
             pass
 
     def dead_letter(
-        self, *, task_name: str, task_id: str | None, reason: str, payload: str | None, message_id: str | None, now: datetime
+        self,
+        *,
+        task_name: str,
+        task_id: str | None,
+        reason: str,
+        payload: str | None,
+        message_id: str | None,
+        now: datetime,
     ) -> None:
         """Keep a task payload that could not be processed, with its reason."""
         with self.sessions.begin() as s:
@@ -287,11 +299,17 @@ class Store:
     def claim_due_scheduled(self, *, now: datetime, limit: int) -> list[tuple[str, str]]:
         """``scheduled -> queued`` for rows whose time has come; returns their ids to enqueue."""
         where = and_(MessageRow.status == S.SCHEDULED, MessageRow.scheduled_at <= now)
-        return self._claim_ids(where, MessageRow.scheduled_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now})
+        return self._claim_ids(
+            where, MessageRow.scheduled_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now}
+        )
 
     def claim_stale_queued(self, *, now: datetime, older_than: timedelta, limit: int) -> list[tuple[str, str]]:
         """Rows left ``queued`` too long (their task was lost): refresh ``queued_at`` and re-enqueue."""
-        where = and_(MessageRow.status == S.QUEUED, MessageRow.queued_at <= now - older_than, MessageRow.batch_id.is_(None))
+        where = and_(
+            MessageRow.status == S.QUEUED,
+            MessageRow.queued_at <= now - older_than,
+            MessageRow.batch_id.is_(None),
+        )
         return self._claim_ids(where, MessageRow.queued_at, limit, {"queued_at": now, "updated_at": now})
 
     def claim_due_retries(self, *, now: datetime, grace: timedelta, limit: int) -> list[tuple[str, str]]:
@@ -303,7 +321,10 @@ class Store:
             MessageRow.batch_id.is_(None),
         )
         return self._claim_ids(
-            where, MessageRow.next_attempt_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now}
+            where,
+            MessageRow.next_attempt_at,
+            limit,
+            {"status": S.QUEUED, "queued_at": now, "updated_at": now},
         )
 
     def claim_expired_leases(self, *, now: datetime, extend: timedelta, limit: int) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
@@ -91,7 +91,7 @@ class DeliveryRule:
     final_after: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class LedgerEntry:
     """One accepted message as the fake stores it."""
 
@@ -253,10 +253,12 @@ class FakeProviderServer:
 
     #: Vendor name, e.g. ``"solapi"``.
     name = "fake"
+    #: Set only by ``kmsg fake-providers --host`` inside a container network; tests never change it.
+    allow_external = False
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, clock: Clock = time.time) -> None:
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("fake provider servers bind to loopback only")
+        if host not in ("127.0.0.1", "localhost", "::1") and not FakeProviderServer.allow_external:
+            raise ValueError("fake provider servers bind to loopback only (see allow_external)")
         self.ledger = Ledger(clock)
         self.faults = Faults()
         self._rng = random.Random(1234)
@@ -270,11 +272,18 @@ class FakeProviderServer:
     def url(self) -> str:
         """Base URL of the running server."""
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host_text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{host_text}:{port}"
 
-    def start(self) -> FakeProviderServer:
+    def start(self) -> Self:
         """Serve in a background thread; returns ``self``."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fake-{self.name}", daemon=True)
+        # A short poll interval makes stop() quick (the default 0.5 s dominates test runtimes).
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-{self.name}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -283,7 +292,7 @@ class FakeProviderServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> FakeProviderServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -373,7 +382,11 @@ class FakeProviderServer:
                 body = self.rfile.read(length) if length else b""
                 parts = urlsplit(self.path)
                 request = FakeRequest(
-                    self.command, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}, body
+                    self.command,
+                    parts.path,
+                    parse_qs(parts.query),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
                 )
                 try:
                     response = server._dispatch(request)
@@ -386,7 +399,11 @@ class FakeProviderServer:
                     return
                 payload, content_type = response.encode()
                 head = [f"HTTP/1.1 {response.status} {self.responses.get(response.status, ('',))[0]}"]
-                headers = {"Content-Type": content_type, "Content-Length": str(len(payload)), **response.headers}
+                headers = {
+                    "Content-Type": content_type,
+                    "Content-Length": str(len(payload)),
+                    **response.headers,
+                }
                 head.extend(f"{k}: {v}" for k, v in headers.items())
                 # Headers and body in one write: one segment, no Nagle stall.
                 self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
@@ -410,16 +427,18 @@ def parse_multipart(request: FakeRequest) -> dict[str, Any]:
     boundary = content_type.split("boundary=", 1)[1].strip().strip('"').encode("latin-1")
     fields: dict[str, Any] = {}
     for part in request.body.split(b"--" + boundary):
-        part = part.strip(b"\r\n")
-        if not part or part == b"--":
+        # Remove exactly the delimiter CRLFs: a value may itself end in CR or LF bytes.
+        if part.startswith(b"\r\n"):
+            part = part[2:]
+        if part.endswith(b"\r\n"):
+            part = part[:-2]
+        if not part or part.startswith(b"--"):
             continue
         head, _, value = part.partition(b"\r\n\r\n")
         disposition = next(
             (line for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition")), b""
         ).decode("utf-8")
-        params = dict(
-            item.strip().split("=", 1) for item in disposition.split(";")[1:] if "=" in item
-        )
+        params = dict(item.strip().split("=", 1) for item in disposition.split(";")[1:] if "=" in item)
         name = params.get("name", "").strip('"')
         if "filename" in params:
             fields[name] = value

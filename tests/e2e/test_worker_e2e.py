@@ -74,8 +74,7 @@ def test_delay_with_invalid_input_raises_in_the_producer(cluster: Cluster) -> No
 def test_task_payload_carries_only_the_id(cluster: Cluster) -> None:
     # No worker: inspect what sits in the broker.
     result = cluster.run_python(
-        "from tasks import send_message\n"
-        "send_message.delay(to='010-9876-5432', text='secret text 1234')\n"
+        "from tasks import send_message\nsend_message.delay(to='010-9876-5432', text='secret text 1234')\n"
     )
     assert result.returncode == 0, result.stderr
     import redis
@@ -148,7 +147,11 @@ def test_malformed_tasks_are_dead_lettered_and_the_worker_keeps_consuming(cluste
     wait_until(lambda: statuses(store, [good])[good] in {"sent", "delivered"}, 60, what="the good message")
     wait_until(lambda: len(store.dead_letters()) == 3, 30, what="three dead letters")
     reasons = sorted(d.reason for d in store.dead_letters())
-    assert reasons == ["malformed payload: expected only message_id", "unexpected positional arguments", "unknown message id"]
+    assert reasons == [
+        "malformed payload: expected only message_id",
+        "unexpected positional arguments",
+        "unknown message id",
+    ]
 
 
 def test_worker_refuses_to_start_with_an_invalid_setting(cluster: Cluster) -> None:

@@ -40,9 +40,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "kmsg_dead_letters",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("task_name", sa.String(length=100), nullable=False),
         sa.Column("task_id", sa.String(length=100), nullable=True),
         sa.Column("message_id", sa.String(length=80), nullable=True),
@@ -51,9 +49,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
-        op.f("ix_kmsg_dead_letters_message_id"), "kmsg_dead_letters", ["message_id"], unique=False
-    )
+    op.create_index(op.f("ix_kmsg_dead_letters_message_id"), "kmsg_dead_letters", ["message_id"], unique=False)
     op.create_table(
         "kmsg_idempotency_keys",
         sa.Column("tenant", sa.String(length=64), nullable=False),
@@ -69,9 +65,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("tenant", "key"),
     )
-    op.create_index(
-        op.f("ix_kmsg_idempotency_keys_expires_at"), "kmsg_idempotency_keys", ["expires_at"], unique=False
-    )
+    op.create_index(op.f("ix_kmsg_idempotency_keys_expires_at"), "kmsg_idempotency_keys", ["expires_at"], unique=False)
     op.create_table(
         "kmsg_messages",
         sa.Column("id", sa.String(length=80), nullable=False),
@@ -174,9 +168,7 @@ def upgrade() -> None:
     op.create_index("ix_kmsg_messages_status", "kmsg_messages", ["status"], unique=False)
     op.create_table(
         "kmsg_attempts",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("message_id", sa.String(length=80), nullable=False),
         sa.Column("attempt_no", sa.Integer(), nullable=False),
         sa.Column("provider", sa.String(length=32), nullable=False),

@@ -1,0 +1,62 @@
+# kmsg-worker — common tasks. `make demo` and `make test` work on a fresh machine (they install first).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+QUEUES  = kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance
+STAMP   = $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format typecheck all worker beat flower bench bench-long migrate fake-providers clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## worker + beat on the embedded SQLite broker and database, a demo batch, a final table
+	$(BIN)/kmsg demo
+
+test: install  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1; CI=true fails if they are down)
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy
+
+all: lint typecheck test
+
+worker: install
+	$(BIN)/celery -A config.celery worker -Q $(QUEUES) --loglevel=INFO
+
+beat: install
+	$(BIN)/celery -A config.celery beat --schedule var/celerybeat-schedule --loglevel=INFO
+
+flower: install
+	$(BIN)/celery -A config.celery flower --port=5555 --address=127.0.0.1
+
+migrate: install
+	$(BIN)/kmsg migrate
+
+fake-providers: install
+	$(BIN)/kmsg fake-providers --port 18080
+
+bench: install  ## throughput and latency against the fake providers, ratios vs a naive baseline
+	$(BIN)/python -m bench.run
+
+bench-long: install
+	$(BIN)/python -m bench.run --long
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
