@@ -34,7 +34,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         transport = {"visibility_timeout": vt, "health_check_interval": 25}
     elif settings.broker_url.startswith("filesystem"):
         folder = settings.var_dir / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         # One folder for in and out (a single machine); processed files are moved within the
         # same file system, which is an atomic rename: exactly one consumer gets each message.
@@ -42,6 +42,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # Without this kombu writes its control files into the current directory.
+            "control_folder": str(folder / "control"),
             "store_processed": True,
             "polling_interval": 0.1,
         }

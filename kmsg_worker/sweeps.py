@@ -13,10 +13,13 @@ harm: a message is enqueued twice at worst, and the send claim makes the second 
 
 from __future__ import annotations
 
+import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from kmsg_worker.logging import get_logger
 from kmsg_worker.pipeline import reconcile_lease
@@ -36,6 +39,23 @@ class SweepReport:
     stale_queued: int = 0
     leases: int = 0
     idempotency_purged: int = 0
+    broker_files_pruned: int = 0
+
+
+def prune_processed(folder: Path, older_than: float = 600.0) -> int:
+    """Delete consumed message files of the embedded filesystem broker (kombu keeps them)."""
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue  # another sweep removed it
+    return removed
 
 
 def _enqueue(rt: Runtime, claimed: Sequence[tuple[str, str]]) -> None:
@@ -73,6 +93,8 @@ def sweep(rt: Runtime) -> SweepReport:
     report.leases = len(leases)
 
     report.idempotency_purged = rt.store.purge_idempotency(now)
+    if settings.broker_url.startswith("filesystem"):
+        report.broker_files_pruned = prune_processed(settings.var_dir / "broker" / "processed")
     if report.scheduled or report.retries or report.stale_queued or report.leases:
         log.info(
             "maintenance.swept",

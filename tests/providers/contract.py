@@ -40,7 +40,12 @@ class ProviderContract:
     secrets: tuple[str, ...] = ()
 
     def message(self, to: str = "01012345678", **extra: Any) -> Message:
-        fields: dict[str, Any] = {"to": to, "text": "인증번호 [123456] 입니다", "type": "SMS", "sender": "0212345678"}
+        fields: dict[str, Any] = {
+            "to": to,
+            "text": "인증번호 [123456] 입니다",
+            "type": "SMS",
+            "sender": "0212345678",
+        }
         fields.update(extra)
         return normalize(fields)
 
@@ -69,9 +74,7 @@ class ProviderContract:
     # -- status ------------------------------------------------------------------------------------
 
     def _query(self, provider: Provider, message: Message, pmid: str) -> Any:
-        return provider.query_status(
-            [StatusQuery(message.id, pmid, message.type, message.to, datetime.now(UTC))]
-        )
+        return provider.query_status([StatusQuery(message.id, pmid, message.type, message.to, datetime.now(UTC))])
 
     def test_status_delivered_and_failed_keep_the_code(self, fake: FakeProviderServer, make_provider: Any) -> None:
         provider: Provider = make_provider()
@@ -83,7 +86,11 @@ class ProviderContract:
         ok, bad = self.message(to="01011112222"), self.message(to="01033334444")
         fake.ledger.set_rule(bad.to, DeliveryRule(final="FAILED", code=self.failed_code()))
         outcomes = provider.send_batch([ok, bad])
-        reports = {r.message_id: r for m, o in zip([ok, bad], outcomes, strict=True) for r in self._query(provider, m, o.provider_message_id or "")}
+        reports = {
+            r.message_id: r
+            for m, o in zip([ok, bad], outcomes, strict=True)
+            for r in self._query(provider, m, o.provider_message_id or "")
+        }
         assert reports[ok.id].state is DeliveryState.DELIVERED
         assert reports[bad.id].state is DeliveryState.FAILED
         assert reports[bad.id].code == self.failed_code()
@@ -117,9 +124,7 @@ class ProviderContract:
     def bad_credentials(self) -> dict[str, str]:
         raise NotImplementedError
 
-    def test_slow_response_times_out_as_unknown_outcome(
-        self, fake: FakeProviderServer, make_provider: Any
-    ) -> None:
+    def test_slow_response_times_out_as_unknown_outcome(self, fake: FakeProviderServer, make_provider: Any) -> None:
         fake.set_faults(slow_rate=1.0, slow_ms=800)
         with pytest.raises(ProviderTimeout):
             make_provider(timeout=0.2).send(self.message())
