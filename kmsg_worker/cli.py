@@ -322,6 +322,96 @@ def cmd_dead(ns: argparse.Namespace) -> int:
         return 0
 
 
+# -- bulk -------------------------------------------------------------------------------------------
+
+_MESSAGE_COLUMNS = {"to", "id", "text", "type", "subject", "sender", "from", "template_id", "scheduled_at"}
+
+
+def _csv_rows(path: str) -> Any:
+    """Yield message rows from a CSV: known columns are message fields, every other column a variable."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for record in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            variables = {}
+            for key, value in record.items():
+                if key is None:
+                    continue
+                name = key.strip()
+                if name in _MESSAGE_COLUMNS:
+                    if value not in (None, ""):
+                        row[name] = value
+                elif value is not None:
+                    variables[name] = value
+            if variables:
+                row["variables"] = variables
+            yield row
+
+
+def _summary_line(summary: Any) -> str:
+    st = summary.by_status
+    accepted = st.get("sent", 0) + st.get("delivered", 0)
+    failed = st.get("failed", 0) + st.get("unknown", 0) + st.get("dead", 0)
+    pending = summary.total - accepted - failed - st.get("cancelled", 0)
+    width = 30
+    done = 0 if not summary.total else int(width * (summary.total - pending) / summary.total)
+    return (
+        f"[{'#' * done}{'.' * (width - done)}] {summary.total} accepted | {accepted} sent | "
+        f"{failed} failed | {st.get('cancelled', 0)} cancelled | {pending} pending"
+    )
+
+
+def _print_summary(summary: Any) -> None:
+    data = asdict(summary)
+    for key in ("created_at", "first_sent_at", "last_sent_at", "finished_at", "cancelled_at"):
+        data[key] = data[key].isoformat(timespec="seconds") if data[key] else None
+    print(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def cmd_send_many(ns: argparse.Namespace) -> int:
+    """Send a CSV of recipients as one batch, with a live progress bar and the summary at the end."""
+    defaults: dict[str, Any] = {}
+    for name in ("text", "type", "subject", "template_id", "scheduled_at"):
+        value = getattr(ns, name)
+        if value is not None:
+            defaults[name] = value
+    if ns.sender:
+        defaults["sender"] = ns.sender
+    with _producer() as kmsg:
+        receipt = kmsg.send_many(
+            _csv_rows(ns.file),
+            defaults=defaults,
+            on_invalid="skip" if ns.skip_invalid else "reject",
+            idempotency_key=ns.idempotency_key,
+            chunk_size=ns.chunk_size,
+        )
+        for error in receipt.invalid:
+            print(f"row {error.row}: {error.field}: {error.message} [{error.rule}]", file=sys.stderr)
+        print(f"batch {receipt.batch_id}: {len(receipt.message_ids)} accepted, {len(receipt.invalid)} invalid")
+        if ns.no_wait:
+            return 0
+        deadline = time.monotonic() + ns.timeout
+        summary = kmsg.batch_summary(receipt.batch_id)
+        tty = sys.stdout.isatty()
+        while not summary.done and time.monotonic() < deadline:
+            print(("\r" if tty else "") + _summary_line(summary), end="" if tty else "\n", flush=True)
+            time.sleep(0.5 if tty else 5)
+            summary = kmsg.batch_summary(receipt.batch_id)
+        print(("\r" if tty else "") + _summary_line(summary))
+        _print_summary(summary)
+        return 0 if summary.done else 3
+
+
+def cmd_batch(ns: argparse.Namespace) -> int:
+    """Show or cancel a batch."""
+    with _producer() as kmsg:
+        summary = kmsg.cancel_batch(ns.batch_id) if ns.action == "cancel" else kmsg.batch_summary(ns.batch_id)
+    print(_summary_line(summary))
+    _print_summary(summary)
+    return 0
+
+
 # -- operations -----------------------------------------------------------------------------------
 
 
@@ -372,6 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--at", dest="scheduled_at", help="ISO time; naive = Asia/Seoul")
     send.add_argument("--var", action="append", help="name=value (repeatable)")
     send.set_defaults(func=cmd_send)
+
+    many = sub.add_parser("send-many", help="send a CSV of recipients as one batch")
+    many.add_argument("file", help="CSV with a 'to' column; other unknown columns become #{variables}")
+    many.add_argument("--text")
+    many.add_argument("--type")
+    many.add_argument("--subject")
+    many.add_argument("--from", dest="sender")
+    many.add_argument("--template-id", dest="template_id")
+    many.add_argument("--at", dest="scheduled_at")
+    many.add_argument("--chunk-size", type=int, default=None)
+    many.add_argument("--idempotency-key", dest="idempotency_key")
+    many.add_argument("--skip-invalid", action="store_true", help="send the valid rows, list the invalid ones")
+    many.add_argument("--no-wait", action="store_true", help="return after accepting; do not follow progress")
+    many.add_argument("--timeout", type=float, default=3600.0)
+    many.set_defaults(func=cmd_send_many)
+
+    batch = sub.add_parser("batch", help="batch summary or cancel")
+    batch.add_argument("action", choices=["status", "cancel"])
+    batch.add_argument("batch_id")
+    batch.set_defaults(func=cmd_batch)
 
     get = sub.add_parser("get", help="show a message")
     get.add_argument("message_id")

@@ -47,8 +47,8 @@ class Dispatcher(Protocol):
     def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
         """Enqueue one send task per message id."""
 
-    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
-        """Enqueue one bulk chunk task for these ids of a batch."""
+    def chunk(self, batch_id: str, chunks: Sequence[int], *, countdown: float | None = None) -> None:
+        """Enqueue one ``kmsg.send_chunk`` task per chunk number of a batch."""
 
 
 class NullDispatcher:
@@ -57,7 +57,7 @@ class NullDispatcher:
     def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
         """Do nothing."""
 
-    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
+    def chunk(self, batch_id: str, chunks: Sequence[int], *, countdown: float | None = None) -> None:
         """Do nothing."""
 
 
@@ -86,10 +86,16 @@ class CeleryDispatcher:
                     producer=producer,
                 )
 
-    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
-        """Enqueue one ``kmsg.send_chunk`` carrying the chunk's ids."""
-        self.app.send_task(
-            TASK_NAMES["chunk"],
-            kwargs={"batch_id": batch_id, "message_ids": list(message_ids)},
-            queue=QUEUES["bulk"],
-        )
+    def chunk(self, batch_id: str, chunks: Sequence[int], *, countdown: float | None = None) -> None:
+        """Enqueue one ``kmsg.send_chunk`` per chunk: the payload is ``(batch_id, chunk)`` only."""
+        if not chunks:
+            return
+        with self.app.producer_or_acquire() as producer:
+            for number in chunks:
+                self.app.send_task(
+                    TASK_NAMES["chunk"],
+                    kwargs={"batch_id": batch_id, "chunk": int(number)},
+                    queue=QUEUES["bulk"],
+                    countdown=countdown,
+                    producer=producer,
+                )

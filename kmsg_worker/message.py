@@ -113,16 +113,14 @@ def count_bytes(text: str) -> int:
     Returns:
         The estimated byte count.
     """
-    total = 0
-    for ch in text:
-        cp = ord(ch)
-        if cp <= 0x7F:
-            total += 1
-        elif cp > 0xFFFF:
-            total += 4
-        else:
-            total += 2
-    return total
+    if text.isascii():
+        return len(text)
+    # Same result as counting character by character, done in C (a hot path for bulk sends):
+    # every UTF-16 unit costs 2 except ASCII ones, which cost 1. surrogatepass: a lone surrogate
+    # (possible in Python strings) is one unit, as it is in JavaScript.
+    units = len(text.encode("utf-16-le", "surrogatepass")) // 2
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return 2 * units - ascii_chars
 
 
 def _stringify(value: object) -> str:
@@ -275,12 +273,34 @@ class Message:
 
     def content(self) -> dict[str, Any]:
         """Return the JSON-serialisable form stored in the database (``Message.from_content`` reverses it)."""
-        data = asdict(self)
-        data["type"] = self.type.value
-        data["priority"] = self.priority.value
-        data["buttons"] = list(self.buttons)
-        data["scheduled_at"] = self.scheduled_at.isoformat() if self.scheduled_at else None
-        return data
+        # Built by hand: dataclasses.asdict deep-copies every value and costs ~100 us per message.
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "to": self.to,
+            "sender": self.sender,
+            "text": self.text,
+            "subject": self.subject,
+            "template_id": self.template_id,
+            "variables": self.variables,
+            "media": None if self.media is None else asdict(self.media),
+            "buttons": list(self.buttons),
+            "kakao": self.kakao,
+            "naver": self.naver,
+            "voice": self.voice,
+            "fax": self.fax,
+            "rcs": self.rcs,
+            "failover": None if self.failover is None else asdict(self.failover),
+            "provider_id": self.provider_id,
+            "provider_options": self.provider_options,
+            "scheduled_at": self.scheduled_at.isoformat() if self.scheduled_at else None,
+            "country": self.country,
+            "custom_fields": self.custom_fields,
+            "tenant": self.tenant,
+            "priority": self.priority.value,
+            "idempotency_key": self.idempotency_key,
+            "type_inferred": self.type_inferred,
+        }
 
     @classmethod
     def from_content(cls, data: Mapping[str, Any]) -> Message:

@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kmsg_worker.bulk import BatchSummary
 from kmsg_worker.dispatch import Dispatcher
-from kmsg_worker.errors import (
-    BatchValidationError,
-    InvalidStateError,
-    MessageNotFoundError,
-    RowError,
-    ValidationError,
-)
+from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
-from kmsg_worker.storage.models import Batch, MessageRow
+from kmsg_worker.storage.models import MessageRow
 
-__all__ = ["AttemptInfo", "BatchReceipt", "KMsg", "MessageInfo", "Receipt"]
+__all__ = ["AttemptInfo", "BatchReceipt", "BatchSummary", "KMsg", "MessageInfo", "Receipt"]
 
 S = MessageStatus
 log = get_logger("kmsg.producer")
@@ -272,65 +266,55 @@ class KMsg:
         defaults: Mapping[str, Any] | None = None,
         on_invalid: str = "reject",
         idempotency_key: str | None = None,
+        chunk_size: int | None = None,
+        tenant: str = "default",
     ) -> BatchReceipt:
-        """Validate and store many messages as one batch, then enqueue them.
+        """Validate and store a batch (a handful to millions of rows), then enqueue its chunks.
+
+        Returns without waiting for the sends: follow progress with :meth:`batch_summary`.
 
         Args:
-            messages: Mappings, each merged over ``defaults``.
-            defaults: Shared fields (e.g. the text with ``#{name}`` variables, the sender).
-            on_invalid: ``"reject"`` (raise :class:`BatchValidationError`, store nothing) or
-                ``"skip"`` (store the valid rows, report the invalid ones).
-            idempotency_key: Makes the whole batch idempotent.
+            messages: Mappings (a list or a generator), each merged over ``defaults``; rows that only
+                carry ``to``, ``variables``, ``id`` and ``custom_fields`` take a fast path that
+                reuses the validated ``defaults``.
+            defaults: Shared fields (the text with ``#{name}`` variables, the sender, the type).
+            on_invalid: ``"reject"``: raise :class:`BatchValidationError` listing the invalid rows
+                (row number, field, rule) and store nothing; ``"skip"``: store the valid rows and
+                report the invalid ones in the receipt.
+            idempotency_key: Makes the whole batch safe to submit twice.
+            chunk_size: Rows per provider request (capped by the provider's batch limit).
+            tenant: Tenant the batch belongs to.
 
-        Returns:
-            The batch receipt.
+        Raises:
+            BatchValidationError: ``on_invalid="reject"`` and some rows are invalid.
+            StorageUnavailableError: The database is down; nothing was accepted.
         """
-        if on_invalid not in ("reject", "skip"):
-            raise ValidationError("on_invalid", "enum", "must be 'reject' or 'skip'")
-        now = self.runtime.now()
-        batch_id = uuid.uuid4().hex
-        base = dict(defaults or {})
-        rows: list[dict[str, Any]] = []
-        errors: list[RowError] = []
-        for index, item in enumerate(messages, start=1):
-            try:
-                merged = {**base, **item}
-                merged.setdefault("priority", "bulk")
-                msg = self.validate(merged)
-                rows.append(self._row(msg, self.runtime.router.route(msg), now, batch_id))
-            except ValidationError as exc:
-                errors.append(RowError(index, exc.field, exc.rule, exc.detail))
-        if errors and on_invalid == "reject":
-            raise BatchValidationError(errors)
-        digest = hashlib.sha256(
-            json.dumps(
-                [{k: v for k, v in r["content"].items() if k != "id"} for r in rows],
-                sort_keys=True,
-                default=str,
-            ).encode()
-        ).hexdigest()
-        idem = ("default", idempotency_key, digest, self.settings.idempotency_ttl) if idempotency_key else None
+        from kmsg_worker.bulk import intake
+
         with storage_errors():
-            with self.runtime.store.sessions.begin() as s:
-                s.add(
-                    Batch(
-                        id=batch_id,
-                        status="queued",
-                        total=len(rows),
-                        invalid=len(errors),
-                        invalid_rows=[e.__dict__ for e in errors] or None,
-                        created_at=now,
-                    )
-                )
-            existing = self.runtime.store.insert_messages(rows, idempotency=idem, now=now)
-        if existing is not None:
-            found = self.runtime.store.get(existing[0]) if existing else None
-            return BatchReceipt(found.batch_id if found and found.batch_id else "", existing, duplicate=True)
-        queued = [r["id"] for r in rows if r["status"] == S.QUEUED]
-        for start in range(0, len(queued), 1000):
-            self._publish(queued[start : start + 1000], "bulk")
-        log.info("batch.accepted", batch_id=batch_id, total=len(rows), invalid=len(errors))
-        return BatchReceipt(batch_id, [r["id"] for r in rows], errors)
+            batch_id, ids, errors, duplicate = intake(
+                self.runtime,
+                messages,
+                defaults=defaults,
+                on_invalid=on_invalid,
+                chunk_size=chunk_size,
+                idempotency_key=idempotency_key,
+                tenant=tenant,
+            )
+        return BatchReceipt(batch_id, ids, errors, duplicate=duplicate)
+
+    def batch_summary(self, batch_id: str) -> BatchSummary:
+        """The bulk result summary: counts by status, provider, type and error code, cost, throughput."""
+        from kmsg_worker.bulk import batch_summary
+
+        return batch_summary(self.runtime, batch_id)
+
+    def cancel_batch(self, batch_id: str) -> BatchSummary:
+        """Stop a batch: chunks not sent yet are cancelled; what was sent stays sent."""
+        from kmsg_worker.bulk import batch_summary, cancel_batch
+
+        cancel_batch(self.runtime, batch_id)
+        return batch_summary(self.runtime, batch_id)
 
     # -- queries and control -----------------------------------------------------------------------
 

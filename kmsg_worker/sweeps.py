@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.logging import get_logger
 from kmsg_worker.pipeline import reconcile_lease
 from kmsg_worker.runtime import Runtime
@@ -66,6 +67,14 @@ def _enqueue(rt: Runtime, claimed: Sequence[tuple[str, str]]) -> None:
         rt.dispatcher.send(ids, priority=priority)
 
 
+def _enqueue_chunks(rt: Runtime, chunks: set[tuple[str, int]]) -> None:
+    by_batch: dict[str, list[int]] = defaultdict(list)
+    for batch_id, chunk in chunks:
+        by_batch[batch_id].append(chunk)
+    for batch_id, numbers in by_batch.items():
+        rt.dispatcher.chunk(batch_id, sorted(numbers))
+
+
 def sweep(rt: Runtime) -> SweepReport:
     """Run every maintenance step once."""
     settings = rt.settings
@@ -75,17 +84,20 @@ def sweep(rt: Runtime) -> SweepReport:
 
     due = rt.store.claim_due_scheduled(now=now, limit=limit)
     _enqueue(rt, due)
-    report.scheduled = len(due)
+    due_chunks = rt.store.claim_due_scheduled_chunks(now=now, limit=limit)
+    _enqueue_chunks(rt, due_chunks)
+    report.scheduled = len(due) + len(due_chunks)
 
     retries = rt.store.claim_due_retries(now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
     _enqueue(rt, retries)
     report.retries = len(retries)
 
-    stale = rt.store.claim_stale_queued(
-        now=now, older_than=timedelta(seconds=settings.stale_queued_seconds), limit=limit
-    )
+    older = timedelta(seconds=settings.stale_queued_seconds)
+    stale = rt.store.claim_stale_queued(now=now, older_than=older, limit=limit)
     _enqueue(rt, stale)
-    report.stale_queued = len(stale)
+    stale_chunks = rt.store.claim_stale_chunks(now=now, older_than=older, limit=limit)
+    _enqueue_chunks(rt, stale_chunks)
+    report.stale_queued = len(stale) + len(stale_chunks)
 
     leases = rt.store.claim_expired_leases(now=now, extend=timedelta(seconds=settings.lease_seconds), limit=limit)
     for message_id, _ in leases:
@@ -103,4 +115,6 @@ def sweep(rt: Runtime) -> SweepReport:
             stale_queued=report.stale_queued,
             leases=report.leases,
         )
+    # Last, so a fresh heartbeat means a whole sweep ran (beat fired and a worker consumed the queue).
+    record_heartbeat(rt.engine, "sweep", now)
     return report

@@ -3,8 +3,9 @@
 Apps send with ``from tasks import send_message; send_message.delay(to=..., text=...)``.
 """
 
+from tasks.bulk import send_chunk
 from tasks.maintenance import sweep
 from tasks.send import send_message
 from tasks.tracking import poll
 
-__all__ = ["poll", "send_message", "sweep"]
+__all__ = ["poll", "send_chunk", "send_message", "sweep"]

@@ -54,13 +54,13 @@ class RecordingDispatcher:
     """Collects what would have been published."""
 
     sends: list[tuple[str, str, float | None]] = field(default_factory=list)
-    chunks: list[tuple[str, list[str]]] = field(default_factory=list)
+    chunks: list[tuple[str, int, float | None]] = field(default_factory=list)
 
     def send(self, message_ids: Sequence[str], *, priority: Priority | str, countdown: float | None = None) -> None:
         self.sends.extend((m, str(priority), countdown) for m in message_ids)
 
-    def chunk(self, batch_id: str, message_ids: Sequence[str]) -> None:
-        self.chunks.append((batch_id, list(message_ids)))
+    def chunk(self, batch_id: str, chunks: Sequence[int], *, countdown: float | None = None) -> None:
+        self.chunks.extend((batch_id, c, countdown) for c in chunks)
 
     @property
     def ids(self) -> list[str]:

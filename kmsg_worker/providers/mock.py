@@ -125,6 +125,8 @@ class MockProvider(Provider):
         self._lock = threading.Lock()
         #: Every call in this process, in order (also written to the log file when configured).
         self.calls: list[dict[str, Any]] = []
+        #: Send requests made by this process (one per ``send_batch``).
+        self.requests = 0
 
     # -- call log ---------------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class MockProvider(Provider):
         return script[call_no] if call_no < len(script) else {"outcome": "success"}
 
     def _send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
+        self.requests += 1
         if self._latency:
             time.sleep(self._latency)
         scripted = any(m.provider_options.get("mock") for m in messages)

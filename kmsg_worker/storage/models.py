@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Attempt", "Base", "Batch", "DeadLetter", "IdempotencyKey", "MessageRow"]
+__all__ = ["Attempt", "Base", "Batch", "DeadLetter", "Heartbeat", "IdempotencyKey", "MessageRow"]
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -72,7 +72,9 @@ class MessageRow(Base):
 
     id: Mapped[str] = mapped_column(String(80), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), default="default")
-    batch_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    #: Chunk of the batch this row is sent with (one provider request per chunk).
+    chunk: Mapped[int | None] = mapped_column(Integer)
     #: The AlimTalk message this is the SMS/LMS fallback of.
     parent_id: Mapped[str | None] = mapped_column(String(80), index=True)
     type: Mapped[str] = mapped_column(String(16))
@@ -148,6 +150,7 @@ class MessageRow(Base):
             sqlite_where=text("status = 'sending'"),
         ),
         Index("ix_kmsg_messages_provider_pmid", "provider", "provider_message_id"),
+        Index("ix_kmsg_messages_batch_chunk", "batch_id", "chunk"),
         Index("ix_kmsg_messages_created", "created_at"),
         Index("ix_kmsg_messages_status", "status"),
     )
@@ -218,3 +221,18 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(Text)
     payload: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Heartbeat(Base):
+    """The last run of a periodic job (``sweep``, ``poll``): proves that beat fires and a worker consumes.
+
+    One row per job, overwritten on every run, so ``kmsg doctor`` and the metrics can tell a stopped
+    beat (or an unconsumed maintenance queue) from a quiet system.
+    """
+
+    __tablename__ = "kmsg_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    beat_at: Mapped[datetime] = mapped_column(TS)
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)

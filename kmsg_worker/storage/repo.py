@@ -297,11 +297,40 @@ class Store:
             return [(r[0], r[1]) for r in s.execute(stmt.returning(MessageRow.id, MessageRow.priority))]
 
     def claim_due_scheduled(self, *, now: datetime, limit: int) -> list[tuple[str, str]]:
-        """``scheduled -> queued`` for rows whose time has come; returns their ids to enqueue."""
-        where = and_(MessageRow.status == S.SCHEDULED, MessageRow.scheduled_at <= now)
+        """``scheduled -> queued`` for single messages whose time has come; returns ids to enqueue."""
+        where = and_(MessageRow.status == S.SCHEDULED, MessageRow.scheduled_at <= now, MessageRow.batch_id.is_(None))
         return self._claim_ids(
             where, MessageRow.scheduled_at, limit, {"status": S.QUEUED, "queued_at": now, "updated_at": now}
         )
+
+    def claim_batch_chunks(
+        self, where: ColumnElement[bool], values: dict[str, Any], limit: int
+    ) -> set[tuple[str, int]]:
+        """Update batch rows matching ``where``; return the distinct ``(batch_id, chunk)`` to publish."""
+        sub = select(MessageRow.id).where(where).limit(limit)
+        if self.is_postgres:
+            sub = sub.with_for_update(skip_locked=True)
+        stmt = (
+            update(MessageRow)
+            .where(MessageRow.id.in_(sub.scalar_subquery()), where)
+            .values(**values)
+            .returning(MessageRow.batch_id, MessageRow.chunk)
+            .execution_options(synchronize_session=False)
+        )
+        with self.sessions.begin() as s:
+            return {(b, c) for b, c in s.execute(stmt) if b is not None and c is not None}
+
+    def claim_due_scheduled_chunks(self, *, now: datetime, limit: int) -> set[tuple[str, int]]:
+        """``scheduled -> queued`` for batch rows whose time has come; returns the chunks to publish."""
+        where = and_(MessageRow.status == S.SCHEDULED, MessageRow.scheduled_at <= now, MessageRow.batch_id.is_not(None))
+        return self.claim_batch_chunks(where, {"status": S.QUEUED, "queued_at": now, "updated_at": now}, limit)
+
+    def claim_stale_chunks(self, *, now: datetime, older_than: timedelta, limit: int) -> set[tuple[str, int]]:
+        """Batch rows left ``queued`` too long (their chunk task was lost): the chunks to re-publish."""
+        where = and_(
+            MessageRow.status == S.QUEUED, MessageRow.queued_at <= now - older_than, MessageRow.batch_id.is_not(None)
+        )
+        return self.claim_batch_chunks(where, {"queued_at": now, "updated_at": now}, limit)
 
     def claim_stale_queued(self, *, now: datetime, older_than: timedelta, limit: int) -> list[tuple[str, str]]:
         """Rows left ``queued`` too long (their task was lost): refresh ``queued_at`` and re-enqueue."""
@@ -318,7 +347,6 @@ class Store:
             MessageRow.status == S.RETRYING,
             MessageRow.next_attempt_at <= now,
             or_(MessageRow.retry_task_published.is_(False), MessageRow.next_attempt_at <= now - grace),
-            MessageRow.batch_id.is_(None),
         )
         return self._claim_ids(
             where,

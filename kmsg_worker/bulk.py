@@ -1,0 +1,904 @@
+"""Bulk campaigns at provider-batch granularity.
+
+Intake (:func:`intake`, behind :meth:`KMsg.send_many`) validates every row, writes rows in slices
+(PostgreSQL ``COPY``, SQLite ``executemany``; never row by row), assigns each row to a *chunk* of at
+most the provider's batch limit, and after each slice commits publishes one ``kmsg.send_chunk`` task
+per chunk carrying only ``(batch_id, chunk)``.
+
+A chunk task (:func:`process_chunk`) claims its rows in one UPDATE, makes **one** provider bulk call
+per provider (the adapter may split it further by its own rules), and records every recipient's
+result with one statement per outcome kind. When a bulk call partly fails, only the failed
+recipients are retried; recipients that were accepted are never sent again. Running a chunk twice
+is harmless: the second claim finds nothing.
+
+Routing is decided per chunk (round robin and weights then spread chunks, not rows, across
+providers): per-row routing would cost a Redis round trip per message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
+
+from kmsg_worker.errors import (
+    BatchValidationError,
+    ErrorCode,
+    MessageNotFoundError,
+    ProviderError,
+    ProviderRejected,
+    ProviderTimeout,
+    RowError,
+    ValidationError,
+)
+from kmsg_worker.logging import get_logger
+from kmsg_worker.message import (
+    TEXT_TYPES,
+    Message,
+    _check_text,
+    _infer_type,
+    _stringify,
+    interpolate,
+    normalize,
+    normalize_phone,
+)
+from kmsg_worker.providers.base import SendOutcome
+from kmsg_worker.retry import Action, decide
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.status import FINAL, MessageStatus
+from kmsg_worker.storage.models import Attempt, Batch, IdempotencyKey, MessageRow
+
+__all__ = ["BatchSummary", "ChunkResult", "batch_summary", "cancel_batch", "intake", "process_chunk"]
+
+S = MessageStatus
+log = get_logger("kmsg.bulk")
+
+#: Rows written (and chunks published) per transaction during intake.
+SLICE = 10_000
+#: Keys a row may carry and still use the template fast path.
+_FAST_KEYS = frozenset({"to", "variables", "id", "custom_fields"})
+_MAX_REPORTED_ERRORS = 1000
+#: Estimated unit prices in KRW (list prices vary by contract: an estimate, not an invoice).
+UNIT_PRICE_KRW: dict[str, float] = {
+    "SMS": 9.9,
+    "LMS": 30.0,
+    "MMS": 60.0,
+    "ALIMTALK": 8.0,
+    "FRIENDTALK": 15.0,
+    "NSA": 8.0,
+    "VOICE": 50.0,
+    "FAX": 50.0,
+    "RCS_SMS": 9.0,
+    "RCS_LMS": 27.0,
+    "RCS_MMS": 55.0,
+    "RCS_TPL": 9.0,
+    "RCS_ITPL": 40.0,
+    "RCS_LTPL": 27.0,
+}
+
+_COLUMNS = (
+    "id",
+    "tenant",
+    "batch_id",
+    "chunk",
+    "type",
+    "recipient",
+    "status",
+    "priority",
+    "route",
+    "route_index",
+    "attempts",
+    "provider_attempts",
+    "deliveries",
+    "retry_task_published",
+    "outcome_unknown",
+    "check_count",
+    "native_fallback",
+    "scheduled_at",
+    "content",
+    "created_at",
+    "updated_at",
+    "queued_at",
+)
+
+
+# -- intake -----------------------------------------------------------------------------------------
+
+
+class _Template:
+    """The shared part of a batch, validated once; rows only add a number and variables."""
+
+    def __init__(self, rt: Runtime, defaults: Mapping[str, Any], now: datetime) -> None:
+        self.defaults = dict(defaults)
+        self.raw_text = self.defaults.get("text", self.defaults.get("content"))
+        probe = {**self.defaults, "to": "01000000000"}
+        probe.pop("variables", None)
+        self.ok = True
+        try:
+            self.message = normalize(
+                probe, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+            )
+        except ValidationError:
+            # Some field is only valid per row (e.g. text given per row): no fast path.
+            self.ok = False
+            return
+        self.base_vars = {k: _stringify(v) for k, v in (self.defaults.get("variables") or {}).items()}
+        self.content = self.message.content()
+        self.limits = rt.settings.limits
+
+    def build(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """Content for one row; same result as :func:`normalize` on the merged mapping."""
+        to = normalize_phone(item.get("to"), "to")
+        variables = self.base_vars
+        raw_vars = item.get("variables")
+        if raw_vars:
+            if not isinstance(raw_vars, Mapping):
+                raise ValidationError("variables", "type", f"must be a mapping, got {type(raw_vars).__name__}")
+            variables = dict(self.base_vars)
+            for key, value in raw_vars.items():
+                if isinstance(value, (Mapping, list, tuple, set, bytes)):
+                    raise ValidationError(f"variables.{key}", "type", "must be a string, number, bool, date or null")
+                variables[str(key)] = _stringify(value)
+        msg = self.message
+        text_value = msg.text
+        if isinstance(self.raw_text, str):
+            text_value = interpolate(self.raw_text, variables) if variables else self.raw_text
+        mtype = msg.type
+        if msg.type_inferred:
+            mtype = _infer_type(text_value, msg.subject, msg.media, self.limits)
+        if mtype in TEXT_TYPES or text_value is not None:
+            _check_text(mtype, text_value, msg.subject, self.limits)
+        row_id = item.get("id") or uuid.uuid4().hex
+        if not isinstance(row_id, str):
+            raise ValidationError("id", "format", "must be a string")
+        content = dict(self.content)
+        content.update(id=row_id, to=to, text=text_value, variables=variables, type=mtype.value)
+        custom = item.get("custom_fields")
+        if custom:
+            if not isinstance(custom, Mapping):
+                raise ValidationError("custom_fields", "type", "must be a mapping")
+            content["custom_fields"] = {**msg.custom_fields, **{str(k): _stringify(v) for k, v in custom.items()}}
+        return content
+
+
+@dataclass
+class _Chunk:
+    number: int
+    route: list[str]
+    limit: int
+    size: int = 0
+
+
+class _Chunker:
+    """Assigns rows to chunks: one open chunk per (type, first provider), cut at the provider's limit."""
+
+    def __init__(self, rt: Runtime, chunk_size: int) -> None:
+        self.rt = rt
+        self.chunk_size = chunk_size
+        self.next_number = 0
+        self.open: dict[tuple[str, str | None], _Chunk] = {}
+        self.ready: list[int] = []
+        self.route_cache: dict[str, int] = {}
+
+    def assign(self, content: Mapping[str, Any]) -> _Chunk:
+        key = (str(content["type"]), content.get("provider_id"))
+        current = self.open.get(key)
+        if current is None or current.size >= current.limit:
+            if current is not None:
+                self.ready.append(current.number)
+            message = Message.from_content(content)
+            route = self.rt.router.route(message)
+            provider_limit = self.rt.provider(route[0]).batch_limit
+            current = _Chunk(self.next_number, route, max(1, min(self.chunk_size, provider_limit)))
+            self.next_number += 1
+            self.open[key] = current
+        current.size += 1
+        return current
+
+    def close_all(self) -> None:
+        self.ready.extend(c.number for c in self.open.values() if c.size)
+        self.open.clear()
+
+
+def _iter_rows(
+    rt: Runtime, messages: Iterable[Mapping[str, Any]], defaults: Mapping[str, Any], now: datetime
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    template = _Template(rt, defaults, now)
+    base = dict(defaults)
+    base.setdefault("priority", "bulk")
+    for index, item in enumerate(messages, start=1):
+        try:
+            if not isinstance(item, Mapping):
+                raise ValidationError("row", "type", f"must be a mapping, got {type(item).__name__}")
+            if template.ok and item.keys() <= _FAST_KEYS:
+                yield index, template.build(item)
+            else:
+                merged = {**base, **item}
+                yield (
+                    index,
+                    normalize(
+                        merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+                    ).content(),
+                )
+        except ValidationError as exc:
+            yield index, RowError(index, exc.field, exc.rule, exc.detail)
+
+
+def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime) -> dict[str, Any]:
+    scheduled_raw = content.get("scheduled_at")
+    scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
+    waiting = scheduled is not None and scheduled > now
+    return {
+        "id": content["id"],
+        "tenant": content.get("tenant") or "default",
+        "batch_id": batch_id,
+        "chunk": chunk.number,
+        "type": content["type"],
+        "recipient": content["to"],
+        "status": S.SCHEDULED.value if waiting else S.QUEUED.value,
+        "priority": content.get("priority") or "bulk",
+        "route": chunk.route,
+        "route_index": 0,
+        "attempts": 0,
+        "provider_attempts": 0,
+        "deliveries": 0,
+        "retry_task_published": False,
+        "outcome_unknown": False,
+        "check_count": 0,
+        "native_fallback": False,
+        "scheduled_at": scheduled,
+        "content": content,
+        "created_at": now,
+        "updated_at": now,
+        "queued_at": None if waiting else now,
+    }
+
+
+def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any]) -> None:
+    """Write one slice of rows (and any extra ORM objects) in one transaction."""
+    store = rt.store
+    with store.sessions.begin() as s:
+        for obj in extra:
+            s.merge(obj)
+        s.flush()
+        if not rows:
+            return
+        if store.is_postgres:
+            raw = s.connection().connection.driver_connection
+            cols = ", ".join(_COLUMNS)
+            with raw.cursor() as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:  # type: ignore[union-attr]
+                for r in rows:
+                    copy.write_row(
+                        tuple(
+                            json.dumps(r[c], ensure_ascii=False) if c in ("content", "route") else r[c]
+                            for c in _COLUMNS
+                        )
+                    )
+        else:
+            s.execute(insert(MessageRow), rows)
+
+
+def intake(
+    rt: Runtime,
+    messages: Iterable[Mapping[str, Any]],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    on_invalid: str = "reject",
+    chunk_size: int | None = None,
+    idempotency_key: str | None = None,
+    tenant: str = "default",
+) -> tuple[str, list[str], list[RowError], bool]:
+    """Validate, store and enqueue a batch; see :meth:`kmsg_worker.producer.KMsg.send_many`.
+
+    Returns:
+        ``(batch_id, message_ids, invalid_rows, duplicate)``.
+    """
+    if on_invalid not in ("reject", "skip"):
+        raise ValidationError("on_invalid", "enum", "must be 'reject' or 'skip'")
+    now = rt.now()
+    batch_id = uuid.uuid4().hex
+    defaults = dict(defaults or {})
+    chunker = _Chunker(rt, chunk_size or 10_000)
+    errors: list[RowError] = []
+    invalid_count = 0
+    digest = hashlib.sha256(json.dumps(defaults, sort_keys=True, default=str).encode())
+
+    # Validate everything first when the whole batch must be rejected on one bad row: nothing may
+    # be written before we know. (With on_invalid="skip" rows stream straight to the database.)
+    rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(rt, messages, defaults, now)
+    if on_invalid == "reject":
+        materialised = list(rows_iter)
+        bad = [r for _, r in materialised if isinstance(r, RowError)]
+        if bad:
+            raise BatchValidationError(bad[:_MAX_REPORTED_ERRORS])
+        rows_iter = materialised
+
+    if idempotency_key:
+        rows_iter = _hash_rows(rows_iter, digest)
+        existing = _check_batch_idempotency(rt, tenant, idempotency_key, digest.hexdigest(), now)
+        if existing is not None:
+            return existing[0], existing[1], [], True
+
+    batch = Batch(
+        id=batch_id,
+        tenant=tenant,
+        status="queued",
+        total=0,
+        invalid=0,
+        chunk_size=chunker.chunk_size,
+        created_at=now,
+    )
+    ids: list[str] = []
+    pending: list[dict[str, Any]] = []
+    first = True
+    published_upto = 0
+
+    def flush(final: bool) -> None:
+        nonlocal first, published_upto
+        extra: list[Any] = []
+        if first:
+            extra.append(batch)
+            if idempotency_key:
+                extra.append(
+                    IdempotencyKey(
+                        tenant=tenant,
+                        key=idempotency_key,
+                        request_hash=digest.hexdigest(),
+                        message_ids=[],
+                        batch_id=batch_id,
+                        created_at=now,
+                        expires_at=now + rt.settings.idempotency_ttl,
+                    )
+                )
+            first = False
+        _write(rt, pending, extra)
+        pending.clear()
+        if final:
+            chunker.close_all()
+        ready = chunker.ready[published_upto:]
+        published_upto = len(chunker.ready)
+        _publish_chunks(rt, batch_id, ready)
+
+    for _, row in rows_iter:
+        if isinstance(row, RowError):
+            invalid_count += 1
+            if len(errors) < _MAX_REPORTED_ERRORS:
+                errors.append(row)
+            continue
+        chunk = chunker.assign(row)
+        pending.append(_db_row(row, chunk, batch_id, now))
+        ids.append(row["id"])
+        if len(pending) >= SLICE:
+            flush(final=False)
+    flush(final=True)
+    with rt.store.sessions.begin() as s:
+        s.query(Batch).filter(Batch.id == batch_id).update(
+            {
+                "total": len(ids),
+                "invalid": invalid_count,
+                "invalid_rows": [e.__dict__ for e in errors] or None,
+            }
+        )
+    log.info("batch.accepted", batch_id=batch_id, total=len(ids), invalid=invalid_count, chunks=chunker.next_number)
+    return batch_id, ids, errors, False
+
+
+def _hash_rows(
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]], digest: Any
+) -> list[tuple[int, dict[str, Any] | RowError]]:
+    """Materialise the rows and fold their content (ids excluded) into the request hash."""
+    out = list(rows)
+    for _, row in out:
+        if isinstance(row, dict):
+            digest.update(json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True).encode())
+    return out
+
+
+def _check_batch_idempotency(
+    rt: Runtime, tenant: str, key: str, request_hash: str, now: datetime
+) -> tuple[str, list[str]] | None:
+    from kmsg_worker.errors import IdempotencyConflictError
+
+    with rt.store.sessions.begin() as s:
+        row = s.get(IdempotencyKey, (tenant, key))
+        if row is None or row.expires_at <= now:
+            if row is not None:
+                s.delete(row)
+            return None
+        if row.request_hash != request_hash:
+            raise IdempotencyConflictError(key)
+        batch_id = row.batch_id or ""
+        ids = list(s.scalars(select(MessageRow.id).where(MessageRow.batch_id == batch_id)))
+        return batch_id, ids
+
+
+def _publish_chunks(rt: Runtime, batch_id: str, chunks: Sequence[int]) -> None:
+    if not chunks:
+        return
+    try:
+        rt.dispatcher.chunk(batch_id, list(chunks))
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the sweep re-publishes stale chunks
+        log.warning("batch.enqueue_failed", batch_id=batch_id, chunks=len(chunks), error=type(exc).__name__)
+
+
+# -- chunk processing -------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk run did."""
+
+    claimed: int = 0
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    unknown: int = 0
+    failed_over: int = 0
+    dead: int = 0
+    requests: int = 0
+
+
+@dataclass
+class _Row:
+    id: str
+    content: dict[str, Any]
+    route: list[str]
+    route_index: int
+    attempts: int
+    provider_attempts: int
+    deliveries: int
+    created_at: datetime
+    outcome_unknown: bool
+    priority: str
+
+    @property
+    def provider(self) -> str:
+        return self.route[self.route_index]
+
+
+def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> list[_Row]:
+    due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
+    stmt = (
+        update(MessageRow)
+        .where(
+            MessageRow.batch_id == batch_id,
+            MessageRow.chunk == chunk,
+            (MessageRow.status == S.QUEUED) | due_retry,
+        )
+        .values(
+            status=S.SENDING,
+            lease_until=now + timedelta(seconds=rt.settings.lease_seconds),
+            deliveries=MessageRow.deliveries + 1,
+            updated_at=now,
+            retry_task_published=False,
+        )
+        .returning(
+            MessageRow.id,
+            MessageRow.content,
+            MessageRow.route,
+            MessageRow.route_index,
+            MessageRow.attempts,
+            MessageRow.provider_attempts,
+            MessageRow.deliveries,
+            MessageRow.created_at,
+            MessageRow.outcome_unknown,
+            MessageRow.priority,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    with rt.store.sessions.begin() as s:
+        return [_Row(*r) for r in s.execute(stmt)]
+
+
+def _attempt_rows(
+    rows: Sequence[_Row], provider: str, outcome: str, now: datetime, **extra: Any
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "message_id": r.id,
+            "attempt_no": r.attempts + 1,
+            "provider": provider,
+            "outcome": outcome,
+            "error_code": extra.get("error_code"),
+            "provider_code": extra.get("provider_code"),
+            "http_status": extra.get("http_status"),
+            "latency_ms": extra.get("latency_ms"),
+            "detail": extra.get("detail"),
+            "created_at": now,
+        }
+        for r in rows
+    ]
+
+
+def _record_sent(
+    rt: Runtime, rows: Sequence[_Row], outcomes: Mapping[str, SendOutcome], now: datetime, latency_ms: float
+) -> None:
+    """One UPDATE for every accepted recipient, plus their attempt rows, in one transaction."""
+    if not rows:
+        return
+    first_check = now + timedelta(seconds=rt.settings.tracking.first_check)
+    store = rt.store
+    with store.sessions.begin() as s:
+        if store.is_postgres:
+            # One statement for the whole chunk: UPDATE ... FROM unnest(arrays).
+            s.execute(
+                text(
+                    "UPDATE kmsg_messages AS m SET status = 'sent', provider = v.provider, "
+                    "provider_message_id = v.pmid, sent_at = :now, updated_at = :now, attempts = m.attempts + 1, "
+                    "provider_attempts = m.provider_attempts + 1, next_check_at = :first_check, check_count = 0, "
+                    "lease_until = NULL, outcome_unknown = false, native_fallback = v.native, "
+                    "error_code = NULL, error_message = NULL, warnings = CAST(v.warnings AS jsonb) "
+                    "FROM unnest(CAST(:ids AS text[]), CAST(:pmids AS text[]), CAST(:providers AS text[]), "
+                    "CAST(:natives AS boolean[]), CAST(:warnings AS text[])) "
+                    "AS v(id, pmid, provider, native, warnings) "
+                    "WHERE m.id = v.id AND m.status = 'sending'"
+                ),
+                {
+                    "now": now,
+                    "first_check": first_check,
+                    "ids": [r.id for r in rows],
+                    "pmids": [outcomes[r.id].provider_message_id for r in rows],
+                    "providers": [r.provider for r in rows],
+                    "natives": [outcomes[r.id].native_fallback for r in rows],
+                    "warnings": [_warnings_json(outcomes[r.id]) for r in rows],
+                },
+            )
+        else:
+            # Core table, not the ORM entity: an executemany UPDATE keyed by a bound id.
+            table = cast(Table, MessageRow.__table__)
+            s.execute(
+                update(table)
+                .where(table.c.id == bindparam("b_id"), table.c.status == S.SENDING)
+                .values(
+                    status=S.SENT,
+                    provider=bindparam("b_provider"),
+                    provider_message_id=bindparam("b_pmid"),
+                    sent_at=now,
+                    updated_at=now,
+                    attempts=table.c.attempts + 1,
+                    provider_attempts=table.c.provider_attempts + 1,
+                    next_check_at=first_check,
+                    check_count=0,
+                    lease_until=None,
+                    outcome_unknown=False,
+                    native_fallback=bindparam("b_native"),
+                    warnings=bindparam("b_warnings"),
+                    error_code=None,
+                    error_message=None,
+                ),
+                [
+                    {
+                        "b_id": r.id,
+                        "b_provider": r.provider,
+                        "b_pmid": outcomes[r.id].provider_message_id,
+                        "b_native": outcomes[r.id].native_fallback,
+                        "b_warnings": _warnings_list(outcomes[r.id]),
+                    }
+                    for r in rows
+                ],
+            )
+        _insert_attempts(rt, s, _attempt_rows(rows, rows[0].provider, "accepted", now, latency_ms=latency_ms))
+
+
+def _warnings_list(outcome: SendOutcome) -> list[dict[str, Any]] | None:
+    if not outcome.warnings:
+        return None
+    return [{"code": w.code, "message": w.message, "details": dict(w.details)} for w in outcome.warnings]
+
+
+def _warnings_json(outcome: SendOutcome) -> str | None:
+    warnings = _warnings_list(outcome)
+    return None if warnings is None else json.dumps(warnings, ensure_ascii=False)
+
+
+def _insert_attempts(rt: Runtime, s: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    if rt.store.is_postgres:
+        cols = list(rows[0])
+        raw = s.connection().connection.driver_connection
+        with raw.cursor() as cur, cur.copy(f"COPY kmsg_attempts ({', '.join(cols)}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(tuple(r[c] for c in cols))
+    else:
+        s.execute(insert(Attempt), rows)
+
+
+def _bulk_transition(rt: Runtime, rows: Sequence[_Row], target: MessageStatus, now: datetime, **values: Any) -> None:
+    if rows:
+        rt.store.transition([r.id for r in rows], target, now=now, expect=[S.SENDING], **values)
+
+
+def _apply_errors(
+    rt: Runtime,
+    batch_id: str,
+    chunk: int,
+    failures: list[tuple[_Row, ProviderError]],
+    now: datetime,
+    whole_request: bool,
+    result: ChunkResult,
+) -> None:
+    """Decide per recipient: retry, fail over, reconcile or fail; group the writes by decision."""
+    by_action: dict[Action, list[tuple[_Row, ProviderError, float]]] = defaultdict(list)
+    for row, error in failures:
+        decision = decide(
+            error,
+            provider_attempts=row.provider_attempts + 1,
+            age_seconds=(now - row.created_at).total_seconds(),
+            has_next_provider=row.route_index + 1 < len(row.route),
+            policy=rt.settings.retry,
+        )
+        action = decision.action
+        if action is Action.RECONCILE and not rt.provider(row.provider).capabilities.lookup_by_reference:
+            action = Action.FAIL
+            error = ProviderTimeout(str(error), provider=error.provider, code=ErrorCode.OUTCOME_UNKNOWN)
+        by_action[action].append((row, error, decision.delay))
+    attempts: list[dict[str, Any]] = []
+    for action, items in by_action.items():
+        for row, error, _ in items:
+            attempts.extend(
+                _attempt_rows(
+                    [row],
+                    row.provider,
+                    {Action.RECONCILE: "timeout", Action.RETRY: "retryable"}.get(
+                        action, "retryable" if error.retryable else "rejected"
+                    ),
+                    now,
+                    error_code=error.code.value,
+                    provider_code=error.provider_code,
+                    http_status=error.status_code,
+                    detail=str(error)[:500],
+                )
+            )
+    with rt.store.sessions.begin() as s:
+        _insert_attempts(rt, s, attempts)
+    republish_delay: float | None = None
+    for action, items in by_action.items():
+        for row, error, delay in items:
+            common: dict[str, Any] = {
+                "attempts": row.attempts + 1,
+                "error_code": error.code.value,
+                "error_message": str(error)[:1000],
+            }
+            if action in (Action.RETRY, Action.RECONCILE):
+                wait = 2.0 if action is Action.RECONCILE else delay
+                # A whole-request failure re-runs the chunk (one request again); a partial one is
+                # left to the sweep, which sends just those recipients on their own.
+                rt.store.transition(
+                    row.id,
+                    S.RETRYING,
+                    now=now,
+                    expect=[S.SENDING],
+                    provider_attempts=row.provider_attempts + 1,
+                    next_attempt_at=now + timedelta(seconds=wait),
+                    retry_task_published=whole_request,
+                    outcome_unknown=action is Action.RECONCILE,
+                    lease_until=None,
+                    **common,
+                )
+                result.retrying += 1
+                if whole_request:
+                    republish_delay = max(republish_delay or 0.0, wait)
+            elif action is Action.FAILOVER:
+                rt.store.transition(
+                    row.id,
+                    S.QUEUED,
+                    now=now,
+                    expect=[S.SENDING],
+                    route_index=row.route_index + 1,
+                    provider_attempts=0,
+                    queued_at=now,
+                    lease_until=None,
+                    **common,
+                )
+                result.failed_over += 1
+                republish_delay = republish_delay if republish_delay is not None else 0.0
+            else:
+                status = S.UNKNOWN if error.code is ErrorCode.OUTCOME_UNKNOWN else S.FAILED
+                rt.store.transition(row.id, status, now=now, expect=[S.SENDING], provider=row.provider, **common)
+                if status is S.UNKNOWN:
+                    result.unknown += 1
+                else:
+                    result.failed += 1
+    if republish_delay is not None:
+        delay = min(republish_delay, rt.settings.retry.max_countdown)
+        rt.dispatcher.chunk(batch_id, [chunk], countdown=delay or None)
+
+
+def _reconcile_rows(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkResult) -> list[_Row]:
+    """Rows whose last request timed out: ask the provider first; return those it never got."""
+    unknown = [r for r in rows if r.outcome_unknown]
+    if not unknown:
+        return rows
+    provider = rt.provider(unknown[0].provider)
+    try:
+        found = provider.lookup([r.id for r in unknown])
+    except ProviderError:
+        found = None
+    if found is None:
+        # Cannot tell yet: give them back for a later attempt instead of risking a duplicate.
+        _bulk_transition(rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), lease_until=None)
+        result.retrying += len(unknown)
+        return [r for r in rows if not r.outcome_unknown]
+    hits = [r for r in unknown if r.id in found]
+    _record_sent(rt, hits, found, now, latency_ms=0.0)
+    result.sent += len(hits)
+    return [r for r in rows if not r.outcome_unknown or r.id not in found]
+
+
+def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
+    """Claim and send one chunk of a batch (the body of ``kmsg.send_chunk``)."""
+    now = rt.now()
+    rows = _claim_chunk(rt, batch_id, chunk, now)
+    result = ChunkResult(claimed=len(rows))
+    if not rows:
+        return result
+    poison = [r for r in rows if r.deliveries > rt.settings.max_deliveries]
+    if poison:
+        _bulk_transition(
+            rt, poison, S.DEAD, now, error_code=ErrorCode.POISON_MESSAGE.value, error_message="claimed too often"
+        )
+        result.dead = len(poison)
+        rows = [r for r in rows if r.deliveries <= rt.settings.max_deliveries]
+    by_provider: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_provider[row.provider].append(row)
+    for name, group in by_provider.items():
+        provider = rt.provider(name)
+        group = _reconcile_rows(rt, group, now, result)
+        limit = provider.batch_limit
+        for start in range(0, len(group), limit):
+            piece = group[start : start + limit]
+            messages = [Message.from_content(r.content) for r in piece]
+            started = time.perf_counter()
+            try:
+                outcomes = provider.send_batch(messages)
+                whole = False
+            except ProviderError as exc:
+                outcomes = [SendOutcome(m.id, False, error=exc) for m in messages]
+                whole = True
+            result.requests += 1
+            latency_ms = (time.perf_counter() - started) * 1000
+            now = rt.now()
+            by_id = {o.message_id: o for o in outcomes}
+            accepted = [r for r in piece if by_id[r.id].accepted]
+            _record_sent(rt, accepted, by_id, now, latency_ms)
+            result.sent += len(accepted)
+            failures = [
+                (r, by_id[r.id].error or ProviderRejected("refused without a reason", provider=name))
+                for r in piece
+                if not by_id[r.id].accepted
+            ]
+            if failures:
+                _apply_errors(rt, batch_id, chunk, failures, now, whole and not accepted, result)
+    log.info(
+        "batch.chunk_sent",
+        batch_id=batch_id,
+        chunk=chunk,
+        claimed=result.claimed,
+        sent=result.sent,
+        retrying=result.retrying,
+        failed=result.failed,
+        requests=result.requests,
+    )
+    return result
+
+
+# -- control and reporting --------------------------------------------------------------------------
+
+
+def cancel_batch(rt: Runtime, batch_id: str) -> int:
+    """Cancel every message of a batch that was not dispatched yet; returns how many."""
+    now = rt.now()
+    with rt.store.sessions.begin() as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None:
+            raise MessageNotFoundError(f"no batch with id {batch_id!r}")
+        result: Any = s.execute(
+            update(MessageRow)
+            .where(
+                MessageRow.batch_id == batch_id,
+                MessageRow.status.in_([S.SCHEDULED, S.QUEUED, S.RETRYING]),
+            )
+            .values(status=S.CANCELLED, updated_at=now, final_at=now, error_code="CANCELLED")
+            .execution_options(synchronize_session=False)
+        )
+        changed = result.rowcount
+        batch.status = "cancelled"
+        batch.cancelled_at = now
+    log.info("batch.cancelled", batch_id=batch_id, cancelled=int(changed or 0))
+    return int(changed or 0)
+
+
+@dataclass
+class BatchSummary:
+    """The standard bulk result summary (numbers come from the database)."""
+
+    batch_id: str
+    status: str
+    total: int
+    invalid: int
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_provider: dict[str, int] = field(default_factory=dict)
+    by_type: dict[str, int] = field(default_factory=dict)
+    by_error_code: dict[str, int] = field(default_factory=dict)
+    cost_estimate_krw: float = 0.0
+    created_at: datetime | None = None
+    first_sent_at: datetime | None = None
+    last_sent_at: datetime | None = None
+    finished_at: datetime | None = None
+    throughput_per_s: float | None = None
+    cancelled_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """Every message reached ``sent`` or a final state."""
+        pending = sum(self.by_status.get(s.value, 0) for s in (S.SCHEDULED, S.QUEUED, S.SENDING, S.RETRYING))
+        return pending == 0
+
+
+def batch_summary(rt: Runtime, batch_id: str) -> BatchSummary:
+    """Compute the summary of ``batch_id`` from the message rows."""
+    with rt.store.sessions() as s:
+        batch = s.get(Batch, batch_id)
+        if batch is None:
+            raise MessageNotFoundError(f"no batch with id {batch_id!r}")
+        where = MessageRow.batch_id == batch_id
+
+        def grouped(col: Any) -> dict[str, int]:
+            return {str(k): int(n) for k, n in s.execute(select(col, func.count()).where(where).group_by(col)) if k}
+
+        by_status = grouped(MessageRow.status)
+        by_type = grouped(MessageRow.type)
+        by_provider = grouped(MessageRow.provider)
+        by_error = grouped(MessageRow.error_code)
+        first_sent, last_sent, last_final = s.execute(
+            select(func.min(MessageRow.sent_at), func.max(MessageRow.sent_at), func.max(MessageRow.final_at)).where(
+                where
+            )
+        ).one()
+        billed = {
+            str(t): int(n)
+            for t, n in s.execute(
+                select(MessageRow.type, func.count())
+                .where(where, MessageRow.sent_at.is_not(None))
+                .group_by(MessageRow.type)
+            )
+        }
+    from kmsg_worker.storage.models import UTCDateTime
+
+    conv = UTCDateTime()
+    first_sent = conv.process_result_value(first_sent, rt.engine.dialect) if isinstance(first_sent, datetime) else None
+    last_sent = conv.process_result_value(last_sent, rt.engine.dialect) if isinstance(last_sent, datetime) else None
+    last_final = conv.process_result_value(last_final, rt.engine.dialect) if isinstance(last_final, datetime) else None
+    summary = BatchSummary(
+        batch_id=batch_id,
+        status=batch.status,
+        total=batch.total,
+        invalid=batch.invalid,
+        by_status=by_status,
+        by_provider=by_provider,
+        by_type=by_type,
+        by_error_code=by_error,
+        cost_estimate_krw=round(sum(UNIT_PRICE_KRW.get(t, 0.0) * n for t, n in billed.items()), 1),
+        created_at=batch.created_at,
+        first_sent_at=first_sent,
+        last_sent_at=last_sent,
+        cancelled_at=batch.cancelled_at,
+    )
+    final_count = sum(n for st, n in by_status.items() if MessageStatus(st) in FINAL)
+    if final_count == summary.total and last_final is not None:
+        summary.finished_at = last_final
+    sent = sum(billed.values())
+    if sent and last_sent is not None and batch.created_at is not None:
+        span = (last_sent - batch.created_at).total_seconds()
+        summary.throughput_per_s = round(sent / span, 1) if span > 0 else None
+    return summary

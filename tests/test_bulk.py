@@ -1,0 +1,238 @@
+"""Bulk intake and chunk processing on SQLite and PostgreSQL (recording dispatcher, mock provider)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kmsg_worker.bulk import _Template, process_chunk
+from kmsg_worker.errors import BatchValidationError
+from kmsg_worker.message import normalize
+from kmsg_worker.producer import KMsg
+from kmsg_worker.providers.mock import MockProvider
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.sweeps import sweep
+from tests.conftest import RecordingDispatcher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(runtime: Runtime) -> Clock:
+    c = Clock()
+    runtime.now = c
+    return c
+
+
+@pytest.fixture
+def kmsg(runtime: Runtime) -> KMsg:
+    return KMsg(runtime=runtime)
+
+
+def mock(rt: Runtime) -> MockProvider:
+    provider = rt.provider("mock")
+    assert isinstance(provider, MockProvider)
+    return provider
+
+
+def recipients(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"to": f"010{start + i:08d}", "variables": {"name": f"고객{i}"}} for i in range(n)]
+
+
+DEFAULTS = {"text": "#{name}님, 겨울 세일 쿠폰이 도착했습니다", "sender": "0212345678"}
+
+
+def run_all_chunks(rt: Runtime, dispatcher: RecordingDispatcher) -> None:
+    for batch_id, chunk, _ in list(dispatcher.chunks):
+        process_chunk(rt, batch_id, chunk)
+
+
+def test_batch_is_stored_in_chunks_and_each_chunk_is_one_request(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    # Given 2,500 recipients and chunks of 1,000
+    receipt = kmsg.send_many(recipients(2500), defaults=DEFAULTS, chunk_size=1000)
+    # Then three chunk tasks carrying (batch_id, chunk) only were published, and no single sends
+    assert sorted(c for _, c, _ in dispatcher.chunks) == [0, 1, 2]
+    assert dispatcher.sends == []
+    assert runtime.store.count_by_status() == {"queued": 2500}
+    # When every chunk runs
+    run_all_chunks(runtime, dispatcher)
+    # Then each chunk was one provider request and every recipient was accepted once
+    assert mock(runtime).requests == 3
+    assert runtime.store.count_by_status() == {"sent": 2500}
+    summary = kmsg.batch_summary(receipt.batch_id)
+    assert summary.total == 2500 and summary.by_status == {"sent": 2500}
+    assert summary.by_provider == {"mock": 2500} and summary.by_type == {"SMS": 2500}
+    assert summary.cost_estimate_krw == pytest.approx(2500 * 9.9)
+    assert summary.done
+
+
+def test_fast_path_builds_exactly_what_normalize_builds(runtime: Runtime) -> None:
+    now = datetime.now(UTC)
+    defaults = {"text": "#{name}님 " + "가" * 40, "sender": "02-1234-5678", "priority": "bulk"}
+    template = _Template(runtime, defaults, now)
+    assert template.ok
+    for item in [
+        {"to": "010-1111-2222", "variables": {"name": "김"}},
+        {"to": "01033334444", "variables": {"name": "남궁" * 5}},  # crosses 90 bytes: LMS
+        {"to": "+82 10 5555 6666", "variables": {"name": 7}, "custom_fields": {"order": 1}},
+    ]:
+        fast = template.build({**item, "id": "x1"})
+        full = normalize({**defaults, **item, "id": "x1"}, now=now).content()
+        assert fast == full
+
+
+def test_invalid_rows_reject_the_batch_or_are_skipped(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher
+) -> None:
+    rows = recipients(10)
+    rows[3] = {"to": "12"}
+    rows[7] = {"to": "01012345678", "variables": "oops"}
+    with pytest.raises(BatchValidationError) as info:
+        kmsg.send_many(rows, defaults=DEFAULTS)
+    assert [(e.row, e.field) for e in info.value.errors] == [(4, "to"), (8, "variables")]
+    assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
+    receipt = kmsg.send_many(rows, defaults=DEFAULTS, on_invalid="skip")
+    assert len(receipt.message_ids) == 8
+    assert [(e.row, e.rule) for e in receipt.invalid] == [(4, "phone_format"), (8, "type")]
+    assert kmsg.batch_summary(receipt.batch_id).invalid == 2
+
+
+def test_partial_failure_retries_only_the_failed_recipients(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    rows: list[dict[str, Any]] = recipients(6)
+    rows[1]["provider_options"] = {"mock": {"fail_times": 1}}
+    rows[4]["provider_options"] = {"mock": {"script": [{"outcome": "failure", "code": "INVALID_RECIPIENT"}]}}
+    receipt = kmsg.send_many(rows, defaults=DEFAULTS)
+    run_all_chunks(runtime, dispatcher)
+    ids = receipt.message_ids
+    assert runtime.store.count_by_status() == {"sent": 4, "retrying": 1, "failed": 1}
+    # the failed recipient is retried on its own by the sweep; the others are never sent again
+    clock.advance(700)
+    report = sweep(runtime)
+    assert report.retries == 1
+    assert dispatcher.ids == [ids[1]]
+    from kmsg_worker.pipeline import deliver
+
+    assert deliver(runtime, ids[1]).action == "sent"
+    provider = mock(runtime)
+    assert [provider.calls_for(m) for m in ids] == [1, 2, 1, 1, 1, 1]
+    assert runtime.store.count_by_status() == {"sent": 5, "failed": 1}
+    assert kmsg.batch_summary(receipt.batch_id).by_error_code == {"INVALID_RECIPIENT": 1}
+
+
+def test_a_chunk_run_twice_sends_nothing_twice(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    receipt = kmsg.send_many(recipients(50), defaults=DEFAULTS)
+    run_all_chunks(runtime, dispatcher)
+    run_all_chunks(runtime, dispatcher)
+    assert mock(runtime).requests == 1
+    assert all(mock(runtime).calls_for(m) == 1 for m in receipt.message_ids)
+
+
+def test_whole_request_failure_re_runs_the_chunk(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker.errors import ProviderTransientError
+
+    receipt = kmsg.send_many(recipients(20), defaults=DEFAULTS)
+    provider = mock(runtime)
+    original = provider._send_batch
+    state = {"fail": True}
+
+    def flaky(messages: Any) -> Any:
+        if state["fail"]:
+            raise ProviderTransientError("503", provider="mock", status_code=503)
+        return original(messages)
+
+    monkeypatch.setattr(provider, "_send_batch", flaky)
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"retrying": 20}
+    republished = dispatcher.chunks[-1]
+    assert republished[0] == receipt.batch_id and republished[2] is not None and republished[2] > 0
+    state["fail"] = False
+    clock.advance(republished[2] or 0)
+    process_chunk(runtime, receipt.batch_id, republished[1])
+    assert runtime.store.count_by_status() == {"sent": 20}
+
+
+def test_cancel_stops_pending_chunks_and_keeps_what_was_sent(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    receipt = kmsg.send_many(recipients(300), defaults=DEFAULTS, chunk_size=100)
+    batch_id, first, _ = dispatcher.chunks[0]
+    process_chunk(runtime, batch_id, first)
+    summary = kmsg.cancel_batch(receipt.batch_id)
+    assert summary.status == "cancelled" and summary.cancelled_at is not None
+    assert summary.by_status == {"sent": 100, "cancelled": 200}
+    run_all_chunks(runtime, dispatcher)
+    assert mock(runtime).requests == 1
+
+
+def test_summary_matches_the_database(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    rows = recipients(40)
+    for row in rows[:5]:
+        row["provider_options"] = {"mock": {"script": [{"outcome": "failure", "code": "RECIPIENT_BLOCKED"}]}}
+    receipt = kmsg.send_many(rows, defaults={**DEFAULTS, "text": "#{name} " + "a" * 100})  # LMS
+    run_all_chunks(runtime, dispatcher)
+    summary = kmsg.batch_summary(receipt.batch_id)
+    with runtime.store.sessions() as s:
+        rows_db = s.query(MessageRow).filter(MessageRow.batch_id == receipt.batch_id).all()
+    assert summary.total == len(rows_db) == 40
+    assert summary.by_status == {"sent": 35, "failed": 5}
+    assert summary.by_error_code == {"RECIPIENT_BLOCKED": 5}
+    assert summary.by_type == {"LMS": 40}
+    assert summary.cost_estimate_krw == pytest.approx(35 * 30.0)
+    assert summary.first_sent_at is not None and summary.last_sent_at is not None
+
+
+def test_scheduled_batch_waits_then_publishes_its_chunks(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    at = clock.now + timedelta(days=30)
+    receipt = kmsg.send_many(recipients(30), defaults={**DEFAULTS, "scheduled_at": at})
+    assert dispatcher.chunks == [] or all(True for _ in dispatcher.chunks)
+    assert runtime.store.count_by_status() == {"scheduled": 30}
+    dispatcher.chunks.clear()
+    clock.advance(30 * 86400 + 1)
+    assert sweep(runtime).scheduled == 1
+    assert dispatcher.chunks == [(receipt.batch_id, 0, None)]
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"sent": 30}
+
+
+def test_lost_chunk_tasks_are_re_published(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    receipt = kmsg.send_many(recipients(30), defaults=DEFAULTS, chunk_size=10)
+    dispatcher.chunks.clear()  # the broker lost them
+    clock.advance(runtime.settings.stale_queued_seconds + 1)
+    sweep(runtime)
+    assert sorted(c for b, c, _ in dispatcher.chunks if b == receipt.batch_id) == [0, 1, 2]
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"sent": 30}
+
+
+def test_batch_idempotency(kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher) -> None:
+    first = kmsg.send_many(recipients(10), defaults=DEFAULTS, idempotency_key="campaign-1")
+    again = kmsg.send_many(recipients(10), defaults=DEFAULTS, idempotency_key="campaign-1")
+    assert again.duplicate and again.batch_id == first.batch_id
+    assert sorted(again.message_ids) == sorted(first.message_ids)
+    assert sum(runtime.store.count_by_status().values()) == 10
