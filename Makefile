@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 QUEUES  = kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format typecheck all worker beat flower bench bench-long migrate fake-providers clean
+.PHONY: install demo test test-fast lint format typecheck all worker beat flower metrics doctor report bench bench-long migrate fake-providers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ beat: install
 
 flower: install
 	$(BIN)/celery -A config.celery flower --port=5555 --address=127.0.0.1
+
+metrics: install  ## Prometheus /metrics of every worker on this host + queue/backlog gauges (docs/OPERATIONS.md)
+	$(BIN)/kmsg metrics-server --port 9808
+
+doctor: install  ## broker, database, migrations, beat, consumption, provider probes, clock; exit 1 on failure
+	$(BIN)/kmsg doctor
+
+report: install  ## last 24 h by provider and type: delivery rate, p50/p95, failovers, errors, cost; HTML chart
+	$(BIN)/kmsg report
 
 migrate: install
 	$(BIN)/kmsg migrate

@@ -11,10 +11,15 @@ __all__ = ["beat_schedule"]
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Periodic tasks: the maintenance sweep and the delivery-status sweep."""
+    """Periodic tasks: the maintenance sweep, the delivery-status sweep and the scheduled-send dispatch.
+
+    Scheduled sends get their own entry, every ``KMSG_SCHEDULE_INTERVAL_SECONDS`` (1 s): with only
+    the 5 s maintenance sweep a scheduled message would leave up to 5 s late (``bench/schedule_latency.py``).
+    Each run is one probe of a partial index when nothing is due, so a short period is cheap.
+    """
     every = settings.sweep_interval
     # A sweep that has not started before the next one is due is useless: expire it.
-    return {
+    schedule: dict[str, Any] = {
         "kmsg-maintenance-sweep": {
             "task": TASK_NAMES["sweep"],
             "schedule": every,
@@ -26,3 +31,11 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "options": {"queue": QUEUES["poll"], "expires": every * 2},
         },
     }
+    if settings.schedule_interval < every:
+        tick = settings.schedule_interval
+        schedule["kmsg-dispatch-scheduled"] = {
+            "task": TASK_NAMES["schedule"],
+            "schedule": tick,
+            "options": {"queue": QUEUES["maintenance"], "expires": tick * 2},
+        }
+    return schedule

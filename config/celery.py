@@ -18,9 +18,15 @@ __all__ = ["app", "dispatcher", "settings"]
 settings = Settings.from_env()
 settings.var_dir.mkdir(parents=True, exist_ok=True)
 
-app = Celery("kmsg", include=["tasks.send", "tasks.bulk", "tasks.tracking", "tasks.maintenance", "tasks.signals"])
+app = Celery(
+    "kmsg",
+    include=["tasks.send", "tasks.bulk", "tasks.tracking", "tasks.scheduling", "tasks.maintenance", "tasks.signals"],
+)
 app.config_from_object(build_config(settings))
 app.conf.beat_schedule = beat_schedule(settings)
+
+# Publish hook (correlation header) in every publishing process; metrics hooks in workers.
+import config.observability  # noqa: E402, F401
 
 
 def dispatcher() -> CeleryDispatcher:

@@ -32,6 +32,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {}
     if settings.broker_url.startswith(("redis", "rediss", "sentinel")):
         transport = {"visibility_timeout": vt, "health_check_interval": 25}
+        if settings.broker_key_prefix:
+            transport["global_keyprefix"] = settings.broker_key_prefix
     elif settings.broker_url.startswith("filesystem"):
         folder = settings.var_dir / "broker"
         for sub in ("queue", "processed", "control"):
@@ -48,7 +50,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.1,
         }
     # kombu's SQLAlchemy transport hands every transport option to create_engine(): give it none.
-    hard_limit = min(300, vt // 2)
+    # The hard time limit is shorter than the message lease: a worker that stalls mid-call (frozen,
+    # swapping) is killed by its parent before the lease expires, so no other worker can re-send a
+    # message the stalled one might still send. Both stay far below the visibility timeout (B1, B2).
+    hard_limit = max(5, min(int(settings.lease_seconds * 0.75), vt // 2))
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,
@@ -73,7 +78,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Our logs are already structured JSON on stderr; do not re-wrap them as WARNING lines.
         "worker_redirect_stdouts": False,
         "task_time_limit": hard_limit,
-        "task_soft_time_limit": hard_limit - 30,
+        "task_soft_time_limit": max(3, int(hard_limit * 0.8)),
         "task_default_queue": QUEUES["send"],
         "task_queues": [Queue(name) for name in QUEUES.values()],
         "task_routes": {
@@ -81,6 +86,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
             TASK_NAMES["chunk"]: {"queue": QUEUES["bulk"]},
             TASK_NAMES["poll"]: {"queue": QUEUES["poll"]},
             TASK_NAMES["sweep"]: {"queue": QUEUES["maintenance"]},
+            TASK_NAMES["schedule"]: {"queue": QUEUES["maintenance"]},
         },
         # Publishing itself retries briefly; a broker outage longer than this is covered by the
         # stale-queued sweep (the row was committed before we published).

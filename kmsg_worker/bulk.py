@@ -46,6 +46,9 @@ from kmsg_worker.message import (
     _check_text,
     _infer_type,
     _stringify,
+    _variables,
+    check_message_id,
+    check_storable,
     interpolate,
     normalize,
     normalize_phone,
@@ -54,9 +57,19 @@ from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
+from kmsg_worker.storage.db import json_dumps
 from kmsg_worker.storage.models import Attempt, Batch, IdempotencyKey, MessageRow
 
-__all__ = ["BatchSummary", "ChunkResult", "batch_summary", "cancel_batch", "intake", "process_chunk"]
+__all__ = [
+    "BatchSummary",
+    "ChunkResult",
+    "LeaseReport",
+    "batch_summary",
+    "cancel_batch",
+    "intake",
+    "process_chunk",
+    "reconcile_expired",
+]
 
 S = MessageStatus
 log = get_logger("kmsg.bulk")
@@ -65,6 +78,8 @@ log = get_logger("kmsg.bulk")
 SLICE = 10_000
 #: Keys a row may carry and still use the template fast path.
 _FAST_KEYS = frozenset({"to", "variables", "id", "custom_fields"})
+#: Names a caller's message id may be given under.
+_ID_KEYS = ("id", "message_id", "messageId")
 _MAX_REPORTED_ERRORS = 1000
 #: Estimated unit prices in KRW (list prices vary by contract: an estimate, not an invoice).
 UNIT_PRICE_KRW: dict[str, float] = {
@@ -126,11 +141,17 @@ class _Template:
             self.message = normalize(
                 probe, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
             )
+            # The same checks as normalize (a mapping, string keys, scalar values, storable text).
+            self.base_vars = _variables(self.defaults, rt.settings.limits)
+            check_storable(self.base_vars, "variables")
         except ValidationError:
             # Some field is only valid per row (e.g. text given per row): no fast path.
             self.ok = False
             return
-        self.base_vars = {k: _stringify(v) for k, v in (self.defaults.get("variables") or {}).items()}
+        if any(self.defaults.get(k) is not None for k in _ID_KEYS):
+            # One id for every row: each row goes through normalize and repeats are reported.
+            self.ok = False
+            return
         self.content = self.message.content()
         self.limits = rt.settings.limits
 
@@ -138,15 +159,11 @@ class _Template:
         """Content for one row; same result as :func:`normalize` on the merged mapping."""
         to = normalize_phone(item.get("to"), "to")
         variables = self.base_vars
-        raw_vars = item.get("variables")
-        if raw_vars:
-            if not isinstance(raw_vars, Mapping):
-                raise ValidationError("variables", "type", f"must be a mapping, got {type(raw_vars).__name__}")
-            variables = dict(self.base_vars)
-            for key, value in raw_vars.items():
-                if isinstance(value, (Mapping, list, tuple, set, bytes)):
-                    raise ValidationError(f"variables.{key}", "type", "must be a string, number, bool, date or null")
-                variables[str(key)] = _stringify(value)
+        if item.get("variables") is not None:
+            row_vars = _variables(item, self.limits)
+            check_storable(row_vars, "variables")
+            if row_vars:
+                variables = {**self.base_vars, **row_vars}
         msg = self.message
         text_value = msg.text
         if isinstance(self.raw_text, str):
@@ -156,16 +173,20 @@ class _Template:
             mtype = _infer_type(text_value, msg.subject, msg.media, self.limits)
         if mtype in TEXT_TYPES or text_value is not None:
             _check_text(mtype, text_value, msg.subject, self.limits)
-        row_id = item.get("id") or uuid.uuid4().hex
-        if not isinstance(row_id, str):
-            raise ValidationError("id", "format", "must be a string")
+        row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, text=text_value, variables=variables, type=mtype.value)
         custom = item.get("custom_fields")
-        if custom:
+        if custom is not None:
             if not isinstance(custom, Mapping):
                 raise ValidationError("custom_fields", "type", "must be a mapping")
-            content["custom_fields"] = {**msg.custom_fields, **{str(k): _stringify(v) for k, v in custom.items()}}
+            extra: dict[str, str] = {}
+            for key, value in custom.items():
+                if not isinstance(key, str):
+                    raise ValidationError("custom_fields", "type", "keys must be strings")
+                extra[key] = _stringify(value, f"custom_fields.{key}")
+            check_storable(extra, "custom_fields")
+            content["custom_fields"] = {**msg.custom_fields, **extra}
         return content
 
 
@@ -175,6 +196,9 @@ class _Chunk:
     route: list[str]
     limit: int
     size: int = 0
+    #: Holds a row to send now. A chunk of only scheduled rows is not published at intake: the
+    #: schedule dispatch publishes it when its time comes (``sweeps.dispatch_scheduled``).
+    due: bool = False
 
 
 class _Chunker:
@@ -192,7 +216,7 @@ class _Chunker:
         key = (str(content["type"]), content.get("provider_id"))
         current = self.open.get(key)
         if current is None or current.size >= current.limit:
-            if current is not None:
+            if current is not None and current.due:
                 self.ready.append(current.number)
             message = Message.from_content(content)
             route = self.rt.router.route(message)
@@ -204,38 +228,130 @@ class _Chunker:
         return current
 
     def close_all(self) -> None:
-        self.ready.extend(c.number for c in self.open.values() if c.size)
+        self.ready.extend(c.number for c in self.open.values() if c.size and c.due)
         self.open.clear()
 
 
 def _iter_rows(
-    rt: Runtime, messages: Iterable[Mapping[str, Any]], defaults: Mapping[str, Any], now: datetime
+    rt: Runtime,
+    messages: Iterable[Mapping[str, Any]],
+    defaults: Mapping[str, Any],
+    now: datetime,
+    explicit: set[str] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Validate rows one by one, like :meth:`KMsg.send` would, including routing.
+
+    Ids the caller gave are collected in ``explicit``; a repeated one is an invalid row (ids are
+    primary keys: the write would fail for the whole slice).
+    """
     template = _Template(rt, defaults, now)
     base = dict(defaults)
     base.setdefault("priority", "bulk")
+    explicit = set() if explicit is None else explicit
+    default_id = any(base.get(k) is not None for k in _ID_KEYS)
+    # Routing errors (unknown provider_id, no provider for the type) per (type, provider_id).
+    routable: dict[tuple[str, Any], ValidationError | None] = {}
     for index, item in enumerate(messages, start=1):
         try:
             if not isinstance(item, Mapping):
                 raise ValidationError("row", "type", f"must be a mapping, got {type(item).__name__}")
             if template.ok and item.keys() <= _FAST_KEYS:
-                yield index, template.build(item)
+                content = template.build(item)
             else:
                 merged = {**base, **item}
-                yield (
-                    index,
-                    normalize(
-                        merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
-                    ).content(),
-                )
+                content = normalize(
+                    merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+                ).content()
+            key = (content["type"], content.get("provider_id"))
+            if key not in routable:
+                try:
+                    rt.router.route(Message.from_content(content))
+                    routable[key] = None
+                except ValidationError as exc:
+                    routable[key] = exc
+            route_error = routable[key]
+            if route_error is not None:
+                raise route_error
+            if default_id or any(item.get(k) is not None for k in _ID_KEYS):
+                if content["id"] in explicit:
+                    raise ValidationError("id", "duplicate", "the same id is given to another row of this batch")
+                explicit.add(content["id"])
+            yield index, content
         except ValidationError as exc:
             yield index, RowError(index, exc.field, exc.rule, exc.detail)
+
+
+def _defaults_digest(defaults: Mapping[str, Any]) -> Any:
+    """Start of the batch's request hash (idempotency), over the shared fields."""
+    try:
+        text = json.dumps(defaults, sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        # Mixed key types or a 5,000-digit number somewhere (rows built from it are invalid): the
+        # validated rows are still folded into the hash by _hash_rows.
+        text = "<defaults that are not JSON>"
+    return hashlib.sha256(text.encode())
+
+
+def _check_defaults(defaults: Mapping[str, Any] | None) -> None:
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise ValidationError("defaults", "type", f"must be a mapping, got {type(defaults).__name__}")
+    for key in defaults or {}:
+        if not isinstance(key, str):
+            raise ValidationError(repr(key), "unknown_field", "field names must be strings")
+
+
+def _all_valid(
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
+) -> list[tuple[int, dict[str, Any] | RowError]]:
+    """Materialise the rows, or raise :class:`BatchValidationError` listing the invalid ones."""
+    materialised = list(rows)
+    bad = [r for _, r in materialised if isinstance(r, RowError)]
+    if bad:
+        raise BatchValidationError(bad[:_MAX_REPORTED_ERRORS])
+    return materialised
+
+
+def _against_stored_ids(
+    rt: Runtime, rows: Iterable[tuple[int, dict[str, Any] | RowError]], explicit: set[str], on_invalid: str
+) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
+    if on_invalid == "skip":
+        return _without_stored_ids(rt, rows, explicit)
+    if explicit:  # "reject": every row is validated by now, so the given ids are all known
+        return _all_valid(_without_stored_ids(rt, rows, explicit))
+    return rows
+
+
+def _without_stored_ids(
+    rt: Runtime, rows: Iterable[tuple[int, dict[str, Any] | RowError]], explicit: set[str], size: int = 1000
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Turn rows whose caller-given id is already stored into invalid rows (one query per ``size`` rows)."""
+    buffer: list[tuple[int, dict[str, Any] | RowError]] = []
+
+    def drain() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+        wanted = [r["id"] for _, r in buffer if isinstance(r, dict) and r["id"] in explicit]
+        taken: set[str] = set()
+        if wanted:
+            with rt.store.sessions() as s:
+                taken = set(s.scalars(select(MessageRow.id).where(MessageRow.id.in_(wanted))))
+        for index, row in buffer:
+            if isinstance(row, dict) and row["id"] in taken:
+                yield index, RowError(index, "id", "duplicate", "a message with this id already exists")
+            else:
+                yield index, row
+        buffer.clear()
+
+    for item in rows:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield from drain()
+    yield from drain()
 
 
 def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime) -> dict[str, Any]:
     scheduled_raw = content.get("scheduled_at")
     scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
     waiting = scheduled is not None and scheduled > now
+    chunk.due |= not waiting
     return {
         "id": content["id"],
         "tenant": content.get("tenant") or "default",
@@ -262,6 +378,36 @@ def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime
     }
 
 
+def _copy_text(value: Any) -> str:
+    """One value in PostgreSQL COPY text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (dict, list)):
+        value = json_dumps(value)
+    text_value = str(value)
+    # orjson never emits raw tabs or newlines; backslashes are the only characters to escape.
+    if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
+        text_value = text_value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text_value
+
+
+# Columns that differ per row come first; the rest is the same for a whole slice and is rendered once.
+_VARYING = ("id", "chunk", "type", "recipient", "route", "status", "scheduled_at", "queued_at", "content")
+
+
+def _copy_rows(cur: Any, rows: list[dict[str, Any]]) -> None:
+    constant = [c for c in _COLUMNS if c not in _VARYING]
+    tail = "\t".join(_copy_text(rows[0][c]) for c in constant)
+    cols = ", ".join((*_VARYING, *constant))
+    lines = ["\t".join(_copy_text(r[c]) for c in _VARYING) + "\t" + tail + "\n" for r in rows]
+    with cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:
+        copy.write("".join(lines))
+
+
 def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any]) -> None:
     """Write one slice of rows (and any extra ORM objects) in one transaction."""
     store = rt.store
@@ -273,15 +419,8 @@ def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any]) -> None:
             return
         if store.is_postgres:
             raw = s.connection().connection.driver_connection
-            cols = ", ".join(_COLUMNS)
-            with raw.cursor() as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:  # type: ignore[union-attr]
-                for r in rows:
-                    copy.write_row(
-                        tuple(
-                            json.dumps(r[c], ensure_ascii=False) if c in ("content", "route") else r[c]
-                            for c in _COLUMNS
-                        )
-                    )
+            with raw.cursor() as cur:  # type: ignore[union-attr]
+                _copy_rows(cur, rows)
         else:
             s.execute(insert(MessageRow), rows)
 
@@ -303,29 +442,31 @@ def intake(
     """
     if on_invalid not in ("reject", "skip"):
         raise ValidationError("on_invalid", "enum", "must be 'reject' or 'skip'")
+    _check_defaults(defaults)
     now = rt.now()
     batch_id = uuid.uuid4().hex
     defaults = dict(defaults or {})
     chunker = _Chunker(rt, chunk_size or 10_000)
     errors: list[RowError] = []
     invalid_count = 0
-    digest = hashlib.sha256(json.dumps(defaults, sort_keys=True, default=str).encode())
+    digest = _defaults_digest(defaults)
 
     # Validate everything first when the whole batch must be rejected on one bad row: nothing may
     # be written before we know. (With on_invalid="skip" rows stream straight to the database.)
-    rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(rt, messages, defaults, now)
+    explicit: set[str] = set()
+    rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(rt, messages, defaults, now, explicit)
     if on_invalid == "reject":
-        materialised = list(rows_iter)
-        bad = [r for _, r in materialised if isinstance(r, RowError)]
-        if bad:
-            raise BatchValidationError(bad[:_MAX_REPORTED_ERRORS])
-        rows_iter = materialised
+        rows_iter = _all_valid(rows_iter)
 
     if idempotency_key:
         rows_iter = _hash_rows(rows_iter, digest)
         existing = _check_batch_idempotency(rt, tenant, idempotency_key, digest.hexdigest(), now)
         if existing is not None:
             return existing[0], existing[1], [], True
+
+    # Caller-given ids already in the database (checked after the idempotency lookup, which
+    # answers a repeated batch with its original ids). Streams with "skip", as the rows do.
+    rows_iter = _against_stored_ids(rt, rows_iter, explicit, on_invalid)
 
     batch = Batch(
         id=batch_id,
@@ -519,7 +660,12 @@ def _attempt_rows(
 
 
 def _record_sent(
-    rt: Runtime, rows: Sequence[_Row], outcomes: Mapping[str, SendOutcome], now: datetime, latency_ms: float
+    rt: Runtime,
+    rows: Sequence[_Row],
+    outcomes: Mapping[str, SendOutcome],
+    now: datetime,
+    latency_ms: float,
+    attempt_outcome: str = "accepted",
 ) -> None:
     """One UPDATE for every accepted recipient, plus their attempt rows, in one transaction."""
     if not rows:
@@ -585,7 +731,7 @@ def _record_sent(
                     for r in rows
                 ],
             )
-        _insert_attempts(rt, s, _attempt_rows(rows, rows[0].provider, "accepted", now, latency_ms=latency_ms))
+        _insert_attempts(rt, s, _attempt_rows(rows, rows[0].provider, attempt_outcome, now, latency_ms=latency_ms))
 
 
 def _warnings_list(outcome: SendOutcome) -> list[dict[str, Any]] | None:
@@ -596,7 +742,7 @@ def _warnings_list(outcome: SendOutcome) -> list[dict[str, Any]] | None:
 
 def _warnings_json(outcome: SendOutcome) -> str | None:
     warnings = _warnings_list(outcome)
-    return None if warnings is None else json.dumps(warnings, ensure_ascii=False)
+    return None if warnings is None else json_dumps(warnings)
 
 
 def _insert_attempts(rt: Runtime, s: Any, rows: list[dict[str, Any]]) -> None:
@@ -664,6 +810,8 @@ def _apply_errors(
     for action, items in by_action.items():
         for row, error, delay in items:
             common: dict[str, Any] = {
+                # An outcome was recorded: this claim finished, so it does not count toward "poison".
+                "deliveries": 0,
                 "attempts": row.attempts + 1,
                 "error_code": error.code.value,
                 "error_message": str(error)[:1000],
@@ -729,7 +877,7 @@ def _reconcile_rows(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkR
         result.retrying += len(unknown)
         return [r for r in rows if not r.outcome_unknown]
     hits = [r for r in unknown if r.id in found]
-    _record_sent(rt, hits, found, now, latency_ms=0.0)
+    _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent")
     result.sent += len(hits)
     return [r for r in rows if not r.outcome_unknown or r.id not in found]
 
@@ -790,6 +938,133 @@ def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
         requests=result.requests,
     )
     return result
+
+
+# -- expired leases ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LeaseReport:
+    """What :func:`reconcile_expired` did."""
+
+    reconciled_sent: int = 0
+    requeued: int = 0
+    unknown: int = 0
+    deferred: int = 0
+
+
+def _load_sending(rt: Runtime, ids: Sequence[str]) -> list[tuple[_Row, str | None, int | None]]:
+    cols = (
+        MessageRow.id,
+        MessageRow.content,
+        MessageRow.route,
+        MessageRow.route_index,
+        MessageRow.attempts,
+        MessageRow.provider_attempts,
+        MessageRow.deliveries,
+        MessageRow.created_at,
+        MessageRow.outcome_unknown,
+        MessageRow.priority,
+    )
+    with rt.store.sessions() as s:
+        result = s.execute(
+            select(*cols, MessageRow.batch_id, MessageRow.chunk).where(
+                MessageRow.id.in_(list(ids)), MessageRow.status == S.SENDING
+            )
+        )
+        return [(_Row(*r[:10]), r[10], r[11]) for r in result]
+
+
+def reconcile_expired(rt: Runtime, ids: Sequence[str]) -> LeaseReport:
+    """Settle messages whose worker died while ``sending`` (lease expired), many at a time.
+
+    The outcome of the interrupted call is unknown, so each provider is asked once for all of its
+    messages (by our ids); a message is sent again only if the provider never got it. A provider
+    that cannot be asked leaves its messages ``unknown`` rather than risking duplicates.
+    """
+    report = LeaseReport()
+    now = rt.now()
+    loaded = _load_sending(rt, ids)
+    by_provider: dict[str, list[tuple[_Row, str | None, int | None]]] = defaultdict(list)
+    for item in loaded:
+        by_provider[item[0].provider].append(item)
+    for name, items in by_provider.items():
+        provider = rt.provider(name)
+        rows = [row for row, _, _ in items]
+        if not provider.capabilities.lookup_by_reference:
+            _bulk_transition(
+                rt,
+                rows,
+                S.UNKNOWN,
+                now,
+                error_code=ErrorCode.OUTCOME_UNKNOWN.value,
+                error_message=f"worker lost while sending; {name} cannot be asked whether it got the message",
+            )
+            report.unknown += len(rows)
+            continue
+        found: dict[str, SendOutcome] = {}
+        try:
+            for start in range(0, len(rows), 1000):
+                found.update(provider.lookup([r.id for r in rows[start : start + 1000]]))
+        except ProviderError as exc:
+            # Cannot tell yet: keep them (the lease was extended); the next sweep asks again.
+            log.warning("lease.reconcile_deferred", provider=name, count=len(rows), error_code=exc.code.value)
+            report.deferred += len(rows)
+            continue
+        hits = [r for r in rows if r.id in found and found[r.id].accepted]
+        _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent")
+        report.reconciled_sent += len(hits)
+        hit_ids = {r.id for r in hits}
+        missing = [(r, b, c) for r, b, c in items if r.id not in hit_ids]
+        _requeue_missing(rt, missing, name, now)
+        report.requeued += len(missing)
+    if ids:
+        log.info(
+            "lease.reconciled",
+            expired=len(ids),
+            reconciled_sent=report.reconciled_sent,
+            requeued=report.requeued,
+            unknown=report.unknown,
+            deferred=report.deferred,
+        )
+    return report
+
+
+def _requeue_missing(
+    rt: Runtime, items: list[tuple[_Row, str | None, int | None]], provider: str, now: datetime
+) -> None:
+    """The provider never got these: back to ``queued`` (with an audit row) and published again."""
+    if not items:
+        return
+    rows = [r for r, _, _ in items]
+    with rt.store.sessions.begin() as s:
+        for row in rows:
+            rt.store.transition(
+                row.id,
+                S.QUEUED,
+                now=now,
+                expect=[S.SENDING],
+                session=s,
+                queued_at=now,
+                lease_until=None,
+                attempts=row.attempts + 1,
+            )
+        _insert_attempts(
+            rt,
+            s,
+            _attempt_rows(rows, provider, "reconciled_missing", now, detail="worker lost; provider never got it"),
+        )
+    singles: dict[str, list[str]] = defaultdict(list)
+    chunks: dict[str, set[int]] = defaultdict(set)
+    for row, batch_id, chunk in items:
+        if batch_id is not None and chunk is not None:
+            chunks[batch_id].add(chunk)
+        else:
+            singles[row.priority].append(row.id)
+    for priority, ids in singles.items():
+        rt.dispatcher.send(ids, priority=priority)
+    for batch_id, numbers in chunks.items():
+        rt.dispatcher.chunk(batch_id, sorted(numbers))
 
 
 # -- control and reporting --------------------------------------------------------------------------

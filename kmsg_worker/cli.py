@@ -504,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     fakes.add_argument("--port", type=int, default=0, help="first port (0 = any free port)")
     fakes.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback outside a container)")
     fakes.set_defaults(func=cmd_fake_providers)
+
+    from kmsg_worker.circuit import cmd_circuits
+
+    circuits = sub.add_parser("circuits", help="circuit breaker state of every provider (shared through Redis)")
+    circuits.add_argument("--json", action="store_true", help="one JSON object per provider")
+    circuits.set_defaults(func=cmd_circuits)
+
+    # Operator tools register their own subcommands: doctor (exit 1 on a failed check), report, metrics-server.
+    from kmsg_worker import doctor, metrics, report
+
+    for tool in (doctor, report, metrics):
+        tool.add_subcommand(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ TASK_NAMES = {
     "chunk": "kmsg.send_chunk",
     "poll": "kmsg.poll_statuses",
     "sweep": "kmsg.sweep",
+    "schedule": "kmsg.dispatch_scheduled",
 }
 
 

@@ -90,6 +90,8 @@ class ErrorCode(StrEnum):
     OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
     #: Tracking gave up waiting for a final delivery report.
     TRACKING_TIMEOUT = "TRACKING_TIMEOUT"
+    #: The provider accepted the message without giving an id, so its status cannot be asked for.
+    MISSING_PROVIDER_MESSAGE_ID = "MISSING_PROVIDER_MESSAGE_ID"
     #: The message was redelivered or crashed workers too often.
     POISON_MESSAGE = "POISON_MESSAGE"
     #: Retries or the message's maximum age ran out.
@@ -115,6 +117,15 @@ class ConfigurationError(KmsgError):
         self.variable = variable
 
 
+def _storable(text: str) -> str:
+    """``text`` with NUL and unpaired surrogates escaped (``\\x00``, ``\\ud800``); unchanged otherwise."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ValidationError(KmsgError, ValueError):
     """Invalid input, raised to the producer before anything is stored or queued.
 
@@ -125,6 +136,8 @@ class ValidationError(KmsgError, ValueError):
     """
 
     def __init__(self, field: str, rule: str, message: str) -> None:
+        # A path may echo a caller's key: keep it storable (bulk errors are saved as JSON).
+        field, message = _storable(field), _storable(message)
         super().__init__(f"{field}: {message} [{rule}]")
         self.field = field
         self.rule = rule

@@ -2,7 +2,13 @@
 
 Events are snake_case or dotted verbs (``message.sent``), never f-strings with data baked in. The
 :func:`mask_phone_numbers` processor masks anything that looks like a phone number in every value,
-so a number can only reach the logs masked (``010****5678``), even by mistake.
+so a number can only reach the logs masked (``010****5678``), even by mistake. Every event name,
+its fields and the metric it feeds are listed in ``docs/EVENTS.md``.
+
+One correlation id follows a message from the producer into every task that handles it: the producer
+binds it (:func:`bind_correlation_id`, e.g. a web request id), the Celery publish hook copies it into
+the ``kmsg_correlation_id`` message header (:func:`correlation_for_publish`), and ``task_prerun``
+binds it again in the worker, so every event of the task carries ``correlation_id``.
 """
 
 from __future__ import annotations
@@ -10,15 +16,38 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+import uuid
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO, cast
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "mask_phone", "mask_phone_numbers"]
+__all__ = [
+    "CORRELATION_HEADER",
+    "bind_correlation_id",
+    "configure_logging",
+    "correlation_for_publish",
+    "current_correlation_id",
+    "get_logger",
+    "mask_phone",
+    "mask_phone_numbers",
+]
 
-# Korean numbers (with or without separators) and E.164 numbers.
-_PHONE_IN_TEXT = re.compile(r"(?<![\w])(\+?\d{2,4})[\s\-.]?(\d{3,4})[\s\-.]?(\d{4})(?![\w])")
+#: Celery message header that carries the correlation id from a producer to the tasks.
+CORRELATION_HEADER = "kmsg_correlation_id"
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
+
+# Korean numbers (with or without separators) and E.164 numbers. The prefix is lazy, so ``01012345678``
+# keeps ``010`` (not ``0101``) and ``0212345678`` keeps ``02``: only the prefix and the last four digits
+# survive, as with :func:`mask_phone`.
+#
+# Bounded by ASCII letters and digits only (not ``\w``): a number glued to Hangul (``수신번호01012345678``) or an
+# underscore is masked too, while the digit runs inside hex ids stay intact. ``(010) 1234-5678`` is covered.
+_PHONE_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])(\+?\d{2,4}?)[\s\-.()]{0,2}(\d{3,4})[\s\-.]?(\d{4})(?![0-9A-Za-z])")
+#: E.164 numbers too long for the pattern above (``+8201012345678``: up to 15 digits after the ``+``).
+_LONG_E164_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])(\+\d{3})(\d{4,8})(\d{4})(?![0-9A-Za-z])")
+#: Nesting that :func:`mask_phone_numbers` descends into (lists, tuples, mappings in event values).
+_MASK_DEPTH = 8
 _configured = False
 
 
@@ -34,32 +63,88 @@ def mask_phone(number: str | None) -> str:
 
 
 def _mask_text(text: str) -> str:
+    text = _LONG_E164_IN_TEXT.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)
     return _PHONE_IN_TEXT.sub(lambda m: m.group(1) + "****" + m.group(3), text)
 
 
+def _mask_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _mask_text(value)
+    if depth >= _MASK_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _mask_value(v, depth + 1) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_mask_value(v, depth + 1) for v in value)
+    return value
+
+
 def mask_phone_numbers(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: mask phone-number-like substrings in every string value."""
+    """structlog processor: mask phone-number-like substrings in every string value, nested ones too.
+
+    Runs after ``format_exc_info``, so a number in an exception's message or traceback is masked as well.
+    """
     for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = _mask_text(value)
+        if isinstance(value, (str, Mapping, list, tuple)):
+            event_dict[key] = _mask_value(value)
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, json_output: bool = True) -> None:
-    """Configure structlog and the stdlib root logger once per process."""
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured.
+
+    A process that swaps its stderr after configuring (a test capturing output, a CLI command run in
+    tests, a daemon redirecting it) would otherwise keep writing to the old, possibly closed, stream.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _drop_below(level: int) -> Any:
+    def drop(_: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if _LEVELS.get(str(event_dict.get("level") or method_name).lower(), 20) < level:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop
+
+
+def configure_logging(level: str = "INFO", *, json_output: bool = True, metrics: bool = True) -> None:
+    """Configure structlog once per process.
+
+    Args:
+        level: The lowest level written.
+        json_output: One JSON object per line (production), or the console renderer (a terminal).
+        metrics: Count events into the Prometheus metrics (:mod:`kmsg_worker.metrics`). Counting
+            happens before the level filter, so ``level="WARNING"`` quiets the logs but never a counter.
+    """
     global _configured
+    output_level = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        mask_phone_numbers,
+        # Tracebacks become text first, so the masking below sees them.
         structlog.processors.format_exc_info,
+        mask_phone_numbers,
     ]
+    if metrics:
+        from kmsg_worker.metrics import metrics_processor
+
+        processors.append(metrics_processor)
+        if output_level > logging.INFO:
+            processors.append(_drop_below(output_level))
+    processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    # Metric events are INFO: let them reach the processors even when fewer are written.
+    min_level = min(output_level, logging.INFO) if metrics else output_level
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(min_level),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
     _configured = True
@@ -70,3 +155,42 @@ def get_logger(name: str | None = None) -> Any:
     if not _configured:
         configure_logging()
     return structlog.get_logger(name)
+
+
+def bind_correlation_id(value: str | None = None) -> str:
+    """Bind a correlation id to the current context and return it.
+
+    Call it where a unit of work starts in the producer (a web request, a CLI command); every message
+    sent from this context carries the id into its tasks. Without one, a message's own id serves.
+
+    Args:
+        value: The id to use (e.g. the web request id); a new random one when omitted.
+    """
+    correlation_id = value or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
+    return correlation_id
+
+
+def current_correlation_id() -> str | None:
+    """The correlation id bound to the current context, if any."""
+    value = structlog.contextvars.get_contextvars().get("correlation_id")
+    return value if isinstance(value, str) and value else None
+
+
+def correlation_for_publish(kwargs: Mapping[str, Any] | None) -> str | None:
+    """The correlation id a task about to be published should carry.
+
+    The id bound to the publishing context wins: a producer's request id, or, inside a task, the id
+    that task arrived with (so retries and failovers keep it). Otherwise the message's own id (or
+    the batch id of a chunk task). Beat's sweep and poll tasks have neither and carry none, so a
+    message they re-dispatch is correlated by its own id, not by the sweep that found it.
+    """
+    bound = current_correlation_id()
+    if bound is not None:
+        return bound
+    if kwargs:
+        for key in ("message_id", "batch_id"):
+            value = kwargs.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None

@@ -15,6 +15,7 @@ Differences from k-msg that are deliberate (``shared/reference/providers.md`` §
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -92,13 +93,17 @@ _MEDIA_TYPES = frozenset({MessageType.MMS, MessageType.FRIENDTALK, MessageType.R
 
 _VAR_PATTERN = re.compile(r"#\{([^}]+)\}")
 _PHONE_STRIP = re.compile(r"[\s\-().]")
-_DOMESTIC = re.compile(r"^0\d{8,10}$")
-_INTERNATIONAL = re.compile(r"^\+[1-9]\d{6,14}$")
-_SENDER = re.compile(r"^(\+?\d{3,16})$")
+# re.ASCII: without it \d also matches Arabic-Indic, fullwidth and other Unicode digits.
+_DOMESTIC = re.compile(r"0\d{8,10}", re.ASCII)
+_INTERNATIONAL = re.compile(r"\+[1-9]\d{6,14}", re.ASCII)
+_SENDER = re.compile(r"\+?\d{3,16}", re.ASCII)
 _BUTTON_KEYS = frozenset(
     {"name", "type", "url_pc", "url_mobile", "scheme_ios", "scheme_android", "chat_extra", "chat_event"}
 )
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+#: Nesting allowed in free-form fields (``kakao``, ``provider_options`` ...).
+_MAX_DEPTH = 32
 
 
 def count_bytes(text: str) -> int:
@@ -123,14 +128,110 @@ def count_bytes(text: str) -> int:
     return 2 * units - ascii_chars
 
 
-def _stringify(value: object) -> str:
+def _stringify(value: object, field_name: str = "variables") -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    try:
+        return str(value)
+    except ValueError:  # int with more than sys.get_int_max_str_digits() digits
+        raise ValidationError(field_name, "range", "number too large to use as text") from None
+
+
+def _bad_text(value: str) -> bool:
+    """NUL (refused by PostgreSQL text and JSONB) or an unpaired surrogate (not encodable as UTF-8)."""
+    if "\x00" in value:
+        return True
+    if value.isascii():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_storable(value: Any, path: str, depth: int = 0) -> None:
+    """Check that ``value`` is JSON data the system of record can store on every backend.
+
+    Strings without NUL or unpaired surrogates, integers within 64 bits, finite floats, bools,
+    null, lists and string-keyed mappings, nested at most ``_MAX_DEPTH`` levels.
+
+    Raises:
+        ValidationError: Naming the path of the first offending value.
+    """
+    if _is_storable(value, depth):
+        return  # the common case, checked without building paths
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        if _bad_text(value):
+            raise ValidationError(path, "invalid_character", "must not contain NUL or unpaired surrogate characters")
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValidationError(path, "range", "integers must fit in 64 bits")
+        return
+    if type(value) is float:  # orjson writes no float subclass
+        if not math.isfinite(value):
+            raise ValidationError(path, "range", "must be a finite number")
+        return
+    _check_container(value, path, depth)
+
+
+def _is_storable(value: Any, depth: int = 0) -> bool:
+    """Fast, conservative form of :func:`check_storable` for exact built-in types (False = look closer).
+
+    Strings and ``None``, by far the most common values, are checked inline rather than by a call.
+    """
+    kind = type(value)
+    if kind is str:
+        return "\x00" not in value and (value.isascii() or not _bad_text(value))
+    if value is None or kind is bool:
+        return True
+    if kind is int:
+        return bool(-(2**63) <= value < 2**63)
+    if kind is float:
+        return math.isfinite(value)
+    if depth >= _MAX_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or "\x00" in key or not (key.isascii() or not _bad_text(key)):
+                return False
+            if type(item) is str:
+                if "\x00" in item or not (item.isascii() or not _bad_text(item)):
+                    return False
+            elif item is not None and not _is_storable(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(_is_storable(item, depth + 1) for item in value)
+    return False
+
+
+def _check_container(value: Any, path: str, depth: int) -> None:
+    if depth >= _MAX_DEPTH:
+        raise ValidationError(path, "max_depth", f"nested deeper than {_MAX_DEPTH} levels")
+    # dict and list (and their subclasses) and plain tuples: what the JSON writer (orjson) accepts.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValidationError(path, "type", "keys must be strings")
+            if _bad_text(key):
+                raise ValidationError(path, "invalid_character", "a key contains NUL or an unpaired surrogate")
+            check_storable(item, f"{path}.{key}", depth + 1)
+        return
+    if isinstance(value, list) or type(value) is tuple:
+        for index, item in enumerate(value):
+            check_storable(item, f"{path}[{index}]", depth + 1)
+        return
+    raise ValidationError(
+        path, "type", f"must be JSON data (text, number, bool, null, list or mapping), got {type(value).__name__}"
+    )
 
 
 def interpolate(text: str, variables: Mapping[str, str]) -> str:
@@ -166,7 +267,7 @@ def normalize_phone(value: object, field_name: str = "to") -> str:
     cleaned = _PHONE_STRIP.sub("", value.strip())
     if not cleaned:
         raise ValidationError(field_name, "required", "a phone number is required")
-    if _DOMESTIC.match(cleaned) or _INTERNATIONAL.match(cleaned):
+    if _DOMESTIC.fullmatch(cleaned) or _INTERNATIONAL.fullmatch(cleaned):
         return cleaned
     raise ValidationError(
         field_name,
@@ -417,9 +518,9 @@ def _variables(data: Mapping[str, Any], limits: ValidationLimits) -> dict[str, s
         raise ValidationError("variables", "max_items", f"at most {limits.max_variables} variables")
     out: dict[str, str] = {}
     for key, value in raw.items():
-        if isinstance(value, (Mapping, list, tuple, set, bytes)):
+        if isinstance(value, (Mapping, list, tuple, set, frozenset, bytes, bytearray)):
             raise ValidationError(f"variables.{key}", "type", "must be a string, number, bool, date or null")
-        out[key] = _stringify(value)
+        out[key] = _stringify(value, f"variables.{key}")
     return out
 
 
@@ -467,13 +568,14 @@ def _buttons(data: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
             raise ValidationError(f"buttons[{i}]", "type", "must be a mapping with 'name' and 'type'")
         unknown = set(button) - _BUTTON_KEYS
         if unknown:
-            raise ValidationError(f"buttons[{i}].{sorted(unknown)[0]}", "unknown_field", "unknown button field")
+            first = sorted(map(str, unknown))[0]
+            raise ValidationError(f"buttons[{i}].{first}", "unknown_field", "unknown button field")
         name, kind = button.get("name"), button.get("type")
         if not isinstance(name, str) or not name.strip():
             raise ValidationError(f"buttons[{i}].name", "required", "a button needs a non-empty name")
         if len(name) > 28:
             raise ValidationError(f"buttons[{i}].name", "max_length", "at most 28 characters (Kakao rule)")
-        if kind not in {"WL", "AL", "DS", "BK", "MD", "BC", "BT", "AC"}:
+        if not isinstance(kind, str) or kind not in {"WL", "AL", "DS", "BK", "MD", "BC", "BT", "AC"}:
             raise ValidationError(f"buttons[{i}].type", "enum", "must be one of WL, AL, DS, BK, MD, BC, BT, AC")
         if kind == "WL" and not button.get("url_mobile"):
             raise ValidationError(f"buttons[{i}].url_mobile", "required", "a WL (web link) button needs url_mobile")
@@ -500,7 +602,7 @@ def _failover(data: Mapping[str, Any]) -> Failover | None:
     }
     unknown = set(raw) - allowed
     if unknown:
-        raise ValidationError(f"failover.{sorted(unknown)[0]}", "unknown_field", "unknown failover field")
+        raise ValidationError(f"failover.{sorted(map(str, unknown))[0]}", "unknown_field", "unknown failover field")
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ValidationError("failover.enabled", "type", "must be a bool")
@@ -533,19 +635,23 @@ def _scheduled_at(data: Mapping[str, Any], limits: ValidationLimits, now: dateti
         raise ValidationError("scheduled_at", "type", "must be a datetime or an ISO 8601 string")
     if value.tzinfo is None:
         value = value.replace(tzinfo=zone)
-    if value < now - limits.schedule_tolerance:
+    try:
+        in_past = value < now - limits.schedule_tolerance
+        utc = value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59-12:00 is past the last representable UTC time
+        raise ValidationError("scheduled_at", "range", "is outside the supported date range") from None
+    if in_past:
         raise ValidationError(
             "scheduled_at", "in_past", f"is in the past ({value.isoformat()}); give a future time or omit it"
         )
-    return value.astimezone(UTC)
+    return utc
 
 
 def _check_text(mtype: MessageType, text: str | None, subject: str | None, limits: ValidationLimits) -> None:
     if mtype in TEXT_TYPES and not (text and text.strip()):
         raise ValidationError("text", "required", f"{mtype.value} needs a non-empty text")
-    if text is None:
-        return
-    nbytes = count_bytes(text)
+    # No early return without a text: the subject rules below hold for text-less types too.
+    nbytes = 0 if text is None else count_bytes(text)
     if mtype in (MessageType.SMS, MessageType.RCS_SMS) and nbytes > limits.sms_max_bytes:
         raise ValidationError(
             "text",
@@ -557,7 +663,7 @@ def _check_text(mtype: MessageType, text: str | None, subject: str | None, limit
             raise ValidationError(
                 "text", "max_bytes", f"{mtype.value} text is {nbytes} bytes; at most {limits.lms_max_bytes}"
             )
-    if mtype in KAKAO_TYPES and len(text) > limits.kakao_max_chars:
+    if mtype in KAKAO_TYPES and text is not None and len(text) > limits.kakao_max_chars:
         raise ValidationError("text", "max_length", f"Kakao text is at most {limits.kakao_max_chars} characters")
     if subject is not None:
         if mtype not in _SUBJECT_TYPES:
@@ -588,10 +694,12 @@ def _check_type_fields(mtype: MessageType, msg: dict[str, Any]) -> None:
                 raise ValidationError(f"fax.{name}", "type", "must be a list of non-empty strings")
     if mtype is MessageType.VOICE:
         voice_type = msg["voice"].get("voice_type", "FEMALE")
-        if voice_type not in {"FEMALE", "MALE"}:
+        if not isinstance(voice_type, str) or voice_type not in {"FEMALE", "MALE"}:
             raise ValidationError("voice.voice_type", "enum", "must be FEMALE or MALE")
         reply_range = msg["voice"].get("reply_range")
-        if reply_range is not None and (not isinstance(reply_range, int) or not 1 <= reply_range <= 9):
+        if reply_range is not None and (
+            isinstance(reply_range, bool) or not isinstance(reply_range, int) or not 1 <= reply_range <= 9
+        ):
             raise ValidationError("voice.reply_range", "range", "must be an integer from 1 to 9")
     if msg.get("buttons") and mtype not in (KAKAO_TYPES | {MessageType.NSA} | _RCS):
         raise ValidationError("buttons", "not_allowed", f"{mtype.value} cannot carry buttons")
@@ -648,7 +756,9 @@ def normalize(
     data = _canonical_keys(raw)
 
     to = normalize_phone(data.get("to"), "to")
-    sender_raw = data.get("sender") or default_sender
+    sender_raw = data.get("sender")
+    if sender_raw is None or sender_raw == "":  # omitted (or an empty CSV cell): the default sender
+        sender_raw = default_sender
     sender = None
     if sender_raw is not None:
         sender = normalize_phone_sender(sender_raw)
@@ -676,13 +786,13 @@ def normalize(
                 "type", "enum", f"unknown type {raw_type!r}; one of {', '.join(t.value for t in MessageType)}"
             ) from None
 
-    message_id = data.get("id")
-    if message_id is None:
-        message_id = uuid.uuid4().hex
-    elif not isinstance(message_id, str) or not re.match(r"^[A-Za-z0-9_.:\-]{1,64}$", message_id):
-        raise ValidationError("id", "format", "must be 1-64 characters of letters, digits, _ . : -")
+    message_id = check_message_id(data.get("id"))
 
-    priority_raw = data.get("priority") or "normal"
+    priority_raw = data.get("priority")
+    if priority_raw is None or priority_raw == "":
+        priority_raw = "normal"
+    if not isinstance(priority_raw, str):
+        raise ValidationError("priority", "type", f"must be a string, got {type(priority_raw).__name__}")
     try:
         priority = Priority(priority_raw)
     except ValueError:
@@ -690,7 +800,7 @@ def normalize(
 
     tenant = _opt_str(data, "tenant", max_len=64) or "default"
     idem = data.get("idempotency_key")
-    if idem is not None and (not isinstance(idem, str) or not _IDEMPOTENCY_KEY.match(idem)):
+    if idem is not None and (not isinstance(idem, str) or not _IDEMPOTENCY_KEY.fullmatch(idem)):
         raise ValidationError("idempotency_key", "format", "must be 1-200 printable ASCII characters")
 
     custom = _opt_dict(data, "custom_fields")
@@ -710,7 +820,7 @@ def normalize(
 
     country = _opt_str(data, "country", max_len=4)
     provider_id = _opt_str(data, "provider_id", max_len=32)
-    return Message(
+    message = Message(
         id=message_id,
         type=mtype,
         to=to,
@@ -722,13 +832,32 @@ def normalize(
         provider_options=_opt_dict(data, "provider_options"),
         scheduled_at=_scheduled_at(data, limits, now),
         country=country,
-        custom_fields={k: _stringify(v) for k, v in custom.items()},
+        custom_fields={k: _stringify(v, f"custom_fields.{k}") for k, v in custom.items()},
         tenant=tenant,
         priority=priority,
         idempotency_key=idem,
         type_inferred=inferred,
         **fields,
     )
+    # Everything stored must be storable on both backends (free-form fields take any nesting).
+    content = message.content()
+    if not _is_storable(content, -1):
+        for name, value in content.items():
+            check_storable(value, name)
+    return message
+
+
+def check_message_id(value: object) -> str:
+    """Return a caller's message id (or a fresh one when ``None``); the same rule for every path.
+
+    Raises:
+        ValidationError: Not 1-64 characters of letters, digits, ``_ . : -``.
+    """
+    if value is None:
+        return uuid.uuid4().hex
+    if not isinstance(value, str) or not _MESSAGE_ID.fullmatch(value):
+        raise ValidationError("id", "format", "must be 1-64 characters of letters, digits, _ . : -")
+    return value
 
 
 def normalize_phone_sender(value: object) -> str:
@@ -736,7 +865,7 @@ def normalize_phone_sender(value: object) -> str:
     if not isinstance(value, str):
         raise ValidationError("sender", "type", f"must be a string, got {type(value).__name__}")
     cleaned = _PHONE_STRIP.sub("", value.strip())
-    if not _SENDER.match(cleaned) or len(cleaned.lstrip("+")) < 7:
+    if not _SENDER.fullmatch(cleaned) or len(cleaned.lstrip("+")) < 7:
         raise ValidationError("sender", "phone_format", "must be a registered sender number such as 1588-1234")
     return cleaned
 

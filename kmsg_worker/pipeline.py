@@ -1,4 +1,9 @@
-"""The worker side of a single send: claim, call the provider, record, decide what comes next.
+"""The worker side of a single send: claim, admit, call the provider, record, decide what comes next.
+
+Admission happens right before the call: the provider's circuit breaker (:mod:`kmsg_worker.circuit`;
+an open provider is skipped for the next one of the route, or the message waits when all are open)
+and the global rate limits (:mod:`kmsg_worker.ratelimit`; a throttled message waits as
+``retrying`` with a countdown). Neither spends a retry, since nothing was sent.
 
 :func:`deliver` is what the ``kmsg.send_message`` Celery task calls with a message id. It is safe to
 run any number of times for the same id (Celery is at-least-once): only the run whose claim
@@ -7,11 +12,13 @@ succeeds does anything, and every later state change is conditional on ``sending
 
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message
@@ -20,6 +27,7 @@ from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.repo import Claim
+from kmsg_worker.taxonomy import classify
 
 __all__ = ["DeliveryResult", "deliver", "reconcile_lease", "record_outcome"]
 
@@ -68,13 +76,124 @@ def deliver(rt: Runtime, message_id: str) -> DeliveryResult:
         if isinstance(settled, DeliveryResult):
             return settled
         claim = settled
+    admitted = _admit(rt, claim, message, now)
+    if isinstance(admitted, DeliveryResult):
+        return admitted
+    claim = admitted
+    provider = rt.provider(claim.provider)
     started = time.perf_counter()
     try:
         outcome = provider.send(message)
     except ProviderError as exc:
         outcome = SendOutcome(message.id, False, error=exc)
     latency_ms = (time.perf_counter() - started) * 1000
+    circuit.observe(rt, claim.provider, None if outcome.accepted else _error_of(outcome, claim.provider))
     return record_outcome(rt, claim, message, outcome, latency_ms)
+
+
+def _error_of(outcome: SendOutcome, provider: str) -> ProviderError:
+    return outcome.error or ProviderRejected("refused without a reason", provider=provider)
+
+
+# -- admission: circuit breakers and rate limits, right before the provider call ------------------
+
+
+def _admit(rt: Runtime, claim: Claim, message: Message, now: datetime) -> Claim | DeliveryResult:
+    """Let the call go out, move it to a provider whose circuit is closed, or put it back to wait.
+
+    Returns:
+        The claim to send (possibly on a later provider of the route), or what was done instead:
+        ``throttled`` (rate limit) or ``circuit_open`` (every remaining provider is open); both
+        leave the message ``retrying`` without spending a retry.
+    """
+    index = claim.route_index
+    while not circuit.allow(rt, claim.route[index]):
+        if index + 1 >= len(claim.route):
+            return _all_open(rt, claim, message, now)
+        index += 1
+    if index != claim.route_index:
+        claim = _skip_open(rt, claim, index, now)
+    wait = ratelimit.acquire(rt, claim.provider, message, max_wait=rt.settings.rate_limit_inline_wait)
+    if wait > 0:
+        # The script's wait, spread a little so throttled messages do not all return together.
+        delay = wait * random.uniform(1.0, 1.25)
+        _release(rt, claim, message, delay=delay)
+        log.info("message.throttled", message_id=claim.id, provider=claim.provider, delay=round(delay, 3))
+        return DeliveryResult(claim.id, "throttled", S.RETRYING, claim.provider)
+    return claim
+
+
+def _skip_open(rt: Runtime, claim: Claim, index: int, now: datetime) -> Claim:
+    """Fail over past providers whose circuit is open, one attempt row per skipped provider."""
+    skipped = claim.route[claim.route_index : index]
+    attempts = claim.attempts + len(skipped)
+    changed = rt.store.update_fields(
+        claim.id, expect=S.SENDING, now=now, route_index=index, provider_attempts=0, attempts=attempts
+    )
+    if changed:
+        for offset, name in enumerate(skipped, start=1):
+            rt.store.record_attempt(
+                message_id=claim.id,
+                attempt_no=claim.attempts + offset,
+                provider=name,
+                outcome="circuit_open",
+                error_code=ErrorCode.NETWORK_SERVICE_UNAVAILABLE.value,
+                detail=f"{name}: circuit open, skipped without a call",
+                created_at=now,
+            )
+    log.info("failover.circuit_open", message_id=claim.id, skipped=skipped, to_provider=claim.route[index])
+    return replace(claim, route_index=index, provider_attempts=0, attempts=attempts)
+
+
+def _all_open(rt: Runtime, claim: Claim, message: Message, now: datetime) -> DeliveryResult:
+    """Every provider left in the route is open: wait for the first cool-down (or give up when too old)."""
+    names = claim.route[claim.route_index :]
+    policy = rt.settings.retry_for(message.type.value, message.priority.value)
+    if (now - claim.created_at).total_seconds() >= policy.max_age:
+        rt.store.transition(
+            claim.id,
+            S.FAILED,
+            now=now,
+            expect=[S.SENDING],
+            provider=claim.provider,
+            attempts=claim.attempts,
+            error_code=ErrorCode.RETRIES_EXHAUSTED.value,
+            error_message=f"circuit open for {', '.join(names)} until the message's maximum age ({policy.max_age:g} s)",
+        )
+        log.info("message.failed", message_id=claim.id, provider=claim.provider, error_code="RETRIES_EXHAUSTED")
+        return DeliveryResult(claim.id, "failed", S.FAILED, claim.provider)
+    # Until the first circuit may half-open; while a probe is out (half-open), a fraction of the
+    # cool-down, so waiting messages poll the breaker gently instead of every fraction of a second.
+    cooldown = rt.circuits.policy.cooldown
+    delay = max(circuit.retry_in(rt, names), cooldown / 4, 0.5) * random.uniform(1.0, 1.5)
+    _release(rt, claim, message, delay=delay)
+    log.warning("circuit.all_open", message_id=claim.id, providers=names, delay=round(delay, 3))
+    return DeliveryResult(claim.id, "circuit_open", S.RETRYING, claim.provider)
+
+
+def _release(rt: Runtime, claim: Claim, message: Message, *, delay: float) -> None:
+    """Give the claim back as ``retrying`` without counting an attempt (nothing was sent).
+
+    Short waits ride a Celery countdown (far below the visibility timeout); longer ones wait in
+    ``next_attempt_at`` for the maintenance sweep.
+    """
+    now = rt.now()
+    publish = delay <= rt.settings.retry.max_countdown
+    changed = rt.store.transition(
+        claim.id,
+        S.RETRYING,
+        now=now,
+        expect=[S.SENDING],
+        next_attempt_at=now + timedelta(seconds=delay),
+        retry_task_published=publish,
+        lease_until=None,
+        # Established before admission: either never unknown, or reconciled as "not received".
+        outcome_unknown=False,
+        attempts=claim.attempts,
+        deliveries=0,
+    )
+    if changed and publish:
+        rt.dispatcher.send([claim.id], priority=message.priority, countdown=delay)
 
 
 def _reconcile(rt: Runtime, claim: Claim, provider: Provider, now: datetime) -> DeliveryResult | Claim:
@@ -182,6 +301,8 @@ def _schedule_retry(
         retry_task_published=publish,
         outcome_unknown=outcome_unknown,
         lease_until=None,
+        # This claim finished normally: the poison guard counts only claims that never finish.
+        deliveries=0,
         error_code=error.code.value,
         error_message=str(error)[:500],
     )
@@ -200,7 +321,8 @@ def record_outcome(
     if outcome.accepted:
         _mark_sent(rt, claim, outcome, now, latency_ms=latency_ms)
         return DeliveryResult(claim.id, "sent", S.SENT, claim.provider)
-    error = outcome.error or ProviderRejected("refused without a reason", provider=claim.provider)
+    # The operator's overrides (KMSG_RETRY_POLICY) over the adapter's classification.
+    error = classify(_error_of(outcome, claim.provider), rt.settings.error_policy)
     attempt_no = claim.attempts + 1
     has_next = claim.route_index + 1 < len(claim.route)
     decision = decide(
@@ -208,7 +330,7 @@ def record_outcome(
         provider_attempts=claim.provider_attempts + 1,
         age_seconds=(now - claim.created_at).total_seconds(),
         has_next_provider=has_next,
-        policy=rt.settings.retry,
+        policy=rt.settings.retry_for(message.type.value, message.priority.value),
     )
     kind = {
         Action.RETRY: "retryable",
@@ -274,6 +396,7 @@ def record_outcome(
             provider_attempts=0,
             queued_at=now,
             lease_until=None,
+            deliveries=0,
             **common,
         )
         if changed:

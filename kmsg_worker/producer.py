@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from kmsg_worker.bulk import BatchSummary
 from kmsg_worker.dispatch import Dispatcher
-from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError
+from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError, ValidationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.runtime import Runtime
@@ -104,6 +106,12 @@ class MessageInfo:
     children: list[str]
     batch_id: str | None
     warnings: list[dict[str, Any]]
+    #: The provider's delivery-status text (with ``provider_status_code``).
+    provider_status_message: str | None = None
+    #: When the carrier or Kakao reported a failed delivery.
+    failed_at: datetime | None = None
+    #: For an AlimTalk with a fallback request: ``created`` or ``skipped:<reason>`` once decided.
+    fallback_state: str | None = None
 
     @property
     def final(self) -> bool:
@@ -169,6 +177,8 @@ class KMsg:
         Raises:
             ValidationError: Naming the field and the rule.
         """
+        if message is not None and not isinstance(message, Mapping):
+            raise ValidationError("message", "type", f"must be a mapping, got {type(message).__name__}")
         raw = {**(message or {}), **fields}
         return normalize(
             raw,
@@ -226,8 +236,12 @@ class KMsg:
         idem = None
         if msg.idempotency_key:
             idem = (msg.tenant, msg.idempotency_key, _request_hash(msg), self.settings.idempotency_ttl)
-        with storage_errors():
-            existing = self.runtime.store.insert_messages([row], idempotency=idem, now=now)
+        try:
+            with storage_errors():
+                existing = self.runtime.store.insert_messages([row], idempotency=idem, now=now)
+        except IntegrityError:
+            # The only unique column of a message row is its id: the caller reused one.
+            raise ValidationError("id", "duplicate", "a message with this id already exists; use a new id") from None
         if existing is not None:
             found = self.runtime.store.get(existing[0])
             return Receipt(
@@ -356,10 +370,12 @@ class KMsg:
             row = self.runtime.store.get(message_id)
             if row is None:
                 raise MessageNotFoundError(f"no message with id {message_id!r}")
-            raise InvalidStateError(
-                f"message {message_id} cannot be cancelled: it is already {row.status}"
-                + (" (it was dispatched to the provider)" if row.status in (S.SENDING, S.SENT, S.DELIVERED) else "")
-            )
+            if row.status in (S.SENDING, S.SENT, S.DELIVERED) or row.attempts > 0:
+                raise InvalidStateError(
+                    f"message {message_id} was already sent to the provider (status {row.status}); "
+                    "it can no longer be cancelled"
+                )
+            raise InvalidStateError(f"message {message_id} cannot be cancelled: it is already {row.status}")
         log.info("message.cancelled", message_id=message_id)
         return self.get(message_id)
 
@@ -386,6 +402,9 @@ def _info(row: MessageRow, attempts: list[AttemptInfo], children: list[str]) -> 
         children=children,
         batch_id=row.batch_id,
         warnings=list(row.warnings or []),
+        provider_status_message=row.provider_status_message,
+        failed_at=row.failed_at,
+        fallback_state=row.fallback_state,
     )
 
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from kmsg_worker.errors import ProviderError, ProviderRateLimited, ProviderTimeout
+from kmsg_worker.errors import ProviderError, ProviderTimeout
 from kmsg_worker.settings import RetryPolicy
 
 __all__ = ["Action", "Decision", "backoff_delay", "decide"]
@@ -75,14 +75,16 @@ def decide(
 
     Returns:
         The decision. Message-caused permanent errors never fail over (another provider would
-        refuse the same message); provider-caused ones do.
+        refuse the same message); provider-caused ones do. A message older than ``max_age``
+        neither retries nor fails over: it is stale everywhere (an OTP after five minutes).
     """
     if isinstance(error, ProviderTimeout):
         return Decision(Action.RECONCILE, reason="outcome unknown after a timeout")
+    if age_seconds >= policy.max_age:
+        return Decision(Action.FAIL, reason=f"older than the maximum age ({policy.max_age:g} s)")
     if error.retryable:
-        if provider_attempts < policy.max_attempts and age_seconds < policy.max_age:
-            retry_after = error.retry_after if isinstance(error, ProviderRateLimited) else error.retry_after
-            delay = backoff_delay(provider_attempts, policy, retry_after=retry_after, rng=rng)
+        if provider_attempts < policy.max_attempts:
+            delay = backoff_delay(provider_attempts, policy, retry_after=error.retry_after, rng=rng)
             return Decision(Action.RETRY, delay=delay, reason=error.code.value)
         if has_next_provider:
             return Decision(Action.FAILOVER, reason=f"retries exhausted on {error.provider}")

@@ -10,6 +10,17 @@ error at the producer.
 
     {"ALIMTALK": ["solapi", "iwinv"], "SMS": {"providers": ["aligo", "iwinv"], "strategy": "round_robin"},
      "LMS": {"providers": {"solapi": 3, "aligo": 1}, "strategy": "weighted"}}
+
+Round robin and weighted both read a counter that every producer shares (``INCR`` in Redis,
+:meth:`kmsg_worker.runtime.Runtime`), so they hold across processes and machines: round robin is
+``counter % n``, and weighted maps the counter through a golden-ratio (Weyl) sequence onto the
+cumulative weights, which splits any number of decisions within a fraction of a percent of the
+weights without a random source. Without Redis the counter is per process (from a random start).
+
+Routing runs at the producer; circuit breakers are checked by the worker right before the call
+(:mod:`kmsg_worker.circuit`), where the state is fresh, and skip an open provider of the route.
+A rule naming an unknown provider, a provider that cannot send the type, or an unknown strategy is
+a :class:`~kmsg_worker.errors.ConfigurationError` at start (:func:`validate_routing`).
 """
 
 from __future__ import annotations
@@ -20,25 +31,89 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kmsg_worker.errors import ValidationError
+from kmsg_worker.errors import ConfigurationError, ValidationError
 from kmsg_worker.message import Message, MessageType
 from kmsg_worker.providers.registry import provider_class
 
-__all__ = ["Router"]
+__all__ = ["STRATEGIES", "Router", "validate_routing"]
 
 Counter = Callable[[str], int]
+#: Rule strategies.
+STRATEGIES = ("first", "round_robin", "weighted")
+#: 1/phi: consecutive multiples modulo 1 are spread as evenly as any sequence can be.
+_GOLDEN = (5**0.5 - 1) / 2
 
 
 class _LocalCounter:
-    """Per-process counter for round robin when no Redis is configured."""
+    """Per-process counter for round robin and weights when no Redis is configured.
 
-    def __init__(self) -> None:
+    Each key starts at a random point so that many short-lived processes do not all pick the
+    first provider first.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._lock = threading.Lock()
+        self._rng = rng or random.Random()
         self._counters: dict[str, itertools.count[int]] = {}
 
     def __call__(self, key: str) -> int:
         with self._lock:
-            return next(self._counters.setdefault(key, itertools.count()))
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = itertools.count(self._rng.randrange(1 << 16))
+            return next(counter)
+
+
+def _fail(text: str) -> ConfigurationError:
+    return ConfigurationError(f"KMSG_ROUTING: {text}", variable="KMSG_ROUTING")
+
+
+def _rule_parts(mtype: str, rule: Any) -> tuple[list[str], str, list[float] | None]:
+    """Split a rule into ``(names, strategy, weights)``; raises on a malformed rule."""
+    if isinstance(rule, str):
+        return [rule], "first", None
+    if isinstance(rule, list):
+        return [str(n) for n in rule], "first", None
+    if not isinstance(rule, Mapping) or set(rule) - {"providers", "strategy"}:
+        raise _fail(f"{mtype}: a rule is a provider name, a list, or {{providers, strategy}}")
+    strategy = str(rule.get("strategy", "first"))
+    if strategy not in STRATEGIES:
+        raise _fail(f"{mtype}: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    raw = rule.get("providers", [])
+    if isinstance(raw, Mapping):
+        try:
+            weights = [float(w) for w in raw.values()]
+        except (TypeError, ValueError):
+            raise _fail(f"{mtype}: weights must be numbers") from None
+        if any(w <= 0 for w in weights):
+            raise _fail(f"{mtype}: weights must be greater than 0")
+        return [str(n) for n in raw], strategy, weights
+    if not isinstance(raw, list):
+        raise _fail(f"{mtype}: providers must be a list or an object of weights")
+    return [str(n) for n in raw], strategy, None
+
+
+def validate_routing(rules: Mapping[str, Any], providers: Sequence[str]) -> None:
+    """Check ``KMSG_ROUTING`` against the enabled providers at start.
+
+    Raises:
+        ConfigurationError: Unknown type, malformed rule, unknown strategy, a provider that is not
+            enabled or cannot send the type, or an empty provider list.
+    """
+    enabled = set(providers)
+    for key, rule in rules.items():
+        try:
+            mtype = MessageType(str(key).upper())
+        except ValueError:
+            raise _fail(f"unknown message type {key!r}") from None
+        names, _, _ = _rule_parts(mtype.value, rule)
+        if not names:
+            raise _fail(f"{key}: no providers")
+        for name in names:
+            if name not in enabled:
+                raise _fail(f"{key}: provider {name!r} is not enabled (KMSG_PROVIDERS={','.join(providers)})")
+            if mtype not in provider_class(name).capabilities.types:
+                raise _fail(f"{key}: provider {name!r} does not support {mtype.value}")
 
 
 class Router:
@@ -50,7 +125,7 @@ class Router:
         default_provider: Provider tried after the by-type rule.
         counter: Shared counter for round robin (``INCR`` in Redis across workers); per process
             when not given.
-        rng: Random source for weighted choice.
+        rng: Random start of the per-process counters (used only without ``counter``).
     """
 
     def __init__(
@@ -65,8 +140,8 @@ class Router:
         self.providers = list(providers)
         self.rules = dict(rules or {})
         self.default_provider = default_provider
-        self.counter = counter or _LocalCounter()
         self.rng = rng or random.Random()
+        self.counter = counter or _LocalCounter(self.rng)
         self._types = {name: provider_class(name).capabilities.types for name in self.providers}
 
     def supports(self, name: str, mtype: MessageType) -> bool:
@@ -86,25 +161,33 @@ class Router:
         if isinstance(rule, str):
             self._check(rule, mtype, f"routing.{mtype.value}")
             return [rule]
-        if isinstance(rule, list):
-            names, strategy, weights = [str(n) for n in rule], "first", None
+        names, strategy, weights = _rule_parts(mtype.value, rule)
+        if weights is not None:
+            kept = [(n, w) for n, w in zip(names, weights, strict=True) if n in self._types and self.supports(n, mtype)]
+            names, weights = [n for n, _ in kept], [w for _, w in kept]
         else:
-            raw = rule.get("providers", [])
-            strategy = str(rule.get("strategy", "first"))
-            if isinstance(raw, Mapping):
-                names, weights = [str(n) for n in raw], [float(w) for w in raw.values()]
-            else:
-                names, weights = [str(n) for n in raw], None
-        names = [n for n in names if n in self._types and self.supports(n, mtype)]
+            names = [n for n in names if n in self._types and self.supports(n, mtype)]
         if not names:
             return []
         if strategy == "round_robin":
             start = self.counter(f"rr:{mtype.value}") % len(names)
             return names[start:] + names[:start]
         if strategy == "weighted":
-            first = self.rng.choices(names, weights=weights or [1.0] * len(names))[0]
+            first = names[self._weighted_index(mtype, weights or [1.0] * len(names))]
             return [first] + [n for n in names if n != first]
         return names
+
+    def _weighted_index(self, mtype: MessageType, weights: Sequence[float]) -> int:
+        # The n-th decision lands at frac(n / phi) in [0, 1): over any run of decisions the share
+        # landing in each provider's slice of the cumulative weights matches its weight closely,
+        # across every process sharing the counter, with no random source to drift.
+        point = (self.counter(f"wt:{mtype.value}") * _GOLDEN) % 1.0 * sum(weights)
+        total = 0.0
+        for index, weight in enumerate(weights):
+            total += weight
+            if point < total:
+                return index
+        return len(weights) - 1
 
     def route(self, message: Message) -> list[str]:
         """Return the providers to try, first choice first.

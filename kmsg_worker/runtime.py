@@ -7,10 +7,11 @@ created per task.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -22,6 +23,10 @@ from kmsg_worker.routing import Router
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import create_schema, dispose_after_fork, make_engine
 from kmsg_worker.storage.repo import Store
+
+if TYPE_CHECKING:
+    from kmsg_worker.circuit import CircuitBreaker
+    from kmsg_worker.ratelimit import RateLimiter
 
 __all__ = ["Runtime"]
 
@@ -63,6 +68,10 @@ class Runtime:
         self._http = http_client
         self._providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
+        # Shared-state clients (Redis, circuits, rate limits): created on first use, forgotten after fork.
+        self._redis: Any = None
+        self._circuits: CircuitBreaker | None = None
+        self._limiter: RateLimiter | None = None
         self.router = Router(settings.providers, settings.routing, settings.default_provider, counter=self._counter())
         self.extras: dict[str, Any] = {}
 
@@ -71,13 +80,56 @@ class Runtime:
             return None
         import redis
 
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        fallback = itertools.count()
 
         def incr(key: str) -> int:
-            # Shared across every worker process and machine: round robin holds globally.
-            return int(client.incr(f"kmsg:{key}")) - 1
+            # Shared across every worker process and machine: round robin holds globally. Redis
+            # trouble must not refuse a message the outbox could still accept.
+            try:
+                return int(self.redis.incr(self.redis_key(key))) - 1
+            except redis.RedisError:
+                return next(fallback)
 
         return incr
+
+    def redis_key(self, name: str) -> str:
+        """The Redis key of shared state ``name``, in the deployment's namespace.
+
+        The broker's key prefix (``KMSG_BROKER_KEY_PREFIX``) applies here too: deployments (or
+        test sessions) sharing one Redis never share circuits, buckets or routing counters.
+        """
+        return f"{self.settings.broker_key_prefix}kmsg:{name}"
+
+    @property
+    def redis(self) -> Any:
+        """The process's ``redis.Redis`` client for shared state, or ``None`` without ``KMSG_REDIS_URL``."""
+        if self._redis is None and self.settings.redis_url:
+            import redis
+
+            with self._lock:
+                if self._redis is None:
+                    self._redis = redis.Redis.from_url(
+                        self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30
+                    )
+        return self._redis
+
+    @property
+    def circuits(self) -> CircuitBreaker:
+        """The providers' circuit breakers: in Redis when configured, else in this process."""
+        if self._circuits is None:
+            from kmsg_worker.circuit import make_breaker
+
+            self._circuits = make_breaker(self.settings.circuit, self.redis, prefix=self.redis_key("cb:"))
+        return self._circuits
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The global token buckets: in Redis when configured, else in this process."""
+        if self._limiter is None:
+            from kmsg_worker.ratelimit import make_limiter
+
+            self._limiter = make_limiter(self.redis, prefix=self.redis_key("rl:"))
+        return self._limiter
 
     @property
     def http(self) -> httpx.Client:
@@ -112,6 +164,7 @@ class Runtime:
         dispose_after_fork(self.engine)
         self._http = None
         self._providers.clear()
+        self._redis = self._circuits = self._limiter = None
 
     def close(self) -> None:
         """Close the HTTP client and the engine's pool."""
@@ -121,4 +174,7 @@ class Runtime:
         for provider in self._providers.values():
             provider.close()
         self._providers.clear()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         self.engine.dispose()

@@ -15,18 +15,23 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from kmsg_worker.circuit import CircuitPolicy
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
 from kmsg_worker.providers.registry import provider_class
+from kmsg_worker.ratelimit import parse_rate_limits
+from kmsg_worker.routing import validate_routing
+from kmsg_worker.taxonomy import ErrorPolicy, parse_error_policy
 
-__all__ = ["RetryPolicy", "Settings", "TrackingPolicy"]
+__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy"]
 
 T = TypeVar("T")
 
@@ -63,12 +68,37 @@ class TrackingPolicy:
         max_duration: Give up as ``unknown`` after this many seconds.
         no_status_api: What to do for a provider without a status API: ``"wait"`` until the
             timeout, or ``"unknown"`` at once.
+        claim_seconds: How long a sweep holds the rows it claimed; it stops querying at 3/4 of
+            it and releases what it did not reach, so two sweeps never poll the same row.
+        fallback_codes: Extra provider status codes that mean "not a KakaoTalk user" (the
+            SMS/LMS fallback trigger), on top of Solapi 3104/3107 and Kakao 3018/3019/3020.
+        fallback_texts: Extra substrings of a status text with the same meaning.
     """
 
     backoff: tuple[float, ...] = (30.0, 120.0, 600.0, 1800.0, 7200.0)
     first_check: float = 30.0
     max_duration: float = 86400.0
     no_status_api: str = "unknown"
+    claim_seconds: float = 120.0
+    fallback_codes: frozenset[str] = frozenset()
+    fallback_texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetryOverride:
+    """Per message type or priority limits over :class:`RetryPolicy` (``None`` = keep the default).
+
+    Attributes:
+        max_attempts: Attempts on one provider before failing over or failing.
+        max_age: Give up this many seconds after the message was accepted.
+    """
+
+    max_attempts: int | None = None
+    max_age: float | None = None
+
+
+#: An OTP is useless after a few minutes: high priority gives up (or fails over) fast.
+DEFAULT_RETRY_BY_PRIORITY: Mapping[str, RetryOverride] = {"high": RetryOverride(max_attempts=3, max_age=300.0)}
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -96,6 +126,13 @@ def _positive(parser: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+_NO_WORDS: tuple[str, ...] = ()
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _floats(raw: str) -> tuple[float, ...]:
     values = tuple(float(part) for part in raw.split(",") if part.strip())
     if not values or any(v <= 0 for v in values):
@@ -112,6 +149,8 @@ class Settings:
 
     var_dir: Path = Path("var")
     broker_url: str = ""
+    #: Prefix of every broker key in Redis, so several environments can share one Redis.
+    broker_key_prefix: str = ""
     database_url: str = ""
     redis_url: str | None = None
     timezone: str = "Asia/Seoul"
@@ -123,24 +162,67 @@ class Settings:
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tracking: TrackingPolicy = field(default_factory=TrackingPolicy)
+    #: Operator overrides of the retry classification (``KMSG_RETRY_POLICY``).
+    error_policy: ErrorPolicy = field(default_factory=ErrorPolicy)
+    #: Limits per message type (``KMSG_RETRY_BY_TYPE``) and per priority (``KMSG_RETRY_BY_PRIORITY``).
+    retry_by_type: Mapping[str, RetryOverride] = field(default_factory=dict)
+    retry_by_priority: Mapping[str, RetryOverride] = field(default_factory=lambda: dict(DEFAULT_RETRY_BY_PRIORITY))
+    #: Circuit breaker knobs (``KMSG_CIRCUIT_*``).
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    #: Token-bucket rates per second: provider, ``sender:<number>``, ``tenant:<name>`` (``KMSG_RATE_LIMITS``).
+    rate_limits: Mapping[str, float] = field(default_factory=dict)
+    #: A throttled send waits this long in the worker before it is re-enqueued with a countdown.
+    rate_limit_inline_wait: float = 0.25
     idempotency_ttl: timedelta = timedelta(hours=24)
     lease_seconds: float = 120.0
     stale_queued_seconds: float = 60.0
     max_deliveries: int = 5
     visibility_timeout: int = 3600
     sweep_interval: float = 5.0
+    #: Beat period of the scheduled-send dispatch (shorter than the sweep: scheduled sends are on time).
+    schedule_interval: float = 1.0
     sweep_batch: int = 1000
     log_level: str = "INFO"
     log_json: bool = True
+    #: Port of the worker's Prometheus endpoint (``KMSG_METRICS_PORT``); 0 = not served by the worker.
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
+    #: KRW per message type for ``kmsg report`` cost estimates, over the built-in table (``KMSG_UNIT_PRICES``).
+    unit_prices: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def embedded(self) -> bool:
         """True when running on the embedded broker and SQLite (no server at all)."""
         return not self.broker_url.startswith(("redis", "rediss", "amqp", "sentinel"))
 
+    def __repr__(self) -> str:
+        # URLs may carry passwords (postgresql://user:secret@..., redis://:secret@...): never show them.
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        for name in ("broker_url", "database_url", "redis_url"):
+            shown[name] = _hide_password(shown[name])
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def provider_config(self, name: str) -> ProviderConfig:
         """Return the configuration of provider ``name`` (an empty one if nothing is set)."""
         return self.provider_configs.get(name) or ProviderConfig(name=name)
+
+    def retry_for(self, mtype: str, priority: str) -> RetryPolicy:
+        """The retry policy of a message of type ``mtype`` and ``priority``.
+
+        An override replaces the global default; where a type and a priority override both set a
+        limit, the stricter one wins (an OTP sent as LMS still gives up like an OTP).
+        """
+        by_type = self.retry_by_type.get(mtype)
+        by_priority = self.retry_by_priority.get(priority)
+        if by_type is None and by_priority is None:
+            return self.retry
+        attempts = [o.max_attempts for o in (by_type, by_priority) if o is not None and o.max_attempts is not None]
+        ages = [o.max_age for o in (by_type, by_priority) if o is not None and o.max_age is not None]
+        return replace(
+            self.retry,
+            max_attempts=min(attempts) if attempts else self.retry.max_attempts,
+            max_age=min(ages) if ages else self.retry.max_age,
+        )
 
     def with_overrides(self, **changes: Any) -> Settings:
         """Return a copy with some fields changed (tests, the demo)."""
@@ -215,11 +297,24 @@ class Settings:
         )
         if not 0 <= retry.jitter < 1:
             raise ConfigurationError("KMSG_RETRY_JITTER must be in [0, 1)", variable="KMSG_RETRY_JITTER")
+        validate_routing(routing, providers)
+        rate_limits = parse_rate_limits(_env(env, "KMSG_RATE_LIMITS"), providers)
+        retry_values: dict[str, Any] = {
+            "error_policy": parse_error_policy(_parse(env, "KMSG_RETRY_POLICY", {}, json.loads)),
+            "retry_by_type": _retry_overrides(env, "KMSG_RETRY_BY_TYPE", {}),
+            "retry_by_priority": _retry_overrides(env, "KMSG_RETRY_BY_PRIORITY", DEFAULT_RETRY_BY_PRIORITY),
+            "circuit": CircuitPolicy.from_env(env),
+            "rate_limits": rate_limits,
+            "rate_limit_inline_wait": _parse(env, "KMSG_RATE_LIMIT_INLINE_WAIT_SECONDS", 0.25, float),
+        }
         tracking = TrackingPolicy(
             backoff=_parse(env, "KMSG_TRACKING_BACKOFF", (30.0, 120.0, 600.0, 1800.0, 7200.0), _floats),
             first_check=_parse(env, "KMSG_TRACKING_FIRST_CHECK_SECONDS", 30.0, _positive(float)),
             max_duration=_parse(env, "KMSG_TRACKING_MAX_SECONDS", 86400.0, _positive(float)),
             no_status_api=_parse(env, "KMSG_TRACKING_NO_STATUS_API", "unknown", _choice("wait", "unknown")),
+            claim_seconds=_parse(env, "KMSG_TRACKING_CLAIM_SECONDS", 120.0, _positive(float)),
+            fallback_codes=frozenset(_parse(env, "KMSG_FALLBACK_CODES", _NO_WORDS, _words)),
+            fallback_texts=_parse(env, "KMSG_FALLBACK_TEXTS", _NO_WORDS, _words),
         )
         visibility_timeout = _parse(env, "KMSG_VISIBILITY_TIMEOUT", 3600, _positive(int))
         lease = _parse(env, "KMSG_LEASE_SECONDS", 120.0, _positive(float))
@@ -227,9 +322,17 @@ class Settings:
             raise ConfigurationError(
                 "KMSG_LEASE_SECONDS must be below KMSG_VISIBILITY_TIMEOUT", variable="KMSG_LEASE_SECONDS"
             )
+        if retry.max_countdown * 10 > visibility_timeout:
+            # A countdown near the visibility timeout is redelivered while still waiting
+            # (celery-production.md B1): longer waits belong in next_attempt_at.
+            raise ConfigurationError(
+                "KMSG_RETRY_MAX_COUNTDOWN_SECONDS must be at most a tenth of KMSG_VISIBILITY_TIMEOUT",
+                variable="KMSG_RETRY_MAX_COUNTDOWN_SECONDS",
+            )
         values: dict[str, Any] = {
             "var_dir": var_dir,
             "broker_url": broker_url,
+            "broker_key_prefix": _env(env, "KMSG_BROKER_KEY_PREFIX") or "",
             "database_url": database_url,
             "redis_url": redis_url,
             "timezone": timezone,
@@ -241,15 +344,20 @@ class Settings:
             "limits": limits,
             "retry": retry,
             "tracking": tracking,
+            **retry_values,
             "idempotency_ttl": timedelta(seconds=_parse(env, "KMSG_IDEMPOTENCY_TTL_SECONDS", 86400, _positive(int))),
             "lease_seconds": lease,
             "stale_queued_seconds": _parse(env, "KMSG_STALE_QUEUED_SECONDS", 60.0, _positive(float)),
             "max_deliveries": _parse(env, "KMSG_MAX_DELIVERIES", 5, _positive(int)),
             "visibility_timeout": visibility_timeout,
             "sweep_interval": _parse(env, "KMSG_SWEEP_INTERVAL_SECONDS", 5.0, _positive(float)),
+            "schedule_interval": _parse(env, "KMSG_SCHEDULE_INTERVAL_SECONDS", 1.0, _positive(float)),
             "sweep_batch": _parse(env, "KMSG_SWEEP_BATCH", 1000, _positive(int)),
             "log_level": (_env(env, "KMSG_LOG_LEVEL") or "INFO").upper(),
             "log_json": _parse(env, "KMSG_LOG_JSON", True, _bool),
+            "metrics_port": _parse(env, "KMSG_METRICS_PORT", 0, _port),
+            "metrics_addr": _env(env, "KMSG_METRICS_ADDR") or "127.0.0.1",
+            "unit_prices": _parse(env, "KMSG_UNIT_PRICES", dict[str, float](), _prices),
         }
         values.update(overrides)
         return cls(**values)
@@ -270,6 +378,69 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return raw
 
     return parse
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0 = off)")
+    return value
+
+
+def _prices(raw: str) -> dict[str, float]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError('must be a JSON object like {"SMS": 9.9, "LMS": 30}')
+    prices = {str(k).upper(): float(v) for k, v in data.items()}
+    if any(v < 0 for v in prices.values()):
+        raise ValueError("prices must not be negative")
+    return prices
+
+
+def _retry_overrides(
+    env: Mapping[str, str], name: str, default: Mapping[str, RetryOverride]
+) -> Mapping[str, RetryOverride]:
+    """Parse ``{"ALIMTALK": {"max_attempts": 2, "max_age_seconds": 60}}`` (keys: types or priorities)."""
+    raw: Any = _parse(env, name, None, json.loads)
+    if raw is None:
+        return dict(default)
+    from kmsg_worker.message import MessageType, Priority
+
+    allowed = {t.value for t in MessageType} if name.endswith("TYPE") else {p.value for p in Priority}
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{name} must be a JSON object", variable=name)
+    result: dict[str, RetryOverride] = {}
+    for key, value in raw.items():
+        norm = str(key).upper() if name.endswith("TYPE") else str(key).lower()
+        if norm not in allowed:
+            raise ConfigurationError(
+                f"{name}: unknown key {key!r}; use one of {', '.join(sorted(allowed))}", variable=name
+            )
+        if not isinstance(value, dict) or not value or set(value) - {"max_attempts", "max_age_seconds"}:
+            raise ConfigurationError(
+                f"{name}.{key} must be an object with max_attempts and/or max_age_seconds", variable=name
+            )
+        attempts, age = value.get("max_attempts"), value.get("max_age_seconds")
+        if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1):
+            raise ConfigurationError(f"{name}.{key}.max_attempts must be an integer >= 1", variable=name)
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or age <= 0):
+            raise ConfigurationError(f"{name}.{key}.max_age_seconds must be a number > 0", variable=name)
+        result[norm] = RetryOverride(attempts, float(age) if age is not None else None)
+    return result
+
+
+def _hide_password(url: str | None) -> str | None:
+    """``url`` with its password, if any, replaced by ``***``."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.rsplit("@", 1)[-1]
+    if password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
 
 
 def _bool(raw: str) -> bool:

@@ -18,17 +18,19 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from kmsg_worker.bulk import reconcile_expired
 from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.logging import get_logger
-from kmsg_worker.pipeline import reconcile_lease
 from kmsg_worker.runtime import Runtime
 
-__all__ = ["SweepReport", "sweep"]
+__all__ = ["SweepReport", "dispatch_scheduled", "sweep"]
 
 log = get_logger("kmsg.sweeps")
+#: Claim rounds of one schedule dispatch (``KMSG_SWEEP_BATCH`` rows each) while they come back full.
+SCHEDULE_ROUNDS = 20
 
 
 @dataclass
@@ -75,6 +77,48 @@ def _enqueue_chunks(rt: Runtime, chunks: set[tuple[str, int]]) -> None:
         rt.dispatcher.chunk(batch_id, sorted(numbers))
 
 
+def dispatch_scheduled(rt: Runtime, *, now: datetime | None = None) -> int:
+    """Enqueue every scheduled message whose time has come: single sends and batch chunks.
+
+    Beat runs this every ``KMSG_SCHEDULE_INTERVAL_SECONDS`` (1 s) so that a scheduled send leaves
+    within about a second of its time, whatever the maintenance sweep's period; the sweep calls it
+    too, as a backstop. Rows move ``scheduled -> queued`` in one conditional UPDATE whose sub-select
+    takes ``FOR UPDATE SKIP LOCKED``, so two beats never dispatch a row twice, and a cancelled row is
+    never dispatched. With nothing due it is two probes of the partial index
+    ``ix_kmsg_messages_due_schedule``, however many messages wait for later.
+
+    A burst (a campaign scheduled for 09:00) is claimed in rounds of ``KMSG_SWEEP_BATCH`` rows, up to
+    :data:`SCHEDULE_ROUNDS` per run; a batch's chunks are published once, after all their due rows
+    are ``queued``, so each chunk still goes out as one provider request.
+
+    Args:
+        rt: The process's runtime.
+        now: The time to compare ``scheduled_at`` with (default: the runtime's clock).
+
+    Returns:
+        How many messages and batch chunks were enqueued.
+    """
+    now = now or rt.now()
+    limit = rt.settings.sweep_batch
+    messages = 0
+    for _ in range(SCHEDULE_ROUNDS):
+        due = rt.store.claim_due_scheduled(now=now, limit=limit)
+        _enqueue(rt, due)
+        messages += len(due)
+        if len(due) < limit:
+            break
+    chunks: set[tuple[str, int]] = set()
+    for _ in range(SCHEDULE_ROUNDS):
+        claimed = rt.store.claim_due_scheduled_chunks(now=now, limit=limit)
+        if not claimed:
+            break
+        chunks |= claimed
+    _enqueue_chunks(rt, chunks)
+    if messages or chunks:
+        log.info("schedule.dispatched", messages=messages, chunks=len(chunks))
+    return messages + len(chunks)
+
+
 def sweep(rt: Runtime) -> SweepReport:
     """Run every maintenance step once."""
     settings = rt.settings
@@ -82,11 +126,8 @@ def sweep(rt: Runtime) -> SweepReport:
     limit = settings.sweep_batch
     report = SweepReport()
 
-    due = rt.store.claim_due_scheduled(now=now, limit=limit)
-    _enqueue(rt, due)
-    due_chunks = rt.store.claim_due_scheduled_chunks(now=now, limit=limit)
-    _enqueue_chunks(rt, due_chunks)
-    report.scheduled = len(due) + len(due_chunks)
+    # Scheduled sends have their own, faster beat entry; this is the backstop if it is late.
+    report.scheduled = dispatch_scheduled(rt, now=now)
 
     retries = rt.store.claim_due_retries(now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
     _enqueue(rt, retries)
@@ -100,8 +141,8 @@ def sweep(rt: Runtime) -> SweepReport:
     report.stale_queued = len(stale) + len(stale_chunks)
 
     leases = rt.store.claim_expired_leases(now=now, extend=timedelta(seconds=settings.lease_seconds), limit=limit)
-    for message_id, _ in leases:
-        reconcile_lease(rt, message_id)
+    # One provider lookup for all expired leases, not one per message (a whole chunk may be in flight).
+    reconcile_expired(rt, [message_id for message_id, _ in leases])
     report.leases = len(leases)
 
     report.idempotency_purged = rt.store.purge_idempotency(now)

@@ -3,11 +3,15 @@
 ``send_message.delay(to=..., text=...)`` validates and stores the message **in the caller's
 process** (a validation error is raised right there, before anything is queued), then publishes a
 task carrying only the message id: phone numbers and text never reach the broker or Flower.
+``send_message.delay(..., scheduled_at=...)``, or ``apply_async(kwargs={...}, eta=...)`` /
+``countdown=...``, stores a schedule instead (any horizon), which beat dispatches when it is due:
+no long Celery ETA is ever published.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -28,11 +32,31 @@ class SendMessageTask(Task):  # type: ignore[misc]
 
     def apply_async(self, args: Any = None, kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
         if kwargs and "message_id" not in kwargs and not args:
-            receipt = get_producer().send(kwargs)
+            fields = dict(kwargs)
+            when = _scheduled_from_options(options)
+            if when is not None and fields.get("scheduled_at") is None:
+                # A Celery ETA/countdown becomes a stored schedule: a long ETA sits in a worker's
+                # memory and is redelivered past the visibility timeout (celery-production.md B1).
+                fields["scheduled_at"] = when
+            receipt = get_producer().send(fields)
             result = AsyncResult(receipt.message_id, app=self.app)
             result.receipt = receipt
             return result
         return super().apply_async(args, kwargs, **options)
+
+
+def _scheduled_from_options(options: dict[str, Any]) -> datetime | None:
+    """The send time a caller asked for with Celery's ``eta`` (naive = UTC, as Celery reads it) or ``countdown``."""
+    eta = options.get("eta")
+    if isinstance(eta, datetime):
+        return eta if eta.tzinfo is not None else eta.replace(tzinfo=UTC)
+    if isinstance(eta, str):
+        parsed = datetime.fromisoformat(eta)
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    countdown = options.get("countdown")
+    if countdown is not None:
+        return get_runtime().now() + timedelta(seconds=float(countdown))
+    return None
 
 
 def _dead_letter(task: Task, reason: str, payload: Any, message_id: str | None = None) -> None:

@@ -8,7 +8,7 @@ import structlog
 from celery import signals
 
 from config.celery import settings
-from kmsg_worker.logging import configure_logging
+from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish
 from tasks.context import reset_runtime
 
 
@@ -31,6 +31,13 @@ def _bind_context(task_id: str | None = None, task: Any = None, kwargs: Any = No
     values: dict[str, Any] = {"task_id": task_id, "task": getattr(task, "name", None)}
     if isinstance(kwargs, dict) and isinstance(kwargs.get("message_id"), str):
         values["message_id"] = kwargs["message_id"]
+    # The producer's correlation id arrives as a message header (config.observability adds it);
+    # tasks published without one (another client, an old message) fall back to their message id.
+    header = getattr(getattr(task, "request", None), CORRELATION_HEADER, None)
+    correlation = header if isinstance(header, str) and header else None
+    correlation = correlation or correlation_for_publish(kwargs if isinstance(kwargs, dict) else None)
+    if correlation:
+        values["correlation_id"] = correlation
     structlog.contextvars.bind_contextvars(**values)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from config.celery import app
+from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.tracking import poll_statuses
 from tasks.context import get_runtime
 
@@ -12,4 +13,7 @@ __all__ = ["poll"]
 @app.task(name="kmsg.poll_statuses", acks_late=False, ignore_result=True)
 def poll() -> int:
     """Poll providers for due ``sent`` messages; returns how many were claimed."""
-    return poll_statuses(get_runtime()).claimed
+    runtime = get_runtime()
+    claimed = poll_statuses(runtime).claimed
+    record_heartbeat(runtime.engine, "poll", runtime.now())
+    return claimed

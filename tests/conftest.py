@@ -220,6 +220,10 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
+    def key(self, name: str) -> str:
+        """The Redis key of broker queue ``name`` (queues are prefixed per test session)."""
+        return self.env.get("KMSG_BROKER_KEY_PREFIX", "") + name
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.var_dir.glob("*.log")))
 
@@ -230,13 +234,20 @@ def cluster(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
     import redis
 
     truncate(pg_url)
-    redis.Redis.from_url(redis_url).flushdb()
+    # Broker keys are namespaced per test session, so concurrent test runs sharing this Redis
+    # (two developers, or a developer and CI) never consume each other's tasks.
+    prefix = f"kmsgtest{os.getpid()}:"
+    client = redis.Redis.from_url(redis_url)
+    stale = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if stale:
+        client.delete(*stale)
     var_dir = tmp_path / "var"
     var_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMSG_")}
     env.update(
         {
             "KMSG_BROKER_URL": redis_url,
+            "KMSG_BROKER_KEY_PREFIX": prefix,
             "KMSG_DATABASE_URL": pg_url,
             "KMSG_VAR_DIR": str(var_dir),
             "KMSG_SWEEP_INTERVAL_SECONDS": "1",

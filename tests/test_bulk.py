@@ -236,3 +236,12 @@ def test_batch_idempotency(kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDi
     assert again.duplicate and again.batch_id == first.batch_id
     assert sorted(again.message_ids) == sorted(first.message_ids)
     assert sum(runtime.store.count_by_status().values()) == 10
+
+
+def test_awkward_text_round_trips_through_copy(kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher) -> None:
+    text = 'back\\slash\ttab\nnew "quote" 가😀 \\N'
+    receipt = kmsg.send_many([{"to": "01012345678"}, {"to": "01012345679"}], defaults={"text": text, "type": "LMS"})
+    stored = kmsg.get(receipt.message_ids[0])
+    row = runtime.store.get(stored.id)
+    assert row is not None and row.content["text"] == text
+    assert row.scheduled_at is None and row.route == ["mock"]

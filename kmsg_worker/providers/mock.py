@@ -79,7 +79,8 @@ def build_error(provider: str, step: Mapping[str, Any]) -> ProviderError:
         "retry_after": step.get("retry_after"),
     }
     text = f"{provider}: scripted {code.value}"
-    if code is ErrorCode.NETWORK_TIMEOUT:
+    if code in (ErrorCode.NETWORK_TIMEOUT, ErrorCode.OUTCOME_UNKNOWN):
+        # As the real adapters raise it: the provider may have the message, so reconcile first.
         return ProviderTimeout(text, **common)
     if code is ErrorCode.NETWORK_ERROR:
         return ProviderConnectionError(text, **common)

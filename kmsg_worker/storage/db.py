@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -20,7 +21,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from kmsg_worker.errors import StorageUnavailableError
 from kmsg_worker.storage.models import Base
 
-__all__ = ["create_schema", "dispose_after_fork", "make_engine", "make_sessionmaker", "storage_errors"]
+__all__ = [
+    "create_schema",
+    "dispose_after_fork",
+    "json_dumps",
+    "make_engine",
+    "make_sessionmaker",
+    "storage_errors",
+]
+
+
+def json_dumps(value: Any) -> str:
+    """JSON text for the database: orjson is ~10x faster than json, which matters at bulk volume."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
@@ -32,8 +45,12 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         engine = create_engine(
             url,
             echo=echo,
+            # Errors must not echo rows: their parameters hold phone numbers and message text.
+            hide_parameters=True,
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_pre_ping=False,
+            json_serializer=json_dumps,
+            json_deserializer=orjson.loads,
         )
 
         @event.listens_for(engine, "connect")
@@ -52,11 +69,14 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     return create_engine(
         parsed,
         echo=echo,
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
+        json_serializer=json_dumps,
+        json_deserializer=orjson.loads,
     )
 
 

@@ -115,6 +115,8 @@ class MessageRow(Base):
     queued_at: Mapped[datetime | None] = mapped_column(TS)
     sent_at: Mapped[datetime | None] = mapped_column(TS)
     delivered_at: Mapped[datetime | None] = mapped_column(TS)
+    #: When the carrier or Kakao reported the failure (``final_at`` is when we learned it).
+    failed_at: Mapped[datetime | None] = mapped_column(TS)
     final_at: Mapped[datetime | None] = mapped_column(TS)
 
     __table_args__ = (

@@ -402,6 +402,8 @@ class FakeProviderServer:
                 headers = {
                     "Content-Type": content_type,
                     "Content-Length": str(len(payload)),
+                    # Real providers send it; `kmsg doctor` reads it to measure clock skew.
+                    "Date": self.date_time_string(),
                     **response.headers,
                 }
                 head.extend(f"{k}: {v}" for k, v in headers.items())

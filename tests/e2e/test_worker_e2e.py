@@ -68,7 +68,7 @@ def test_delay_with_invalid_input_raises_in_the_producer(cluster: Cluster) -> No
     import redis
 
     broker = redis.Redis.from_url(cluster.env["KMSG_BROKER_URL"])
-    assert broker.llen("kmsg.send") == 0
+    assert broker.llen(cluster.key("kmsg.send")) == 0
 
 
 def test_task_payload_carries_only_the_id(cluster: Cluster) -> None:
@@ -80,11 +80,11 @@ def test_task_payload_carries_only_the_id(cluster: Cluster) -> None:
     import redis
 
     broker = redis.Redis.from_url(cluster.env["KMSG_BROKER_URL"])
-    raw = b"".join(broker.lrange("kmsg.send", 0, -1))
+    raw = b"".join(broker.lrange(cluster.key("kmsg.send"), 0, -1))
     assert raw, "the task should be queued"
     assert b"01098765432" not in raw and b"9876" not in raw
     assert b"secret text" not in raw
-    envelope = json.loads(broker.lrange("kmsg.send", 0, 0)[0])
+    envelope = json.loads(broker.lrange(cluster.key("kmsg.send"), 0, 0)[0])
     import base64
 
     body = json.loads(base64.b64decode(envelope["body"]))

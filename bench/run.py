@@ -1,0 +1,378 @@
+"""End-to-end benchmarks, each compared with a baseline measured in the same invocation.
+
+    python -m bench.run              # naive baseline, bulk 100k at 0 ms and 20 ms, single-send latency
+    python -m bench.run --long       # also worker RSS over a 1,000,000-message run
+
+Everything runs on this machine: the fake provider servers in their own process on 127.0.0.1,
+Redis, PostgreSQL (a scratch database created and dropped here), and real Celery worker processes.
+Results are printed and written as JSON under bench/results/. Targets (issue 5) are checked here,
+never in unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PG_ADMIN = os.environ.get("KMSG_BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("KMSG_BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+FAKE_PORT = int(os.environ.get("KMSG_BENCH_FAKE_PORT", "18480"))
+
+
+def log(msg: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+@contextmanager
+def scratch_database() -> Any:
+    from kmsg_worker.storage.db import create_schema, make_engine
+
+    name = f"kmsg_bench_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_ADMIN).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    engine = make_engine(url)
+    create_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE TABLE bench_naive (id text PRIMARY KEY, recipient text, body text, status text, pmid text)")
+        )
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+class Env:
+    """Processes of one benchmark run (fakes, workers) and their environment."""
+
+    def __init__(self, db_url: str) -> None:
+        from kmsg_worker.testing.servers import SENDER, SOLAPI_KEY, SOLAPI_SECRET
+
+        self.var = Path(f"/tmp/kmsg-bench-{os.getpid()}")
+        self.var.mkdir(exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("KMSG_")}
+        self.fake_url = f"http://127.0.0.1:{FAKE_PORT}"
+        self.env.update(
+            {
+                "KMSG_BROKER_URL": REDIS_URL,
+                "KMSG_DATABASE_URL": db_url,
+                "KMSG_VAR_DIR": str(self.var),
+                "KMSG_PROVIDERS": "solapi",
+                "KMSG_SOLAPI_BASE_URL": self.fake_url,
+                "KMSG_SOLAPI_API_KEY": SOLAPI_KEY,
+                "KMSG_SOLAPI_API_SECRET": SOLAPI_SECRET,
+                "KMSG_SOLAPI_DEFAULT_FROM": SENDER,
+                "KMSG_DEFAULT_SENDER": SENDER,
+                "KMSG_LOG_LEVEL": "WARNING",
+                "KMSG_TRACKING_FIRST_CHECK_SECONDS": "86400",
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        out = open(self.var / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_fakes(self) -> None:
+        self.start([sys.executable, "-m", "kmsg_worker.cli", "fake-providers", "--port", str(FAKE_PORT)], "fakes")
+        wait_port(FAKE_PORT)
+
+    def fake_faults(self, **faults: Any) -> None:
+        httpx.post(f"{self.fake_url}/_fake/faults", json=faults, timeout=5).raise_for_status()
+
+    def fake_reset(self) -> None:
+        httpx.post(f"{self.fake_url}/_fake/reset", timeout=5).raise_for_status()
+
+    def worker(self, app: str, queues: str, concurrency: int, name: str) -> subprocess.Popen[bytes]:
+        return self.start(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                app,
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}-{uuid.uuid4().hex[:6]}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel=WARNING",
+            ],
+            name,
+        )
+
+    def stop(self, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+        for proc in procs if procs is not None else self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs if procs is not None else self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    """Resident memory of a process and its children, in MB."""
+    out = subprocess.run(
+        ["ps", "-o", "rss=", "--ppid", str(proc.pid), "-p", str(proc.pid)], capture_output=True, text=True
+    )
+    return sum(int(x) for x in out.stdout.split()) / 1024
+
+
+def wait_count(engine: Any, sql: str, params: dict[str, Any], target: int, timeout: float) -> float:
+    """Poll until the count reaches ``target``; returns the monotonic time it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            n = conn.execute(text(sql), params).scalar_one()
+        if n >= target:
+            return time.monotonic()
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out: {n}/{target} after {timeout}s ({sql})")
+
+
+def bench_naive(env: Env, count: int) -> dict[str, Any]:
+    from kmsg_worker.storage.db import make_engine
+
+    engine = make_engine(env.env["KMSG_DATABASE_URL"])
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    ids = [uuid.uuid4().hex for _ in range(count)]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO bench_naive (id, recipient, body, status) VALUES (:id, :r, :b, 'queued')"),
+            [{"id": i, "r": f"010{n:08d}", "b": "[bench] naive message"} for n, i in enumerate(ids)],
+        )
+    worker = env.worker("bench.naive", "celery", 2, "naive")
+    time.sleep(4)
+    os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
+    from bench.naive import app, naive_send
+
+    started = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for i in ids:
+            naive_send.apply_async((i,), producer=producer)
+    done = wait_count(engine, "SELECT count(*) FROM bench_naive WHERE status = 'sent'", {}, count, 600)
+    env.stop([worker])
+    rate = count / (done - started)
+    log(f"naive: {count} messages in {done - started:.2f}s = {rate:,.0f} msg/s")
+    return {"messages": count, "seconds": round(done - started, 3), "msgs_per_s": round(rate, 1)}
+
+
+def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -> dict[str, Any]:
+    """``send_many`` of ``count`` rows until every row is recorded as accepted by the provider."""
+    from kmsg_worker.storage.db import make_engine
+
+    engine = make_engine(env.env["KMSG_DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE kmsg_attempts, kmsg_messages, kmsg_batches CASCADE"))
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    env.fake_reset()
+    env.fake_faults(latency_ms=latency_ms)
+    bulk_worker = env.worker("config.celery", "kmsg.bulk", 2, "bulk")
+    single_worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single")
+    time.sleep(5)
+    rss_before = rss_mb(bulk_worker)
+    os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
+    from kmsg_worker.producer import KMsg
+
+    kmsg = KMsg()
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def singles() -> None:
+        sent_ids = []
+        while not stop.is_set() and len(sent_ids) < single_sends:
+            sent_ids.append(kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high").message_id)
+            time.sleep(0.05)
+        latencies.extend(single_latencies(engine, sent_ids))
+
+    rows = ({"to": f"010{i:08d}", "variables": {"n": i}} for i in range(count))
+    thread = threading.Thread(target=singles) if single_sends else None
+    started = time.monotonic()
+    if thread:
+        thread.start()
+    receipt = kmsg.send_many(rows, defaults={"text": "[bench] 겨울 세일 쿠폰 #{n}", "sender": "0212345678"})
+    accepted = time.monotonic()
+    done = wait_count(
+        engine,
+        "SELECT count(*) FROM kmsg_messages WHERE batch_id = :b AND status = 'sent'",
+        {"b": receipt.batch_id},
+        count,
+        900,
+    )
+    stop.set()
+    if thread:
+        thread.join(60)
+    rss_after = rss_mb(bulk_worker)
+    stats = httpx.get(f"{env.fake_url}/_fake/stats", timeout=30).json()
+    env.stop([bulk_worker, single_worker])
+    kmsg.close()
+    rate = count / (done - started)
+    result = {
+        "messages": count,
+        "provider_latency_ms": latency_ms,
+        "intake_seconds": round(accepted - started, 3),
+        "seconds": round(done - started, 3),
+        "msgs_per_s": round(rate, 1),
+        "fake_accepted": stats["accepted"],
+        "fake_max_per_recipient": stats["max_per_recipient"],
+        "worker_rss_mb_before": round(rss_before, 1),
+        "worker_rss_mb_after": round(rss_after, 1),
+    }
+    if latencies:
+        result["single_p50_ms"] = round(percentile(latencies, 50), 1)
+        result["single_p99_ms"] = round(percentile(latencies, 99), 1)
+        result["single_count"] = len(latencies)
+    log(
+        f"bulk {count} @ {latency_ms:g} ms: intake {accepted - started:.2f}s, all accepted in {done - started:.2f}s "
+        f"= {rate:,.0f} msg/s (fake accepted {stats['accepted']}, max per recipient {stats['max_per_recipient']})"
+    )
+    return result
+
+
+def single_latencies(engine: Any, ids: list[str], timeout: float = 60) -> list[float]:
+    """Milliseconds from acceptance (created_at) to provider acceptance (sent_at) for ``ids``."""
+    if not ids:
+        return []
+    deadline = time.monotonic() + timeout
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT created_at, sent_at FROM kmsg_messages WHERE id = ANY(:ids) AND sent_at IS NOT NULL"),
+                {"ids": ids},
+            ).all()
+        if len(rows) == len(ids):
+            break
+        time.sleep(0.2)
+    return [(r.sent_at - r.created_at).total_seconds() * 1000 for r in rows]
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def bench_single_light(env: Env, count: int) -> dict[str, Any]:
+    from kmsg_worker.producer import KMsg
+    from kmsg_worker.storage.db import make_engine
+
+    engine = make_engine(env.env["KMSG_DATABASE_URL"])
+    env.fake_reset()
+    worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single-light")
+    time.sleep(4)
+    os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
+    kmsg = KMsg()
+    ids = []
+    for _ in range(count):
+        ids.append(kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high").message_id)
+        time.sleep(0.05)
+    lat = single_latencies(engine, ids)
+    env.stop([worker])
+    kmsg.close()
+    result = {
+        "count": len(lat),
+        "p50_ms": round(percentile(lat, 50), 1),
+        "p99_ms": round(percentile(lat, 99), 1),
+        "mean_ms": round(statistics.fmean(lat), 1),
+    }
+    log(f"single send at light load: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms over {len(lat)}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--naive", type=int, default=3000, help="messages for the naive baseline")
+    parser.add_argument("--bulk", type=int, default=100_000, help="messages per bulk run")
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--long", action="store_true", help="also a 1,000,000-message run for worker RSS")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "machine": os.uname().nodename}
+    with scratch_database() as db_url:
+        env = Env(db_url)
+        try:
+            env.start_fakes()
+            results["naive"] = bench_naive(env, args.naive)
+            results["bulk_0ms"] = bench_bulk(env, args.bulk, 0)
+            results["bulk_20ms"] = bench_bulk(env, args.bulk, 20)
+            results["single_light"] = bench_single_light(env, args.singles)
+            results["single_during_bulk"] = bench_bulk(env, args.bulk, 0, single_sends=args.singles)
+            if args.long:
+                results["bulk_1m"] = bench_bulk(env, 1_000_000, 0)
+        finally:
+            env.stop()
+    naive = results["naive"]["msgs_per_s"]
+    results["ratio_bulk_vs_naive"] = round(results["bulk_0ms"]["msgs_per_s"] / naive, 1)
+    targets = {
+        "bulk_0ms >= 25000/s": results["bulk_0ms"]["msgs_per_s"] >= 25_000,
+        "bulk_20ms >= 25000/s": results["bulk_20ms"]["msgs_per_s"] >= 25_000,
+        "bulk >= 30x naive": results["ratio_bulk_vs_naive"] >= 30,
+        "single p50 <= 10 ms (light)": results["single_light"]["p50_ms"] <= 10,
+        "single p99 <= 50 ms (light)": results["single_light"]["p99_ms"] <= 50,
+        "single p99 <= 100 ms (during bulk)": results["single_during_bulk"].get("single_p99_ms", 1e9) <= 100,
+        "no recipient twice": all(
+            results[k]["fake_max_per_recipient"] <= 1 for k in ("bulk_0ms", "bulk_20ms", "single_during_bulk")
+        ),
+    }
+    if "bulk_1m" in results:
+        growth = results["bulk_1m"]["worker_rss_mb_after"] - results["bulk_1m"]["worker_rss_mb_before"]
+        targets["worker RSS growth < 50 MB over 1M"] = growth < 50
+    results["targets"] = targets
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+    print(f"\nratio bulk/naive (0 ms): {results['ratio_bulk_vs_naive']}x  -> {out}")
+    for name, ok in targets.items():
+        print(f"  {'PASS' if ok else 'MISS'}  {name}")
+
+
+if __name__ == "__main__":
+    main()
