@@ -262,6 +262,8 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
         "msgs_per_s": round(rate, 1),
         "fake_accepted": stats["accepted"],
         "fake_max_per_recipient": stats["max_per_recipient"],
+        # Messages accepted more than once (by our id): the real duplicate check.
+        "fake_duplicated_messages": len(stats["duplicates"]),
         "worker_rss_mb_before": round(rss_before, 1),
         "worker_rss_mb_after": round(rss_after, 1),
     }
@@ -357,8 +359,8 @@ def main() -> None:
         "single p50 <= 10 ms (light)": results["single_light"]["p50_ms"] <= 10,
         "single p99 <= 50 ms (light)": results["single_light"]["p99_ms"] <= 50,
         "single p99 <= 100 ms (during bulk)": results["single_during_bulk"].get("single_p99_ms", 1e9) <= 100,
-        "no recipient twice": all(
-            results[k]["fake_max_per_recipient"] <= 1 for k in ("bulk_0ms", "bulk_20ms", "single_during_bulk")
+        "no message accepted twice": all(
+            results[k]["fake_duplicated_messages"] == 0 for k in ("bulk_0ms", "bulk_20ms", "single_during_bulk")
         ),
     }
     if "bulk_1m" in results:

@@ -135,6 +135,8 @@ class _Template:
         self.defaults = dict(defaults)
         self.raw_text = self.defaults.get("text", self.defaults.get("content"))
         probe = {**self.defaults, "to": "01000000000"}
+        # Same default as the row-by-row path: batch rows ride the bulk priority unless told otherwise.
+        probe.setdefault("priority", "bulk")
         probe.pop("variables", None)
         self.ok = True
         try:

@@ -244,10 +244,10 @@ def _decode(raw: bytes | str) -> Iterator[str]:
             stack.extend(item)
 
 
-def snapshot(broker: Any) -> list[str]:
-    """Every key and value in the broker's database (queues, unacked hash, bindings ...)."""
+def snapshot(broker: Any, prefix: str = "") -> list[str]:
+    """Every key and value of this test's broker (queues, unacked hash, bindings ...)."""
     out: list[str] = []
-    for key in broker.scan_iter(count=500):
+    for key in broker.scan_iter(match=f"{prefix}*", count=500):
         kind = broker.type(key).decode()
         values: list[Any] = []
         if kind == "list":
@@ -347,7 +347,8 @@ def test_no_number_text_or_secret_leaves_the_system_of_record(cluster: Cluster, 
         assert produced.returncode == 0, produced.stderr[-3000:]
         result = json.loads(produced.stdout.strip().splitlines()[-1])
         broker = redis.Redis.from_url(cluster.env["KMSG_BROKER_URL"])
-        queued = snapshot(broker)
+        prefix = cluster.env.get("KMSG_BROKER_KEY_PREFIX", "")
+        queued = snapshot(broker, prefix)
         assert any("kmsg.send_message" in v for v in queued) and any("kmsg.send_chunk" in v for v in queued)
         assert len(result["errors"]) == 5 and len(result["batch"]) == 3
 
@@ -360,7 +361,7 @@ def test_no_number_text_or_secret_leaves_the_system_of_record(cluster: Cluster, 
         in_flight: list[str] = []
 
         def done() -> bool:
-            in_flight.extend(snapshot(broker))
+            in_flight.extend(snapshot(broker, prefix))
             status = {k: (r.status if (r := store.get(m)) else "missing") for k, m in ids.items()}
             batch = [(r.status if (r := store.get(m)) else "missing") for m in result["batch"]]
             return (
