@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, text, update
 
+from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
     BatchValidationError,
     ErrorCode,
@@ -587,6 +588,7 @@ class ChunkResult:
     failed_over: int = 0
     dead: int = 0
     requests: int = 0
+    throttled: int = 0
 
 
 @dataclass
@@ -884,6 +886,74 @@ def _reconcile_rows(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkR
     return [r for r in rows if not r.outcome_unknown or r.id not in found]
 
 
+def _throttled(
+    rt: Runtime,
+    batch_id: str,
+    chunk: int,
+    provider: str,
+    rows: Sequence[_Row],
+    now: datetime,
+    wait: float,
+    result: ChunkResult,
+) -> None:
+    """Rate limited: give the rows back untouched (no attempt, no retry used) and re-run the chunk later."""
+    _bulk_transition(rt, rows, S.QUEUED, now, queued_at=now, lease_until=None, deliveries=0)
+    result.throttled += len(rows)
+    log.info(
+        "ratelimit.throttled",
+        provider=provider,
+        source="bulk",
+        batch_id=batch_id,
+        chunk=chunk,
+        count=len(rows),
+        wait=round(wait, 3),
+    )
+    rt.dispatcher.chunk(batch_id, [chunk], countdown=min(wait, rt.settings.retry.max_countdown))
+
+
+def _circuit_open(
+    rt: Runtime, batch_id: str, chunk: int, rows: Sequence[_Row], name: str, now: datetime, result: ChunkResult
+) -> None:
+    """The provider's circuit is open: move on to the next provider of the route, or wait for a probe."""
+    onward = [r for r in rows if r.route_index + 1 < len(r.route)]
+    stuck = [r for r in rows if r.route_index + 1 >= len(r.route)]
+    with rt.store.sessions.begin() as s:
+        for row in onward:
+            rt.store.transition(
+                row.id,
+                S.QUEUED,
+                now=now,
+                expect=[S.SENDING],
+                session=s,
+                route_index=row.route_index + 1,
+                provider_attempts=0,
+                queued_at=now,
+                lease_until=None,
+                deliveries=0,
+            )
+    result.failed_over += len(onward)
+    wait = max(1.0, circuit.retry_in(rt, [name]))
+    if stuck:
+        _bulk_transition(
+            rt,
+            stuck,
+            S.RETRYING,
+            now,
+            next_attempt_at=now + timedelta(seconds=wait),
+            retry_task_published=True,
+            lease_until=None,
+            deliveries=0,
+        )
+        result.retrying += len(stuck)
+    log.info(
+        "batch.circuit_open", batch_id=batch_id, chunk=chunk, provider=name, onward=len(onward), waiting=len(stuck)
+    )
+    if onward:
+        rt.dispatcher.chunk(batch_id, [chunk])
+    if stuck:
+        rt.dispatcher.chunk(batch_id, [chunk], countdown=min(wait, rt.settings.retry.max_countdown))
+
+
 def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
     """Claim and send one chunk of a batch (the body of ``kmsg.send_chunk``)."""
     now = rt.now()
@@ -903,16 +973,26 @@ def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
         by_provider[row.provider].append(row)
     for name, group in by_provider.items():
         provider = rt.provider(name)
+        if not circuit.allow(rt, name):
+            _circuit_open(rt, batch_id, chunk, group, name, now, result)
+            continue
         group = _reconcile_rows(rt, group, now, result)
         limit = provider.batch_limit
         for start in range(0, len(group), limit):
             piece = group[start : start + limit]
             messages = [Message.from_content(r.content) for r in piece]
+            # One token request for the whole bulk call (cost = the parts of every message).
+            wait = ratelimit.acquire(rt, name, messages, max_wait=rt.settings.rate_limit_inline_wait)
+            if wait > 0:
+                _throttled(rt, batch_id, chunk, name, group[start:], now, wait, result)
+                break
             started = time.perf_counter()
             try:
                 outcomes = provider.send_batch(messages)
                 whole = False
+                circuit.observe(rt, name, None)
             except ProviderError as exc:
+                circuit.observe(rt, name, exc)
                 outcomes = [SendOutcome(m.id, False, error=exc) for m in messages]
                 whole = True
             result.requests += 1

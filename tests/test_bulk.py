@@ -245,3 +245,39 @@ def test_awkward_text_round_trips_through_copy(kmsg: KMsg, runtime: Runtime, dis
     row = runtime.store.get(stored.id)
     assert row is not None and row.content["text"] == text
     assert row.scheduled_at is None and row.route == ["mock"]
+
+
+def test_rate_limited_chunk_is_given_back_without_using_a_retry(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker import ratelimit
+
+    receipt = kmsg.send_many(recipients(30), defaults=DEFAULTS)
+    monkeypatch.setattr(ratelimit, "acquire", lambda *a, **k: 2.5)
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    assert result.throttled == 30 and result.requests == 0
+    assert runtime.store.count_by_status() == {"queued": 30}
+    assert dispatcher.chunks[-1] == (receipt.batch_id, 0, 2.5)
+    row = runtime.store.get(receipt.message_ids[0])
+    assert row is not None and row.attempts == 0 and runtime.store.attempts(row.id) == []
+    monkeypatch.setattr(ratelimit, "acquire", lambda *a, **k: 0.0)
+    assert process_chunk(runtime, receipt.batch_id, 0).sent == 30
+
+
+def test_open_circuit_moves_the_chunk_to_the_next_provider(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker import circuit
+    from tests.test_pipeline import BackupMock  # registers mock_b
+
+    assert BackupMock.name == "mock_b"
+    runtime.router.providers.append("mock_b")
+    runtime.router._types["mock_b"] = BackupMock.capabilities.types
+    receipt = kmsg.send_many(recipients(20), defaults=DEFAULTS)
+    assert runtime.store.get(receipt.message_ids[0]).route == ["mock", "mock_b"]  # type: ignore[union-attr]
+    monkeypatch.setattr(circuit, "allow", lambda rt, name: name != "mock")
+    first = process_chunk(runtime, receipt.batch_id, 0)
+    assert first.failed_over == 20 and first.requests == 0
+    second = process_chunk(runtime, receipt.batch_id, 0)
+    assert second.sent == 20
+    assert kmsg.batch_summary(receipt.batch_id).by_provider == {"mock_b": 20}
