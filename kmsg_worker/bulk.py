@@ -877,7 +877,10 @@ def _reconcile_rows(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkR
         found = None
     if found is None:
         # Cannot tell yet: give them back for a later attempt instead of risking a duplicate.
-        _bulk_transition(rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), lease_until=None)
+        # deliveries=0: this claim ended normally (the provider could not answer), it is not a crash.
+        _bulk_transition(
+            rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), lease_until=None, deliveries=0
+        )
         result.retrying += len(unknown)
         return [r for r in rows if not r.outcome_unknown]
     hits = [r for r in unknown if r.id in found]

@@ -3,10 +3,10 @@
 Apps send with ``from tasks import send_message; send_message.delay(to=..., text=...)``.
 """
 
-from tasks.bulk import send_chunk
+from tasks.bulk import send_bulk, send_chunk
 from tasks.maintenance import sweep
 from tasks.scheduling import dispatch_scheduled
 from tasks.send import send_message
 from tasks.tracking import poll
 
-__all__ = ["dispatch_scheduled", "poll", "send_chunk", "send_message", "sweep"]
+__all__ = ["dispatch_scheduled", "poll", "send_bulk", "send_chunk", "send_message", "sweep"]
