@@ -1011,17 +1011,25 @@ def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
                 if not by_id[r.id].accepted
             ]
             if failures:
+                before = (result.retrying, result.failed)
                 _apply_errors(rt, batch_id, chunk, failures, now, whole and not accepted, result)
-    log.info(
-        "batch.chunk_sent",
-        batch_id=batch_id,
-        chunk=chunk,
-        claimed=result.claimed,
-        sent=result.sent,
-        retrying=result.retrying,
-        failed=result.failed,
-        requests=result.requests,
-    )
+            else:
+                before = (result.retrying, result.failed)
+            # One event per provider request, labelled for metrics (provider, type, tenant, latency).
+            log.info(
+                "batch.chunk_sent",
+                batch_id=batch_id,
+                chunk=chunk,
+                provider=name,
+                type=piece[0].content.get("type"),
+                tenant=piece[0].content.get("tenant"),
+                claimed=len(piece),
+                sent=len(accepted),
+                retrying=result.retrying - before[0],
+                failed=result.failed - before[1],
+                requests=1,
+                latency_ms=round(latency_ms, 2),
+            )
     return result
 
 

@@ -279,7 +279,15 @@ def _mark_sent(
                 latency_ms=latency_ms,
                 created_at=now,
             )
-    log.info("message.sent", message_id=claim.id, provider=claim.provider, attempt=claim.attempts + 1)
+    log.info(
+        "message.sent",
+        message_id=claim.id,
+        provider=claim.provider,
+        attempt=claim.attempts + 1,
+        type=claim.content.get("type"),
+        tenant=claim.content.get("tenant"),
+        latency_ms=None if latency_ms is None else round(latency_ms, 2),
+    )
 
 
 def _schedule_retry(
@@ -384,7 +392,13 @@ def record_outcome(
         )
         delay = RECONCILE_DELAY if unknown else decision.delay
         _schedule_retry(rt, claim, delay=delay, now=now, error=error, outcome_unknown=unknown)
-        log.info("message.retry_scheduled", message_id=claim.id, delay=round(delay, 3), attempt=attempt_no)
+        log.info(
+            "message.retry_scheduled",
+            message_id=claim.id,
+            provider=claim.provider,
+            delay=round(delay, 3),
+            attempt=attempt_no,
+        )
         return DeliveryResult(claim.id, "retry", S.RETRYING, claim.provider)
     if decision.action is Action.FAILOVER:
         changed = rt.store.transition(
@@ -410,7 +424,14 @@ def record_outcome(
             rt.dispatcher.send([claim.id], priority=message.priority)
         return DeliveryResult(claim.id, "failover", S.QUEUED, claim.route[claim.route_index + 1])
     rt.store.transition(claim.id, S.FAILED, now=now, expect=[S.SENDING], provider=claim.provider, **common)
-    log.info("message.failed", message_id=claim.id, provider=claim.provider, error_code=error.code.value)
+    log.info(
+        "message.failed",
+        message_id=claim.id,
+        provider=claim.provider,
+        error_code=error.code.value,
+        type=message.type.value,
+        tenant=message.tenant,
+    )
     return DeliveryResult(claim.id, "failed", S.FAILED, claim.provider)
 
 
