@@ -50,10 +50,13 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "polling_interval": 0.1,
         }
     # kombu's SQLAlchemy transport hands every transport option to create_engine(): give it none.
-    # The hard time limit is shorter than the message lease: a worker that stalls mid-call (frozen,
-    # swapping) is killed by its parent before the lease expires, so no other worker can re-send a
-    # message the stalled one might still send. Both stay far below the visibility timeout (B1, B2).
-    hard_limit = max(5, min(int(settings.lease_seconds * 0.75), vt // 2))
+    # Sends: the hard time limit is shorter than the message lease, so a worker that stalls
+    # mid-call (frozen, swapping) is killed by its parent before the lease expires and no other
+    # worker can re-send a message the stalled one might still send. Sweeps and polls hold no
+    # message lease and get the general limit. All stay far below the visibility timeout (B1, B2).
+    general_limit = min(300, vt // 2)
+    send_limit = max(4, min(int(settings.lease_seconds * 0.75), general_limit))
+    send_limits = {"time_limit": send_limit, "soft_time_limit": max(2, int(send_limit * 0.8))}
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,
@@ -77,8 +80,9 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # Our logs are already structured JSON on stderr; do not re-wrap them as WARNING lines.
         "worker_redirect_stdouts": False,
-        "task_time_limit": hard_limit,
-        "task_soft_time_limit": max(3, int(hard_limit * 0.8)),
+        "task_time_limit": general_limit,
+        "task_soft_time_limit": general_limit - 30,
+        "task_annotations": {TASK_NAMES["send"]: send_limits, TASK_NAMES["chunk"]: send_limits},
         "task_default_queue": QUEUES["send"],
         "task_queues": [Queue(name) for name in QUEUES.values()],
         "task_routes": {
