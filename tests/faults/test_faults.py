@@ -231,7 +231,7 @@ def test_provider_faults_5xx_429_and_lost_responses(cluster: Cluster, solapi: Fa
         ({"to": f"0108{i:07d}"} for i in range(2000)), defaults={"text": "[fault] bulk"}, chunk_size=200
     )
     ids = singles + batch.message_ids
-    wait_until(lambda: all_done(kmsg, len(ids), ids=ids), 240, interval=1, what="every message final")
+    wait_until(lambda: all_done(kmsg, len(ids), ids=ids), 420, interval=1, what="every message final")
     final = counts(kmsg, ids=ids)
     dup = duplicates(solapi, ids)
     with kmsg.runtime.store.sessions() as s:
