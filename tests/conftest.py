@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from kmsg_worker.message import Priority
+from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
@@ -123,6 +125,33 @@ def settings_factory(tmp_path: Path) -> Any:
 @pytest.fixture
 def dispatcher() -> RecordingDispatcher:
     return RecordingDispatcher()
+
+
+class Clock:
+    """A controllable clock for ``Runtime.now``: starts at a fixed instant, moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(runtime: Runtime) -> Clock:
+    """Install a :class:`Clock` on the test's runtime."""
+    c = Clock()
+    runtime.now = c
+    return c
+
+
+@pytest.fixture
+def kmsg(runtime: Runtime) -> KMsg:
+    """A producer on the test's runtime."""
+    return KMsg(runtime=runtime)
 
 
 @pytest.fixture

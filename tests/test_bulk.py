@@ -15,30 +15,7 @@ from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.sweeps import sweep
-from tests.conftest import RecordingDispatcher
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(runtime: Runtime) -> Clock:
-    c = Clock()
-    runtime.now = c
-    return c
-
-
-@pytest.fixture
-def kmsg(runtime: Runtime) -> KMsg:
-    return KMsg(runtime=runtime)
+from tests.conftest import Clock, RecordingDispatcher
 
 
 def mock(rt: Runtime) -> MockProvider:

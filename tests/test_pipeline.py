@@ -4,7 +4,7 @@ dispatcher stands in for Celery; the Celery wiring is covered by tests/e2e)."""
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -24,7 +24,7 @@ from kmsg_worker.status import MessageStatus as S
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.sweeps import sweep
 from kmsg_worker.tracking import poll_statuses
-from tests.conftest import RecordingDispatcher
+from tests.conftest import Clock, RecordingDispatcher
 
 
 class BackupMock(MockProvider):
@@ -35,29 +35,6 @@ class BackupMock(MockProvider):
 
 if "mock_b" not in PROVIDER_ALIASES:
     register_provider("mock_b", "tests.test_pipeline:BackupMock")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(runtime: Runtime) -> Clock:
-    c = Clock()
-    runtime.now = c
-    return c
-
-
-@pytest.fixture
-def kmsg(runtime: Runtime) -> KMsg:
-    return KMsg(runtime=runtime)
 
 
 def mock_of(rt: Runtime, name: str = "mock") -> MockProvider:

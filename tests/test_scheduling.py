@@ -24,32 +24,9 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.sweeps import dispatch_scheduled, sweep
 from kmsg_worker.tracking import poll_statuses
-from tests.conftest import ROOT, RecordingDispatcher
+from tests.conftest import ROOT, Clock, RecordingDispatcher
 
 SEOUL = ZoneInfo("Asia/Seoul")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(runtime: Runtime) -> Clock:
-    c = Clock()
-    runtime.now = c
-    return c
-
-
-@pytest.fixture
-def kmsg(runtime: Runtime) -> KMsg:
-    return KMsg(runtime=runtime)
 
 
 def test_schedule_times_are_zone_aware_and_naive_means_seoul(
