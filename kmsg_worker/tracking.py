@@ -303,6 +303,15 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
     if not changed:
         return
     out.failed += 1
+    log.info(
+        "message.delivery_failed",
+        message_id=row.id,
+        provider=row.provider,
+        type=row.type,
+        tenant=row.tenant,
+        error_code=(ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED).value,
+        provider_code=report.code,
+    )
     if child_id is None:
         return
     out.fallbacks.append(child_id)
@@ -334,6 +343,16 @@ def _apply(
             **_status_values(row, report),
         )
         out.delivered += changed
+        if changed:
+            delivered_at = _reported(report.delivered_at, now)
+            log.info(
+                "message.delivered",
+                message_id=row.id,
+                provider=row.provider,
+                type=row.type,
+                tenant=row.tenant,
+                delivery_seconds=round((delivered_at - row.created_at).total_seconds(), 3),
+            )
     elif report is not None and report.state is DeliveryState.FAILED:
         _failed(rt, row, report, now, out)
     else:

@@ -120,6 +120,10 @@ def test_counters_after_a_known_run(metrics: Metrics, sqlite_rt: Runtime) -> Non
     assert total(reg, "kmsg_failovers_total", kind="alimtalk_to_sms") == 1
     assert total(reg, "kmsg_tracking_results_total", result="delivered") == 7
     assert total(reg, "kmsg_tracking_results_total", result="failed") == 1
+    # per-message tracking events carry the labels: 6 delivered on mock, 1 on mock_b, the AlimTalk failed
+    assert total(reg, "kmsg_messages_delivered_total", provider="mock", type="SMS", tenant="default") == 6
+    assert total(reg, "kmsg_messages_delivered_total", provider="mock_b") == 1
+    assert total(reg, "kmsg_messages_failed_total", type="ALIMTALK") == 1
     assert total(reg, "kmsg_log_events_total", event="message.sent", level="info") == 8
     # and the exposition follows Prometheus naming
     text = generate_latest(reg).decode()
