@@ -609,6 +609,21 @@ class _Row:
         return self.route[self.route_index]
 
 
+#: Columns of :class:`_Row`, in field order (claims and lease reconciliation read the same shape).
+_ROW_COLUMNS = (
+    MessageRow.id,
+    MessageRow.content,
+    MessageRow.route,
+    MessageRow.route_index,
+    MessageRow.attempts,
+    MessageRow.provider_attempts,
+    MessageRow.deliveries,
+    MessageRow.created_at,
+    MessageRow.outcome_unknown,
+    MessageRow.priority,
+)
+
+
 def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> list[_Row]:
     due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
     stmt = (
@@ -618,25 +633,8 @@ def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> list[
             MessageRow.chunk == chunk,
             (MessageRow.status == S.QUEUED) | due_retry,
         )
-        .values(
-            status=S.SENDING,
-            lease_until=now + timedelta(seconds=rt.settings.lease_seconds),
-            deliveries=MessageRow.deliveries + 1,
-            updated_at=now,
-            retry_task_published=False,
-        )
-        .returning(
-            MessageRow.id,
-            MessageRow.content,
-            MessageRow.route,
-            MessageRow.route_index,
-            MessageRow.attempts,
-            MessageRow.provider_attempts,
-            MessageRow.deliveries,
-            MessageRow.created_at,
-            MessageRow.outcome_unknown,
-            MessageRow.priority,
-        )
+        .values(**rt.store.claim_values(now, timedelta(seconds=rt.settings.lease_seconds)))
+        .returning(*_ROW_COLUMNS)
         .execution_options(synchronize_session=False)
     )
     with rt.store.sessions.begin() as s:
@@ -1047,21 +1045,9 @@ class LeaseReport:
 
 
 def _load_sending(rt: Runtime, ids: Sequence[str]) -> list[tuple[_Row, str | None, int | None]]:
-    cols = (
-        MessageRow.id,
-        MessageRow.content,
-        MessageRow.route,
-        MessageRow.route_index,
-        MessageRow.attempts,
-        MessageRow.provider_attempts,
-        MessageRow.deliveries,
-        MessageRow.created_at,
-        MessageRow.outcome_unknown,
-        MessageRow.priority,
-    )
     with rt.store.sessions() as s:
         result = s.execute(
-            select(*cols, MessageRow.batch_id, MessageRow.chunk).where(
+            select(*_ROW_COLUMNS, MessageRow.batch_id, MessageRow.chunk).where(
                 MessageRow.id.in_(list(ids)), MessageRow.status == S.SENDING
             )
         )
