@@ -332,6 +332,22 @@ class Failover:
     title: str | None = None
 
 
+#: Keys every stored content keeps, even when empty.
+_ALWAYS_STORED = frozenset({"id", "type", "to"})
+
+
+def compact_content(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without the keys that hold their default (``None``, ``False``, empty containers).
+
+    :meth:`Message.from_content` fills them back in from the dataclass defaults.
+    """
+    return {
+        k: v
+        for k, v in values.items()
+        if k in _ALWAYS_STORED or not (v is None or v is False or (isinstance(v, (dict, list, tuple)) and not v))
+    }
+
+
 @dataclass(frozen=True)
 class Message:
     """A validated, normalised message. Immutable; stored as JSON in the system of record."""
@@ -372,10 +388,15 @@ class Message:
             return 3
         return 1
 
-    def content(self) -> dict[str, Any]:
-        """Return the JSON-serialisable form stored in the database (``Message.from_content`` reverses it)."""
+    def content(self, *, full: bool = False) -> dict[str, Any]:
+        """Return the JSON-serialisable form stored in the database (``Message.from_content`` reverses it).
+
+        Fields left at their default (``None``, empty, ``False``) are omitted unless ``full``: an SMS
+        stores about 150 bytes instead of 500, and every write of the row (intake, claim, result)
+        copies the whole row.
+        """
         # Built by hand: dataclasses.asdict deep-copies every value and costs ~100 us per message.
-        return {
+        values = {
             "id": self.id,
             "type": self.type.value,
             "to": self.to,
@@ -402,6 +423,7 @@ class Message:
             "idempotency_key": self.idempotency_key,
             "type_inferred": self.type_inferred,
         }
+        return values if full else compact_content(values)
 
     @classmethod
     def from_content(cls, data: Mapping[str, Any]) -> Message:

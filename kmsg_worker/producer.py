@@ -120,7 +120,8 @@ class MessageInfo:
 
 
 def _request_hash(message: Message) -> str:
-    content = message.content()
+    # The full form, so hashes stored before content was compacted still match.
+    content = message.content(full=True)
     content.pop("id", None)
     content.pop("idempotency_key", None)
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()

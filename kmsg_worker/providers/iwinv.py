@@ -70,7 +70,7 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider, parse_retry_after
+from kmsg_worker.providers.base_http import HttpProvider, loads_json, parse_retry_after
 
 __all__ = [
     "ALIMTALK_ERRORS",
@@ -891,7 +891,7 @@ class IwinvProvider(HttpProvider):
     def _vendor_code(api: Api, response: httpx.Response) -> tuple[int | None, dict[str, Any]]:
         """IWINV's own code: JSON ``code`` / ``resultCode``, or a bare number such as ``501``."""
         try:
-            decoded = response.json()
+            decoded = loads_json(response)
         except ValueError:
             return _as_int(response.text), {}
         if isinstance(decoded, Mapping):

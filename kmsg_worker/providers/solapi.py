@@ -55,7 +55,7 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider, map_transport_errors
+from kmsg_worker.providers.base_http import HttpProvider, loads_json, map_transport_errors
 
 __all__ = [
     "SOLAPI_CODES",
@@ -399,7 +399,7 @@ class SolapiProvider(HttpProvider):
         code: str | None = None
         text: str | None = None
         try:
-            body = response.json()
+            body = loads_json(response)
         except ValueError:
             body = None
         if isinstance(body, Mapping):
@@ -489,7 +489,7 @@ class SolapiProvider(HttpProvider):
             "POST", self.url(SEND_PATH), headers={"Authorization": self._authorization()}, json=body
         )
         try:
-            data = response.json()
+            data = loads_json(response)
         except ValueError:
             data = None
         if not isinstance(data, Mapping):

@@ -35,7 +35,6 @@ import gc
 import hashlib
 import hmac
 import itertools
-import json
 import re
 import secrets
 import string
@@ -44,6 +43,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+
+import orjson
 
 from kmsg_worker.testing.fakeserver import (
     Clock,
@@ -155,15 +156,12 @@ def _parse_time(value: str) -> float | None:
     return parsed.timestamp()
 
 
-# Compact, ASCII-escaped and without the circular-reference check: half the time of the default
-# encoder for a 10,000-entry messageList, and still exactly the JSON a client reads.
-_ENCODER = json.JSONEncoder(check_circular=False, separators=(",", ":"))
-
-
 def _json(body: Any, status: int = 200) -> FakeResponse:
+    # orjson: the fake shares the two cores with the workers in benchmarks, and a 10,000-entry
+    # messageList encodes ~10x faster than with the stdlib encoder.
     return FakeResponse(
         status,
-        raw=_ENCODER.encode(body).encode("ascii"),
+        raw=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
         headers={"Content-Type": "application/json; charset=utf-8"},
     )
 
