@@ -21,15 +21,18 @@ import hashlib
 import json
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, Text, bindparam, func, insert, select, text, update
+from sqlalchemy import Table, Text, bindparam, func, insert, or_, select, text, update
 from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
@@ -61,7 +64,7 @@ from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import json_dumps
-from kmsg_worker.storage.models import Attempt, Batch, IdempotencyKey, MessageRow
+from kmsg_worker.storage.models import Attempt, Batch, ChunkLease, IdempotencyKey, MessageRow
 
 __all__ = [
     "BatchSummary",
@@ -69,6 +72,7 @@ __all__ = [
     "LeaseReport",
     "batch_summary",
     "cancel_batch",
+    "cancel_batch_message",
     "intake",
     "process_chunk",
     "reconcile_expired",
@@ -101,32 +105,6 @@ UNIT_PRICE_KRW: dict[str, float] = {
     "RCS_ITPL": 40.0,
     "RCS_LTPL": 27.0,
 }
-
-_COLUMNS = (
-    "id",
-    "tenant",
-    "batch_id",
-    "chunk",
-    "type",
-    "recipient",
-    "status",
-    "priority",
-    "route",
-    "route_index",
-    "attempts",
-    "provider_attempts",
-    "deliveries",
-    "retry_task_published",
-    "outcome_unknown",
-    "check_count",
-    "native_fallback",
-    "scheduled_at",
-    "content",
-    "created_at",
-    "updated_at",
-    "queued_at",
-)
-
 
 # -- intake -----------------------------------------------------------------------------------------
 
@@ -411,25 +389,33 @@ def _copy_text(value: Any) -> str:
     return text_value
 
 
-# Columns that differ per row come first; the rest is the same for a whole slice and is rendered once.
-_VARYING = ("id", "chunk", "type", "recipient", "route", "status", "scheduled_at", "queued_at", "content")
+def _copy_payload(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """``(column list, data)`` for ``COPY ... FROM STDIN`` of ``rows`` (text format).
+
+    Columns holding the same value in every row (the batch, the time, the status, often the chunk
+    and the type) are rendered once and appended to each line; only the others are rendered per row.
+    """
+    first = rows[0]
+    same = [c for c in first if all(r[c] == first[c] for r in rows)]
+    varying = [c for c in first if c not in same]
+    ends = ["\t".join(_copy_text(first[c]) for c in same)] if same else []
+    lines = ["\t".join([*(_copy_text(r[c]) for c in varying), *ends]) + "\n" for r in rows]
+    return ", ".join((*varying, *same)), "".join(lines)
 
 
 def _copy_rows(cur: Any, rows: list[dict[str, Any]]) -> None:
-    constant = [c for c in _COLUMNS if c not in _VARYING]
-    tail = "\t".join(_copy_text(rows[0][c]) for c in constant)
-    cols = ", ".join((*_VARYING, *constant))
-    lines = ["\t".join(_copy_text(r[c]) for c in _VARYING) + "\t" + tail + "\n" for r in rows]
+    cols, data = _copy_payload(rows)
     with cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:
-        copy.write("".join(lines))
+        copy.write(data)
 
 
-def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any]) -> None:
-    """Write one slice of rows (and any extra ORM objects) in one transaction."""
+def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any], leases: Sequence[ChunkLease] = ()) -> None:
+    """Write one slice of rows (and any extra ORM objects, and new chunks' leases) in one transaction."""
     store = rt.store
     with store.sessions.begin() as s:
         for obj in extra:
             s.merge(obj)
+        s.add_all(leases)
         s.flush()
         if not rows:
             return
@@ -439,6 +425,39 @@ def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any]) -> None:
                 _copy_rows(cur, rows)
         else:
             s.execute(insert(MessageRow), rows)
+
+
+class _SliceWriter:
+    """Writes slices (and then publishes their ready chunks) on one background thread, in order.
+
+    While PostgreSQL ingests one slice (``COPY`` and commit: database CPU and a disk flush), the
+    caller's thread validates the next: intake then takes about the longer of the two, not their sum.
+    At most two slices wait, so memory stays bounded by the slice size.
+    """
+
+    def __init__(self, rt: Runtime, batch_id: str) -> None:
+        self.rt = rt
+        self.batch_id = batch_id
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmsg-intake")
+        self.jobs: deque[Future[None]] = deque()
+
+    def _run(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
+        _write(self.rt, rows, extra, leases)
+        _publish_chunks(self.rt, self.batch_id, ready)
+
+    def submit(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
+        """Queue one slice; waits (and raises its error) when two are already waiting."""
+        while len(self.jobs) >= 2:
+            self.jobs.popleft().result()
+        self.jobs.append(self.pool.submit(self._run, rows, extra, leases, ready))
+
+    def close(self) -> None:
+        """Wait for every queued slice; raise the first error."""
+        try:
+            while self.jobs:
+                self.jobs.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def intake(
@@ -497,9 +516,10 @@ def intake(
     pending: list[dict[str, Any]] = []
     first = True
     published_upto = 0
+    leased_upto = 0
 
     def flush(final: bool) -> None:
-        nonlocal first, published_upto
+        nonlocal first, published_upto, leased_upto
         extra: list[Any] = []
         if first:
             extra.append(batch)
@@ -516,26 +536,33 @@ def intake(
                     )
                 )
             first = False
-        _write(rt, pending, extra)
+        # Every chunk gets its lease row with its first rows, so a cancel can always lock it.
+        leases = [ChunkLease(batch_id=batch_id, chunk=n, **_IDLE) for n in range(leased_upto, chunker.next_number)]
+        leased_upto = chunker.next_number
+        rows = pending.copy()
         pending.clear()
         if final:
             chunker.close_all()
         ready = chunker.ready[published_upto:]
         published_upto = len(chunker.ready)
-        _publish_chunks(rt, batch_id, ready)
+        writer.submit(rows, extra, leases, ready)
 
-    for _, row in rows_iter:
-        if isinstance(row, RowError):
-            invalid_count += 1
-            if len(errors) < _MAX_REPORTED_ERRORS:
-                errors.append(row)
-            continue
-        chunk = chunker.assign(row)
-        pending.append(_db_row(row, chunk, batch_id, now))
-        ids.append(row["id"])
-        if len(pending) >= SLICE:
-            flush(final=False)
-    flush(final=True)
+    writer = _SliceWriter(rt, batch_id)
+    try:
+        for _, row in rows_iter:
+            if isinstance(row, RowError):
+                invalid_count += 1
+                if len(errors) < _MAX_REPORTED_ERRORS:
+                    errors.append(row)
+                continue
+            chunk = chunker.assign(row)
+            pending.append(_db_row(row, chunk, batch_id, now))
+            ids.append(row["id"])
+            if len(pending) >= SLICE:
+                flush(final=False)
+        flush(final=True)
+    finally:
+        writer.close()
     with rt.store.sessions.begin() as s:
         s.query(Batch).filter(Batch.id == batch_id).update(
             {
@@ -602,6 +629,13 @@ class ChunkResult:
     dead: int = 0
     requests: int = 0
     throttled: int = 0
+    #: Countdowns (seconds; 0 = now) at which the chunk must run again, published after its lease is released.
+    republish: list[float] = field(default_factory=list)
+
+    def again(self, delay: float) -> None:
+        """Run the chunk again after ``delay`` seconds (once this run has let go of the lease)."""
+        if delay not in self.republish:
+            self.republish.append(delay)
 
 
 @dataclass
@@ -644,21 +678,69 @@ _ROW_COLUMNS = (
 )
 
 
-def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> list[_Row]:
-    due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
-    stmt = (
-        update(MessageRow)
-        .where(
-            MessageRow.batch_id == batch_id,
-            MessageRow.chunk == chunk,
-            (MessageRow.status == S.QUEUED) | due_retry,
+#: A chunk lease at rest: no claim holds it.
+_IDLE: dict[str, Any] = {"lease_until": None, "in_flight": False, "recovering": False, "deliveries": 0}
+#: States a row of a claimed chunk is in while its request is in flight (the chunk holds the lease).
+_HELD = (S.QUEUED, S.RETRYING)
+
+
+@dataclass
+class _Claim:
+    rows: list[_Row]
+    #: The previous claim died before recording outcomes: the rows may have reached the provider.
+    recovering: bool
+    #: Claims since the last completed run.
+    deliveries: int
+    cancelled: bool
+
+
+def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> _Claim | None:
+    """Take the chunk's lease (one row) and read its sendable rows; ``None`` if a live claim holds it.
+
+    The rows themselves are not written: they stay ``queued`` (or due ``retrying``) while the lease
+    is held, and only the chunk's task sends them (the sweeps re-publish the chunk, never the rows).
+    """
+    lease = now + timedelta(seconds=rt.settings.lease_seconds)
+    insert_ = pg_insert if rt.store.is_postgres else sqlite_insert
+    take = (
+        insert_(ChunkLease)
+        .values(batch_id=batch_id, chunk=chunk, lease_until=lease, in_flight=True, recovering=False, deliveries=1)
+        .on_conflict_do_update(
+            index_elements=[ChunkLease.batch_id, ChunkLease.chunk],
+            set_={
+                "lease_until": lease,
+                "in_flight": True,
+                # Still in flight from an earlier claim whose lease ran out: that worker died.
+                "recovering": ChunkLease.in_flight,
+                "deliveries": ChunkLease.deliveries + 1,
+                "updated_at": now,
+            },
+            where=or_(ChunkLease.lease_until.is_(None), ChunkLease.lease_until <= now),
         )
-        .values(**rt.store.claim_values(now, timedelta(seconds=rt.settings.lease_seconds)))
-        .returning(*_ROW_COLUMNS)
-        .execution_options(synchronize_session=False)
+        .returning(ChunkLease.recovering, ChunkLease.deliveries)
+    )
+    due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
+    rows_stmt = select(*_ROW_COLUMNS).where(
+        MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, (MessageRow.status == S.QUEUED) | due_retry
     )
     with rt.store.sessions.begin() as s:
-        return [_Row.load(r) for r in s.execute(stmt)]
+        taken = s.execute(take).first()
+        if taken is None:
+            return None
+        # Read after the lease is ours: a cancel that locked the lease first has committed by now.
+        cancelled = s.scalar(select(Batch.status).where(Batch.id == batch_id)) == "cancelled"
+        rows = [_Row.load(r) for r in s.execute(rows_stmt)]
+    return _Claim(rows, bool(taken[0]), int(taken[1]), cancelled)
+
+
+def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> None:
+    """The run recorded every outcome: the lease is free and the next claim is not a recovery."""
+    with rt.store.sessions.begin() as s:
+        s.execute(
+            update(ChunkLease)
+            .where(ChunkLease.batch_id == batch_id, ChunkLease.chunk == chunk)
+            .values(updated_at=now, **_IDLE)
+        )
 
 
 def _attempt_rows(
@@ -688,43 +770,28 @@ def _record_sent(
     now: datetime,
     latency_ms: float,
     attempt_outcome: str = "accepted",
+    expect: Sequence[MessageStatus] = _HELD,
 ) -> None:
-    """One UPDATE for every accepted recipient, plus their attempt rows, in one transaction."""
+    """One UPDATE for every accepted recipient, plus their attempt rows, in one transaction.
+
+    ``expect``: the states the rows are in (``queued``/``retrying`` under a chunk lease, ``sending``
+    for single messages whose own lease expired).
+    """
     if not rows:
         return
+    expected = [str(st) for st in expect]
     first_check = now + timedelta(seconds=rt.settings.tracking.first_check)
     store = rt.store
     with store.sessions.begin() as s:
         if store.is_postgres:
-            # One statement for the whole chunk: UPDATE ... FROM unnest(arrays).
-            s.execute(
-                text(
-                    "UPDATE kmsg_messages AS m SET status = 'sent', provider = v.provider, "
-                    "provider_message_id = v.pmid, sent_at = :now, updated_at = :now, attempts = m.attempts + 1, "
-                    "provider_attempts = m.provider_attempts + 1, next_check_at = :first_check, check_count = 0, "
-                    "lease_until = NULL, outcome_unknown = false, native_fallback = v.native, "
-                    "error_code = NULL, error_message = NULL, warnings = CAST(v.warnings AS jsonb) "
-                    "FROM unnest(CAST(:ids AS text[]), CAST(:pmids AS text[]), CAST(:providers AS text[]), "
-                    "CAST(:natives AS boolean[]), CAST(:warnings AS text[])) "
-                    "AS v(id, pmid, provider, native, warnings) "
-                    "WHERE m.id = v.id AND m.status = 'sending'"
-                ),
-                {
-                    "now": now,
-                    "first_check": first_check,
-                    "ids": [r.id for r in rows],
-                    "pmids": [outcomes[r.id].provider_message_id for r in rows],
-                    "providers": [r.provider for r in rows],
-                    "natives": [outcomes[r.id].native_fallback for r in rows],
-                    "warnings": [_warnings_json(outcomes[r.id]) for r in rows],
-                },
-            )
+            _record_sent_pg(s, rows, outcomes, now, first_check, expected)
         else:
             # Core table, not the ORM entity: an executemany UPDATE keyed by a bound id.
             table = cast(Table, MessageRow.__table__)
             s.execute(
                 update(table)
-                .where(table.c.id == bindparam("b_id"), table.c.status == S.SENDING)
+                # OR of equalities: an expanding IN cannot be used with executemany.
+                .where(table.c.id == bindparam("b_id"), or_(*(table.c.status == st for st in expected)))
                 .values(
                     status=S.SENT,
                     provider=bindparam("b_provider"),
@@ -756,6 +823,59 @@ def _record_sent(
         _insert_attempts(rt, s, _attempt_rows(rows, rows[0].provider, attempt_outcome, now, latency_ms=latency_ms))
 
 
+_SENT_SET = (
+    "UPDATE kmsg_messages AS m SET status = 'sent', provider_message_id = v.pmid, sent_at = :now, "
+    "updated_at = :now, attempts = m.attempts + 1, provider_attempts = m.provider_attempts + 1, "
+    "next_check_at = :first_check, check_count = 0, lease_until = NULL, outcome_unknown = false, "
+    "error_code = NULL, error_message = NULL, "
+)
+_SENT_WHERE = "WHERE m.id = v.id AND m.status = ANY(CAST(:expected AS text[]))"
+
+
+def _record_sent_pg(
+    s: Any,
+    rows: Sequence[_Row],
+    outcomes: Mapping[str, SendOutcome],
+    now: datetime,
+    first_check: datetime,
+    expected: list[str],
+) -> None:
+    """One ``UPDATE ... FROM unnest(arrays)`` for the whole group.
+
+    A group is one provider's, and warnings or native fallbacks are rare: then only ids and
+    provider ids travel as arrays (the driver dumps array elements one by one in Python).
+    """
+    ids = [r.id for r in rows]
+    results = [outcomes[i] for i in ids]
+    params: dict[str, Any] = {
+        "expected": expected,
+        "now": now,
+        "first_check": first_check,
+        "ids": ids,
+        "pmids": [o.provider_message_id for o in results],
+    }
+    providers = {r.provider for r in rows}
+    if len(providers) == 1 and not any(o.native_fallback or o.warnings for o in results):
+        params["provider"] = providers.pop()
+        sql = (
+            _SENT_SET + "provider = :provider, native_fallback = false, warnings = NULL "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:pmids AS text[])) AS v(id, pmid) " + _SENT_WHERE
+        )
+    else:
+        params.update(
+            providers=[r.provider for r in rows],
+            natives=[o.native_fallback for o in results],
+            warnings=[_warnings_json(o) for o in results],
+        )
+        sql = (
+            _SENT_SET + "provider = v.provider, native_fallback = v.native, warnings = CAST(v.warnings AS jsonb) "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:pmids AS text[]), CAST(:providers AS text[]), "
+            "CAST(:natives AS boolean[]), CAST(:warnings AS text[])) AS v(id, pmid, provider, native, warnings) "
+            + _SENT_WHERE
+        )
+    s.execute(text(sql), params)
+
+
 def _warnings_list(outcome: SendOutcome) -> list[dict[str, Any]] | None:
     if not outcome.warnings:
         return None
@@ -771,18 +891,25 @@ def _insert_attempts(rt: Runtime, s: Any, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     if rt.store.is_postgres:
-        cols = list(rows[0])
+        # Most columns are the same for a whole request (provider, outcome, latency, time).
+        cols, data = _copy_payload(rows)
         raw = s.connection().connection.driver_connection
-        with raw.cursor() as cur, cur.copy(f"COPY kmsg_attempts ({', '.join(cols)}) FROM STDIN") as copy:
-            for r in rows:
-                copy.write_row(tuple(r[c] for c in cols))
+        with raw.cursor() as cur, cur.copy(f"COPY kmsg_attempts ({cols}) FROM STDIN") as copy:
+            copy.write(data)
     else:
         s.execute(insert(Attempt), rows)
 
 
-def _bulk_transition(rt: Runtime, rows: Sequence[_Row], target: MessageStatus, now: datetime, **values: Any) -> None:
+def _bulk_transition(
+    rt: Runtime,
+    rows: Sequence[_Row],
+    target: MessageStatus,
+    now: datetime,
+    expect: Sequence[MessageStatus] = _HELD,
+    **values: Any,
+) -> None:
     if rows:
-        rt.store.transition([r.id for r in rows], target, now=now, expect=[S.SENDING], **values)
+        rt.store.transition([r.id for r in rows], target, now=now, expect=expect, **values)
 
 
 def _apply_errors(
@@ -832,8 +959,6 @@ def _apply_errors(
     for action, items in by_action.items():
         for row, error, delay in items:
             common: dict[str, Any] = {
-                # An outcome was recorded: this claim finished, so it does not count toward "poison".
-                "deliveries": 0,
                 "attempts": row.attempts + 1,
                 "error_code": error.code.value,
                 "error_message": str(error)[:1000],
@@ -841,17 +966,17 @@ def _apply_errors(
             if action in (Action.RETRY, Action.RECONCILE):
                 wait = 2.0 if action is Action.RECONCILE else delay
                 # A whole-request failure re-runs the chunk (one request again); a partial one is
-                # left to the sweep, which sends just those recipients on their own.
+                # left to the sweep, which re-publishes the chunk when they are due (then only
+                # they are sent, in one request).
                 rt.store.transition(
                     row.id,
                     S.RETRYING,
                     now=now,
-                    expect=[S.SENDING],
+                    expect=_HELD,
                     provider_attempts=row.provider_attempts + 1,
                     next_attempt_at=now + timedelta(seconds=wait),
                     retry_task_published=whole_request,
                     outcome_unknown=action is Action.RECONCILE,
-                    lease_until=None,
                     **common,
                 )
                 result.retrying += 1
@@ -862,43 +987,52 @@ def _apply_errors(
                     row.id,
                     S.QUEUED,
                     now=now,
-                    expect=[S.SENDING],
+                    expect=_HELD,
                     route_index=row.route_index + 1,
                     provider_attempts=0,
                     queued_at=now,
-                    lease_until=None,
                     **common,
                 )
                 result.failed_over += 1
                 republish_delay = republish_delay if republish_delay is not None else 0.0
             else:
                 status = S.UNKNOWN if error.code is ErrorCode.OUTCOME_UNKNOWN else S.FAILED
-                rt.store.transition(row.id, status, now=now, expect=[S.SENDING], provider=row.provider, **common)
+                rt.store.transition(row.id, status, now=now, expect=_HELD, provider=row.provider, **common)
                 if status is S.UNKNOWN:
                     result.unknown += 1
                 else:
                     result.failed += 1
     if republish_delay is not None:
-        delay = min(republish_delay, rt.settings.retry.max_countdown)
-        rt.dispatcher.chunk(batch_id, [chunk], countdown=delay or None)
+        result.again(min(republish_delay, rt.settings.retry.max_countdown))
 
 
 def _reconcile_rows(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkResult) -> list[_Row]:
-    """Rows whose last request timed out: ask the provider first; return those it never got."""
+    """Rows whose last request timed out (or whose worker died): ask the provider first; return those it never got."""
     unknown = [r for r in rows if r.outcome_unknown]
     if not unknown:
         return rows
     provider = rt.provider(unknown[0].provider)
+    if not provider.capabilities.lookup_by_reference:
+        # Nobody can tell whether they went out: final "unknown" rather than a possible duplicate.
+        _bulk_transition(
+            rt,
+            unknown,
+            S.UNKNOWN,
+            now,
+            provider=provider.name,
+            error_code=ErrorCode.OUTCOME_UNKNOWN.value,
+            error_message=f"worker lost while sending; {provider.name} cannot be asked whether it got the message",
+        )
+        result.unknown += len(unknown)
+        return [r for r in rows if not r.outcome_unknown]
     try:
         found = provider.lookup([r.id for r in unknown])
     except ProviderError:
         found = None
     if found is None:
-        # Cannot tell yet: give them back for a later attempt instead of risking a duplicate.
-        # deliveries=0: this claim ended normally (the provider could not answer), it is not a crash.
-        _bulk_transition(
-            rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), lease_until=None, deliveries=0
-        )
+        # Cannot tell yet: give them back for a later attempt instead of risking a duplicate (and
+        # keep them marked, so the next run asks again before sending).
+        _bulk_transition(rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), outcome_unknown=True)
         result.retrying += len(unknown)
         return [r for r in rows if not r.outcome_unknown]
     hits = [r for r in unknown if r.id in found]
@@ -918,7 +1052,7 @@ def _throttled(
     result: ChunkResult,
 ) -> None:
     """Rate limited: give the rows back untouched (no attempt, no retry used) and re-run the chunk later."""
-    _bulk_transition(rt, rows, S.QUEUED, now, queued_at=now, lease_until=None, deliveries=0)
+    _bulk_transition(rt, rows, S.QUEUED, now, queued_at=now)
     result.throttled += len(rows)
     log.info(
         "ratelimit.throttled",
@@ -929,7 +1063,7 @@ def _throttled(
         count=len(rows),
         wait=round(wait, 3),
     )
-    rt.dispatcher.chunk(batch_id, [chunk], countdown=min(wait, rt.settings.retry.max_countdown))
+    result.again(min(wait, rt.settings.retry.max_countdown))
 
 
 def _circuit_open(
@@ -944,13 +1078,11 @@ def _circuit_open(
                 row.id,
                 S.QUEUED,
                 now=now,
-                expect=[S.SENDING],
+                expect=_HELD,
                 session=s,
                 route_index=row.route_index + 1,
                 provider_attempts=0,
                 queued_at=now,
-                lease_until=None,
-                deliveries=0,
             )
     result.failed_over += len(onward)
     wait = max(1.0, circuit.retry_in(rt, [name]))
@@ -962,33 +1094,62 @@ def _circuit_open(
             now,
             next_attempt_at=now + timedelta(seconds=wait),
             retry_task_published=True,
-            lease_until=None,
-            deliveries=0,
         )
         result.retrying += len(stuck)
     log.info(
         "batch.circuit_open", batch_id=batch_id, chunk=chunk, provider=name, onward=len(onward), waiting=len(stuck)
     )
     if onward:
-        rt.dispatcher.chunk(batch_id, [chunk])
+        result.again(0.0)
     if stuck:
-        rt.dispatcher.chunk(batch_id, [chunk], countdown=min(wait, rt.settings.retry.max_countdown))
+        result.again(min(wait, rt.settings.retry.max_countdown))
 
 
 def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
-    """Claim and send one chunk of a batch (the body of ``kmsg.send_chunk``)."""
+    """Claim and send one chunk of a batch (the body of ``kmsg.send_chunk``).
+
+    Running it twice is harmless: the second run finds the lease held, or the rows already sent.
+    """
     now = rt.now()
-    rows = _claim_chunk(rt, batch_id, chunk, now)
-    result = ChunkResult(claimed=len(rows))
-    if not rows:
-        return result
-    poison = [r for r in rows if r.deliveries > rt.settings.max_deliveries]
-    if poison:
+    claim = _claim_chunk(rt, batch_id, chunk, now)
+    if claim is None:
+        return ChunkResult()
+    result = ChunkResult(claimed=len(claim.rows))
+    if claim.recovering:
+        # The previous claim's worker died with the request possibly in flight: ask before resending.
+        for row in claim.rows:
+            row.outcome_unknown = True
+        log.warning("batch.chunk_recovering", batch_id=batch_id, chunk=chunk, rows=len(claim.rows))
+    if claim.deliveries > rt.settings.max_deliveries:
         _bulk_transition(
-            rt, poison, S.DEAD, now, error_code=ErrorCode.POISON_MESSAGE.value, error_message="claimed too often"
+            rt, claim.rows, S.DEAD, now, error_code=ErrorCode.POISON_MESSAGE.value, error_message="claimed too often"
         )
-        result.dead = len(poison)
-        rows = [r for r in rows if r.deliveries <= rt.settings.max_deliveries]
+        result.dead = len(claim.rows)
+    elif claim.cancelled:
+        _cancel_claimed(rt, claim.rows, now, result)
+    elif claim.rows:
+        _send_claimed(rt, batch_id, chunk, claim.rows, now, result)
+    # Every outcome is recorded: free the lease, then ask for the runs this one decided on (a run
+    # published before the release would find the lease held and do nothing).
+    _release_chunk(rt, batch_id, chunk, rt.now())
+    for delay in result.republish:
+        rt.dispatcher.chunk(batch_id, [chunk], countdown=delay or None)
+    return result
+
+
+def _cancel_claimed(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkResult) -> None:
+    """The batch was cancelled while this chunk was in flight or waiting: settle and cancel its rows."""
+    by_provider: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_provider[row.provider].append(row)
+    for group in by_provider.values():
+        # Rows a dead worker may have sent are looked up first: what was sent stays sent.
+        rest = _reconcile_rows(rt, group, now, result)
+        _bulk_transition(rt, rest, S.CANCELLED, now, error_code="CANCELLED")
+
+
+def _send_claimed(rt: Runtime, batch_id: str, chunk: int, rows: list[_Row], now: datetime, result: ChunkResult) -> None:
+    """One bulk request per provider (split further only by the provider's own limit)."""
     by_provider: dict[str, list[_Row]] = defaultdict(list)
     for row in rows:
         by_provider[row.provider].append(row)
@@ -1048,7 +1209,6 @@ def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
                 requests=1,
                 latency_ms=round(latency_ms, 2),
             )
-    return result
 
 
 # -- expired leases ---------------------------------------------------------------------------------
@@ -1096,6 +1256,7 @@ def reconcile_expired(rt: Runtime, ids: Sequence[str]) -> LeaseReport:
                 rows,
                 S.UNKNOWN,
                 now,
+                (S.SENDING,),
                 error_code=ErrorCode.OUTCOME_UNKNOWN.value,
                 error_message=f"worker lost while sending; {name} cannot be asked whether it got the message",
             )
@@ -1111,7 +1272,7 @@ def reconcile_expired(rt: Runtime, ids: Sequence[str]) -> LeaseReport:
             report.deferred += len(rows)
             continue
         hits = [r for r in rows if r.id in found and found[r.id].accepted]
-        _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent")
+        _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent", expect=(S.SENDING,))
         report.reconciled_sent += len(hits)
         hit_ids = {r.id for r in hits}
         missing = [(r, b, c) for r, b, c in items if r.id not in hit_ids]
@@ -1169,27 +1330,54 @@ def _requeue_missing(
 # -- control and reporting --------------------------------------------------------------------------
 
 
+def _in_flight_chunks(s: Any, batch_id: str, chunks: Sequence[int] | None = None) -> set[int]:
+    """Lock the batch's chunk leases (all, or ``chunks``) and return those a claim holds.
+
+    A chunk claim takes the same row lock, so a cancel and a claim never interleave: either the
+    claim committed first (its chunk is in flight and left alone) or it waits for the cancel and
+    then finds its rows cancelled.
+    """
+    stmt = select(ChunkLease.chunk, ChunkLease.in_flight).where(ChunkLease.batch_id == batch_id)
+    if chunks is not None:
+        stmt = stmt.where(ChunkLease.chunk.in_(list(chunks)))
+    return {n for n, in_flight in s.execute(stmt.with_for_update()) if in_flight}
+
+
 def cancel_batch(rt: Runtime, batch_id: str) -> int:
-    """Cancel every message of a batch that was not dispatched yet; returns how many."""
+    """Cancel every message of a batch that was not dispatched yet; returns how many.
+
+    Chunks whose request is in flight are left to finish (what is sent stays sent); their run then
+    sees the batch cancelled and cancels whatever it did not send.
+    """
     now = rt.now()
     with rt.store.sessions.begin() as s:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise MessageNotFoundError(f"no batch with id {batch_id!r}")
+        busy = _in_flight_chunks(s, batch_id)
+        where = [MessageRow.batch_id == batch_id, MessageRow.status.in_([S.SCHEDULED, S.QUEUED, S.RETRYING])]
+        if busy:
+            where.append(MessageRow.chunk.not_in(sorted(busy)))
         result: Any = s.execute(
             update(MessageRow)
-            .where(
-                MessageRow.batch_id == batch_id,
-                MessageRow.status.in_([S.SCHEDULED, S.QUEUED, S.RETRYING]),
-            )
+            .where(*where)
             .values(status=S.CANCELLED, updated_at=now, final_at=now, error_code="CANCELLED")
             .execution_options(synchronize_session=False)
         )
         changed = result.rowcount
         batch.status = "cancelled"
         batch.cancelled_at = now
-    log.info("batch.cancelled", batch_id=batch_id, cancelled=int(changed or 0))
+    log.info("batch.cancelled", batch_id=batch_id, cancelled=int(changed or 0), chunks_in_flight=len(busy))
     return int(changed or 0)
+
+
+def cancel_batch_message(rt: Runtime, message_id: str, batch_id: str, chunk: int) -> int:
+    """Cancel one message of a batch unless its chunk is in flight; returns 1 if it was cancelled."""
+    now = rt.now()
+    with rt.store.sessions.begin() as s:
+        if _in_flight_chunks(s, batch_id, [chunk]):
+            return 0
+        return rt.store.transition(message_id, S.CANCELLED, now=now, session=s, error_code="CANCELLED")
 
 
 @dataclass

@@ -332,6 +332,9 @@ class Failover:
     title: str | None = None
 
 
+_TYPE_BY_VALUE: dict[str, MessageType] = {t.value: t for t in MessageType}
+_PRIORITY_BY_VALUE: dict[str, Priority] = {p.value: p for p in Priority}
+
 #: Keys every stored content keeps, even when empty.
 _ALWAYS_STORED = frozenset({"id", "type", "to"})
 
@@ -429,8 +432,9 @@ class Message:
     def from_content(cls, data: Mapping[str, Any]) -> Message:
         """Rebuild a message from :meth:`content` output (trusted: it was validated on the way in)."""
         values = dict(data)
-        values["type"] = MessageType(values["type"])
-        values["priority"] = Priority(values.get("priority", "normal"))
+        # Dict look-ups, not Enum(value) calls: this runs for every row of every bulk chunk.
+        values["type"] = _TYPE_BY_VALUE[values["type"]]
+        values["priority"] = _PRIORITY_BY_VALUE[values.get("priority", "normal")]
         values["buttons"] = tuple(values.get("buttons") or ())
         if values.get("media"):
             values["media"] = Media(**values["media"])

@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from kmsg_worker.bulk import BatchSummary
+from kmsg_worker.bulk import BatchSummary, cancel_batch_message
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError, ValidationError
+from kmsg_worker.gctune import raised_threshold
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.runtime import Runtime
@@ -306,7 +307,8 @@ class KMsg:
         """
         from kmsg_worker.bulk import intake
 
-        with storage_errors():
+        # Rare collections while the rows are validated and written (restored afterwards).
+        with storage_errors(), raised_threshold(self.runtime.settings.gc_threshold):
             batch_id, ids, errors, duplicate = intake(
                 self.runtime,
                 messages,
@@ -366,11 +368,21 @@ class KMsg:
             InvalidStateError: It was already sent (or is being sent, or is final).
         """
         now = self.runtime.now()
-        changed = self.runtime.store.transition(message_id, S.CANCELLED, now=now, error_code="CANCELLED")
+        stored = self.runtime.store.get(message_id)
+        if stored is not None and stored.batch_id is not None and stored.chunk is not None:
+            # A batch row stays "queued" while its chunk's request is in flight: ask the chunk's lease.
+            changed = cancel_batch_message(self.runtime, message_id, stored.batch_id, stored.chunk)
+        else:
+            changed = self.runtime.store.transition(message_id, S.CANCELLED, now=now, error_code="CANCELLED")
         if not changed:
             row = self.runtime.store.get(message_id)
             if row is None:
                 raise MessageNotFoundError(f"no message with id {message_id!r}")
+            if row.status in (S.QUEUED, S.RETRYING):
+                raise InvalidStateError(
+                    f"message {message_id} is being sent: its batch chunk's request is in flight; "
+                    "it can no longer be cancelled"
+                )
             if row.status in (S.SENDING, S.SENT, S.DELIVERED) or row.attempts > 0:
                 raise InvalidStateError(
                     f"message {message_id} was already sent to the provider (status {row.status}); "

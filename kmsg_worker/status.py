@@ -9,6 +9,11 @@
                    |  \\-> cancelled | dead
     scheduled -> cancelled
 
+Batch (bulk) rows skip ``sending``: the chunk's lease row (``kmsg_chunks``) holds them while their
+request is in flight, and the chunk's run moves them straight from ``queued``/``retrying`` to
+``sent``, ``retrying``, ``failed``, ``unknown``, ``dead`` or (fail-over, throttled) ``queued``.
+Only the chunk's task, under that lease, ever sends them.
+
 Every change is a conditional UPDATE from an allowed previous state
 (:func:`kmsg_worker.storage.repo.transition`); terminal states never change again.
 """
@@ -47,16 +52,20 @@ FINAL = frozenset(
 )
 
 S = MessageStatus
+#: A bulk row is not moved to ``sending``: its chunk's lease (``kmsg_chunks``) says it is in flight,
+#: and the chunk's run records outcomes straight from the state the row was claimed in.
+_CHUNK_HELD = frozenset({S.QUEUED, S.RETRYING})
+
 #: Target state -> the states it may be reached from.
 ALLOWED: dict[MessageStatus, frozenset[MessageStatus]] = {
-    S.QUEUED: frozenset({S.SCHEDULED, S.SENDING, S.RETRYING}),
+    S.QUEUED: frozenset({S.SCHEDULED, S.SENDING}) | _CHUNK_HELD,
     S.SENDING: frozenset({S.QUEUED, S.RETRYING}),
-    S.RETRYING: frozenset({S.SENDING}),
-    S.SENT: frozenset({S.SENDING}),
+    S.RETRYING: frozenset({S.SENDING}) | _CHUNK_HELD,
+    S.SENT: frozenset({S.SENDING}) | _CHUNK_HELD,
     S.DELIVERED: frozenset({S.SENT}),
     S.FAILED: frozenset({S.SENDING, S.SENT, S.QUEUED, S.RETRYING}),
     S.CANCELLED: frozenset({S.SCHEDULED, S.QUEUED, S.RETRYING}),
-    S.UNKNOWN: frozenset({S.SENDING, S.SENT}),
+    S.UNKNOWN: frozenset({S.SENDING, S.SENT}) | _CHUNK_HELD,
     S.DEAD: frozenset({S.QUEUED, S.SENDING, S.RETRYING}),
     S.SCHEDULED: frozenset(),
 }

@@ -129,9 +129,12 @@ def sweep(rt: Runtime) -> SweepReport:
     # Scheduled sends have their own, faster beat entry; this is the backstop if it is late.
     report.scheduled = dispatch_scheduled(rt, now=now)
 
-    retries = rt.store.claim_due_retries(now=now, grace=timedelta(seconds=settings.stale_queued_seconds), limit=limit)
+    grace = timedelta(seconds=settings.stale_queued_seconds)
+    retries = rt.store.claim_due_retries(now=now, grace=grace, limit=limit)
     _enqueue(rt, retries)
-    report.retries = len(retries)
+    retry_chunks = rt.store.claim_due_retry_chunks(now=now, grace=grace, limit=limit)
+    _enqueue_chunks(rt, retry_chunks)
+    report.retries = len(retries) + len(retry_chunks)
 
     older = timedelta(seconds=settings.stale_queued_seconds)
     stale = rt.store.claim_stale_queued(now=now, older_than=older, limit=limit)

@@ -8,6 +8,7 @@ import structlog
 from celery import signals
 
 from config.celery import settings
+from kmsg_worker.gctune import tune_worker
 from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish
 from tasks.context import get_runtime, reset_runtime
 
@@ -24,6 +25,8 @@ def _after_fork(**_: Any) -> None:
     configure_logging(settings.log_level, json_output=settings.log_json)
     reset_runtime()
     _warm_up()
+    # After the warm-up, so the runtime, providers and imports are frozen out of every collection.
+    tune_worker(settings.gc_threshold)
 
 
 def _warm_up() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kmsg_worker.bulk import _Template, process_chunk
-from kmsg_worker.errors import BatchValidationError
+from kmsg_worker.errors import BatchValidationError, InvalidStateError
 from kmsg_worker.message import normalize
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
@@ -98,15 +98,18 @@ def test_partial_failure_retries_only_the_failed_recipients(
     run_all_chunks(runtime, dispatcher)
     ids = receipt.message_ids
     assert runtime.store.count_by_status() == {"sent": 4, "retrying": 1, "failed": 1}
-    # the failed recipient is retried on its own by the sweep; the others are never sent again
+    # the sweep re-publishes the chunk when the retry is due, and the chunk's next run sends only
+    # the failed recipient; the others are never sent again
     clock.advance(700)
+    published = len(dispatcher.chunks)
     report = sweep(runtime)
     assert report.retries == 1
-    assert dispatcher.ids == [ids[1]]
-    from kmsg_worker.pipeline import deliver
-
-    assert deliver(runtime, ids[1]).action == "sent"
+    assert dispatcher.ids == []  # batch rows never go out as single sends
+    assert dispatcher.chunks[published:] == [(receipt.batch_id, 0, None)]
     provider = mock(runtime)
+    requests = provider.requests
+    assert process_chunk(runtime, receipt.batch_id, 0).sent == 1
+    assert provider.requests == requests + 1
     assert [provider.calls_for(m) for m in ids] == [1, 2, 1, 1, 1, 1]
     assert runtime.store.count_by_status() == {"sent": 5, "failed": 1}
     assert kmsg.batch_summary(receipt.batch_id).by_error_code == {"INVALID_RECIPIENT": 1}
@@ -258,3 +261,130 @@ def test_open_circuit_moves_the_chunk_to_the_next_provider(
     second = process_chunk(runtime, receipt.batch_id, 0)
     assert second.sent == 20
     assert kmsg.batch_summary(receipt.batch_id).by_provider == {"mock_b": 20}
+
+
+# -- chunk leases: one claim row per chunk ----------------------------------------------------------
+
+
+def lease_seconds(rt: Runtime) -> float:
+    return rt.settings.lease_seconds
+
+
+def test_a_chunk_whose_worker_died_mid_request_is_reconciled_not_resent(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    receipt = kmsg.send_many(recipients(40), defaults=DEFAULTS)
+
+    class WorkerDied(BaseException):
+        pass
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        raise WorkerDied  # the provider accepted the request; the worker dies before recording it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bulk, "_record_sent", die)
+        with pytest.raises(WorkerDied):
+            process_chunk(runtime, receipt.batch_id, 0)
+    assert mock(runtime).requests == 1
+    # the rows never left "queued": the chunk's lease says they are in flight
+    assert runtime.store.count_by_status() == {"queued": 40}
+    # a re-delivered task while the lease is held does nothing
+    assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
+    # after the lease ran out the sweep re-publishes the chunk; its next run asks the provider first
+    clock.advance(lease_seconds(runtime) + 1)
+    published = len(dispatcher.chunks)
+    sweep(runtime)
+    assert (receipt.batch_id, 0, None) in dispatcher.chunks[published:]
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    assert result.sent == 40 and result.requests == 0
+    assert mock(runtime).requests == 1
+    assert all(mock(runtime).calls_for(m) == 1 for m in receipt.message_ids)
+    assert runtime.store.count_by_status() == {"sent": 40}
+    attempts = runtime.store.attempts(receipt.message_ids[0])
+    assert [a.outcome for a in attempts] == ["reconciled_sent"]
+
+
+def test_a_recovering_chunk_sends_only_what_the_provider_never_got(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    receipt = kmsg.send_many(recipients(10), defaults=DEFAULTS)
+
+    class WorkerDied(BaseException):
+        pass
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        raise WorkerDied  # killed before the request went out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mock(runtime), "_send_batch", die)
+        with pytest.raises(WorkerDied):
+            process_chunk(runtime, receipt.batch_id, 0)
+    clock.advance(lease_seconds(runtime) + 1)
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    assert result.sent == 10 and result.requests == 1
+    assert all(mock(runtime).calls_for(m) == 1 for m in receipt.message_ids)
+
+
+def test_cancel_while_a_chunk_is_in_flight_keeps_that_chunk_sent(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receipt = kmsg.send_many(recipients(300), defaults=DEFAULTS, chunk_size=100)
+    provider = mock(runtime)
+    original = provider._send_batch
+    cancelled: list[int] = []
+
+    def cancel_then_send(messages: Any) -> Any:
+        if not cancelled:
+            # The operator cancels while this chunk's request is on the wire.
+            cancelled.append(kmsg.cancel_batch(receipt.batch_id).by_status.get("cancelled", 0))
+            # and a single message of the in-flight chunk can no longer be cancelled either
+            with pytest.raises(InvalidStateError, match="in flight"):
+                kmsg.cancel(messages[0].id)
+        return original(messages)
+
+    monkeypatch.setattr(provider, "_send_batch", cancel_then_send)
+    run_all_chunks(runtime, dispatcher)
+    assert cancelled == [200]
+    summary = kmsg.batch_summary(receipt.batch_id)
+    assert summary.status == "cancelled"
+    assert summary.by_status == {"sent": 100, "cancelled": 200}
+    assert provider.requests == 1
+
+
+def test_cancel_one_message_of_a_waiting_chunk(kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher) -> None:
+    receipt = kmsg.send_many(recipients(5), defaults=DEFAULTS)
+    assert kmsg.cancel(receipt.message_ids[2]).status == "cancelled"
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"sent": 4, "cancelled": 1}
+    assert mock(runtime).calls_for(receipt.message_ids[2]) == 0
+
+
+def test_a_single_send_task_for_a_batch_row_does_nothing(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher
+) -> None:
+    from kmsg_worker.pipeline import deliver
+
+    receipt = kmsg.send_many(recipients(3), defaults=DEFAULTS)
+    # only the chunk's task, under the chunk's lease, sends batch rows
+    assert deliver(runtime, receipt.message_ids[0]).action == "not_claimed"
+    assert mock(runtime).requests == 0
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"sent": 3}
+
+
+def test_a_chunk_claimed_too_often_without_finishing_is_dead(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    receipt = kmsg.send_many(recipients(4), defaults=DEFAULTS)
+    for _ in range(runtime.settings.max_deliveries):
+        assert bulk._claim_chunk(runtime, receipt.batch_id, 0, clock()) is not None  # each worker dies
+        clock.advance(lease_seconds(runtime) + 1)
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    assert result.dead == 4 and result.requests == 0
+    assert runtime.store.count_by_status() == {"dead": 4}
+    assert mock(runtime).requests == 0

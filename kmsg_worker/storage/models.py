@@ -28,7 +28,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Attempt", "Base", "Batch", "DeadLetter", "Heartbeat", "IdempotencyKey", "MessageRow"]
+__all__ = ["Attempt", "Base", "Batch", "ChunkLease", "DeadLetter", "Heartbeat", "IdempotencyKey", "MessageRow"]
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -227,6 +227,30 @@ class Batch(Base):
     started_at: Mapped[datetime | None] = mapped_column(TS)
     finished_at: Mapped[datetime | None] = mapped_column(TS)
     cancelled_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class ChunkLease(Base):
+    """The claim on one chunk of a batch: whoever holds the lease is the only sender of its rows.
+
+    A bulk chunk is claimed here, in one row, instead of moving each of its (up to 10,000) message
+    rows to ``sending``: that per-row UPDATE was a third of the database's work per bulk message.
+    The rows stay ``queued`` while their request is in flight; ``in_flight`` stays true until the
+    chunk's outcomes are recorded, so a chunk claimed again after its worker died knows its rows
+    may have reached the provider and asks before resending (``recovering``). Created at intake,
+    so a cancel always finds the row to lock against a concurrent claim.
+    """
+
+    __tablename__ = "kmsg_chunks"
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+    in_flight: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The previous claim ended without recording its outcomes (its worker died).
+    recovering: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Claims since the last completed run: too many means the chunk is poison.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(TS)
 
 
 class DeadLetter(Base):

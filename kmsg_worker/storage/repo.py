@@ -176,7 +176,13 @@ class Store:
         due_retry = and_(MessageRow.status == S.RETRYING, MessageRow.next_attempt_at <= now + timedelta(seconds=1))
         stmt = (
             update(MessageRow)
-            .where(MessageRow.id == message_id, or_(MessageRow.status == S.QUEUED, due_retry))
+            # Batch rows are sent by their chunk's task only, under the chunk's lease
+            # (kmsg_worker.bulk): a stray single-send task for one of them does nothing.
+            .where(
+                MessageRow.id == message_id,
+                MessageRow.batch_id.is_(None),
+                or_(MessageRow.status == S.QUEUED, due_retry),
+            )
             .values(**self.claim_values(now, lease))
             .returning(
                 MessageRow.id,
@@ -350,19 +356,28 @@ class Store:
         )
         return self._claim_ids(where, MessageRow.queued_at, limit, {"queued_at": now, "updated_at": now})
 
-    def claim_due_retries(self, *, now: datetime, grace: timedelta, limit: int) -> list[tuple[str, str]]:
-        """``retrying -> queued`` for retries no countdown task will wake (or whose task was lost)."""
-        where = and_(
+    @staticmethod
+    def _due_retry(now: datetime, grace: timedelta) -> ColumnElement[bool]:
+        return and_(
             MessageRow.status == S.RETRYING,
             MessageRow.next_attempt_at <= now,
             or_(MessageRow.retry_task_published.is_(False), MessageRow.next_attempt_at <= now - grace),
         )
+
+    def claim_due_retries(self, *, now: datetime, grace: timedelta, limit: int) -> list[tuple[str, str]]:
+        """``retrying -> queued`` for single messages no countdown task will wake (or whose task was lost)."""
+        where = and_(self._due_retry(now, grace), MessageRow.batch_id.is_(None))
         return self._claim_ids(
             where,
             MessageRow.next_attempt_at,
             limit,
             {"status": S.QUEUED, "queued_at": now, "updated_at": now},
         )
+
+    def claim_due_retry_chunks(self, *, now: datetime, grace: timedelta, limit: int) -> set[tuple[str, int]]:
+        """The same for batch rows; returns their chunks to publish (only a chunk's task sends its rows)."""
+        where = and_(self._due_retry(now, grace), MessageRow.batch_id.is_not(None))
+        return self.claim_batch_chunks(where, {"status": S.QUEUED, "queued_at": now, "updated_at": now}, limit)
 
     def claim_expired_leases(self, *, now: datetime, extend: timedelta, limit: int) -> list[tuple[str, str]]:
         """Rows stuck in ``sending`` past their lease (a worker died): extend the lease while we reconcile."""

@@ -1,0 +1,41 @@
+"""The garbage-collector tuning used by workers and bulk intake."""
+
+from __future__ import annotations
+
+import gc
+
+from kmsg_worker.gctune import raised_threshold, tune_worker
+from kmsg_worker.settings import Settings
+
+
+def test_raised_threshold_is_restored_and_never_lowers() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        with raised_threshold(50_000):
+            assert gc.get_threshold()[0] == 50_000
+        assert gc.get_threshold()[0] == 700
+        gc.set_threshold(90_000, before[1], before[2])
+        with raised_threshold(50_000):
+            assert gc.get_threshold()[0] == 90_000  # a caller's higher setting is kept
+        assert gc.get_threshold()[0] == 90_000
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_tune_worker_zero_leaves_the_defaults() -> None:
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    tune_worker(0)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+
+def test_setting_parses_and_rejects_negative() -> None:
+    assert Settings.from_env({}).gc_threshold == 50_000
+    assert Settings.from_env({"KMSG_GC_THRESHOLD": "0"}).gc_threshold == 0
+    try:
+        Settings.from_env({"KMSG_GC_THRESHOLD": "-1"})
+    except Exception as exc:  # noqa: BLE001 - the settings error type names the variable
+        assert "KMSG_GC_THRESHOLD" in str(exc)
+    else:
+        raise AssertionError("a negative threshold must be refused")
