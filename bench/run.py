@@ -19,7 +19,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -269,20 +268,10 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
 
     kmsg = KMsg()
     latencies: list[float] = []
-    stop = threading.Event()
-
-    def singles() -> None:
-        sent_ids = []
-        while not stop.is_set() and len(sent_ids) < single_sends:
-            sent_ids.append(kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high").message_id)
-            time.sleep(0.05)
-        latencies.extend(single_latencies(engine, sent_ids))
-
     rows = ({"to": f"010{i:08d}", "variables": {"n": i}} for i in range(count))
-    thread = threading.Thread(target=singles) if single_sends else None
     started = time.monotonic()
-    if thread:
-        thread.start()
+    # The OTP sender is its own process, started with the bulk (see bench/singles.py).
+    singles = start_singles(env, single_sends) if single_sends else None
     receipt = kmsg.send_many(rows, defaults={"text": "[bench] 겨울 세일 쿠폰 #{n}", "sender": "0212345678"})
     accepted = time.monotonic()
     # Poll what is still pending (each state has a small partial index; the scratch database holds
@@ -303,9 +292,8 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
         ).scalar_one()
     if sent != count:
         raise RuntimeError(f"only {sent} of {count} messages were sent")
-    stop.set()
-    if thread:
-        thread.join(60)
+    if singles is not None:
+        latencies = single_latencies(engine, finish_singles(singles))
     rss_after = rss_mb(bulk_worker)
     cpu = cpu_used(cpu_before, cpu_snapshot())
     stats = httpx.get(f"{env.fake_url}/_fake/stats", timeout=30).json()
@@ -339,6 +327,25 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
     return result
 
 
+def start_singles(env: Env, count: int) -> subprocess.Popen[bytes]:
+    """Start ``bench.singles`` sending ``count`` messages, 50 ms apart, after 5 warm-up sends."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.singles", "--count", str(count), "--interval", "0.05"],
+        env=env.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+
+
+def finish_singles(proc: subprocess.Popen[bytes]) -> list[str]:
+    """The ids the singles process sent (it stops by itself after at most 300 s)."""
+    out, _ = proc.communicate(timeout=400)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.singles failed with exit code {proc.returncode}")
+    ids: list[str] = json.loads(out.decode().strip().splitlines()[-1])
+    return ids
+
+
 def single_latencies(engine: Any, ids: list[str], timeout: float = 60) -> list[float]:
     """Milliseconds from acceptance (created_at) to provider acceptance (sent_at) for ``ids``."""
     if not ids:
@@ -364,7 +371,6 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def bench_single_light(env: Env, count: int) -> dict[str, Any]:
-    from kmsg_worker.producer import KMsg
     from kmsg_worker.storage.db import make_engine
 
     engine = make_engine(env.env["KMSG_DATABASE_URL"])
@@ -372,14 +378,8 @@ def bench_single_light(env: Env, count: int) -> dict[str, Any]:
     worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single-light")
     time.sleep(4)
     os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
-    kmsg = KMsg()
-    ids = []
-    for _ in range(count):
-        ids.append(kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high").message_id)
-        time.sleep(0.05)
-    lat = single_latencies(engine, ids)
+    lat = single_latencies(engine, finish_singles(start_singles(env, count)))
     env.stop([worker])
-    kmsg.close()
     result = {
         "count": len(lat),
         "p50_ms": round(percentile(lat, 50), 1),

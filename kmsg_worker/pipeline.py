@@ -86,9 +86,11 @@ def deliver(rt: Runtime, message_id: str) -> DeliveryResult:
         outcome = provider.send(message)
     except ProviderError as exc:
         outcome = SendOutcome(message.id, False, error=exc)
+    # When the provider answered (sent_at), before our own bookkeeping below.
+    answered_at = rt.now()
     latency_ms = (time.perf_counter() - started) * 1000
     circuit.observe(rt, claim.provider, None if outcome.accepted else _error_of(outcome, claim.provider))
-    return record_outcome(rt, claim, message, outcome, latency_ms)
+    return record_outcome(rt, claim, message, outcome, latency_ms, now=answered_at)
 
 
 def _error_of(outcome: SendOutcome, provider: str) -> ProviderError:
@@ -322,10 +324,19 @@ def _schedule_retry(
 
 
 def record_outcome(
-    rt: Runtime, claim: Claim, message: Message, outcome: SendOutcome, latency_ms: float | None
+    rt: Runtime,
+    claim: Claim,
+    message: Message,
+    outcome: SendOutcome,
+    latency_ms: float | None,
+    *,
+    now: datetime | None = None,
 ) -> DeliveryResult:
-    """Record one provider answer for a claimed message and act on it (sent, retry, failover, fail)."""
-    now = rt.now()
+    """Record one provider answer for a claimed message and act on it (sent, retry, failover, fail).
+
+    ``now``: when the provider answered (default: the runtime's clock now).
+    """
+    now = now or rt.now()
     if outcome.accepted:
         _mark_sent(rt, claim, outcome, now, latency_ms=latency_ms)
         return DeliveryResult(claim.id, "sent", S.SENT, claim.provider)

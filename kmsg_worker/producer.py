@@ -253,9 +253,10 @@ class KMsg:
                 tuple(route),
                 duplicate=True,
             )
-        log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
         if row["status"] == S.QUEUED:
             self._publish([msg.id], msg.priority.value)
+        # Logged after the publish: the worker can start while this line is rendered.
+        log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
         return Receipt(msg.id, str(row["status"].value), msg.type.value, tuple(route))
 
     def schedule(self, message: Mapping[str, Any] | None = None, /, *, at: datetime | str, **fields: Any) -> Receipt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -41,6 +42,9 @@ def _warm_up() -> None:
             conn.exec_driver_sql("SELECT 1")
         for name in settings.providers:
             runtime.provider(name)
+        # Compile (and let psycopg prepare) the single-send claim: an id that cannot exist matches
+        # no row, so this changes nothing.
+        runtime.store.claim_for_send("kmsg-warm-up", now=runtime.now(), lease=timedelta(seconds=1))
     except Exception as exc:  # noqa: BLE001 - a warm-up failure must not stop the worker; tasks retry
         structlog.get_logger("kmsg.tasks").warning("worker.warm_up_failed", error=type(exc).__name__)
 

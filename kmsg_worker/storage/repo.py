@@ -85,6 +85,12 @@ class Store:
         Raises:
             IdempotencyConflictError: Same key, different request.
         """
+        if idempotency is None and session is None and len(rows) == 1:
+            # The common single send: one INSERT is its own transaction (no BEGIN/COMMIT round
+            # trips, no ORM unit of work), on every single send's critical path.
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(insert(MessageRow), list(rows))
+            return None
         for _ in range(3):
             try:
                 with self.sessions.begin() as s:
@@ -197,8 +203,10 @@ class Store:
                 MessageRow.scheduled_at,
             )
         )
-        with self.sessions.begin() as s:
-            row = s.execute(stmt).first()
+        # One statement is its own transaction: in autocommit mode there is no BEGIN and no
+        # separate COMMIT round trip (this is on every single send's critical path).
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            row = conn.execute(stmt).first()
         if row is None:
             return None
         return Claim(*row)
@@ -231,11 +239,17 @@ class Store:
             return 0
         allowed = set(ALLOWED[target]) if expect is None else set(expect) & set(ALLOWED[target])
         allowed -= FINAL  # terminal states never regress, whatever a caller asks
+        if not allowed:
+            return 0
         vals: dict[str, Any] = {"status": target, "updated_at": now, **values}
         if target in FINAL:
             vals.setdefault("final_at", now)
             vals.setdefault("lease_until", None)
-        stmt = update(MessageRow).where(MessageRow.id.in_(id_list), MessageRow.status.in_(allowed)).values(**vals)
+        # Equalities, not IN lists, where the list is short: an expanding IN makes SQLAlchemy
+        # re-render the statement on every call (~1.4 ms per single-message transition).
+        by_id = MessageRow.id == id_list[0] if len(id_list) == 1 else MessageRow.id.in_(id_list)
+        by_status = or_(*(MessageRow.status == st for st in sorted(allowed)))
+        stmt = update(MessageRow).where(by_id, by_status).values(**vals).execution_options(synchronize_session=False)
         if session is not None:
             return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
         with self.sessions.begin() as s:
@@ -247,6 +261,7 @@ class Store:
             update(MessageRow)
             .where(MessageRow.id == message_id, MessageRow.status == expect)
             .values(updated_at=now, **values)
+            .execution_options(synchronize_session=False)
         )
         with self.sessions.begin() as s:
             return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
