@@ -156,12 +156,21 @@ class Env:
                 proc.wait()
 
 
+def rss_by_process(proc: subprocess.Popen[bytes]) -> dict[str, float]:
+    """Resident memory (MB) of a process (``main``) and each of its children (by pid)."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,rss=", "--ppid", str(proc.pid), "-p", str(proc.pid)], capture_output=True, text=True
+    )
+    sizes: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        pid, rss = line.split()
+        sizes["main" if int(pid) == proc.pid else pid] = round(int(rss) / 1024, 1)
+    return sizes
+
+
 def rss_mb(proc: subprocess.Popen[bytes]) -> float:
     """Resident memory of a process and its children, in MB."""
-    out = subprocess.run(
-        ["ps", "-o", "rss=", "--ppid", str(proc.pid), "-p", str(proc.pid)], capture_output=True, text=True
-    )
-    return sum(int(x) for x in out.stdout.split()) / 1024
+    return sum(rss_by_process(proc).values())
 
 
 def cpu_snapshot() -> dict[int, tuple[str, float]]:
@@ -262,6 +271,7 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
     single_worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single")
     time.sleep(5)
     rss_before = rss_mb(bulk_worker)
+    rss_parts_before = rss_by_process(bulk_worker)
     cpu_before = cpu_snapshot()
     os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
     from kmsg_worker.producer import KMsg
@@ -295,6 +305,7 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
     if singles is not None:
         latencies = single_latencies(engine, finish_singles(singles))
     rss_after = rss_mb(bulk_worker)
+    rss_parts_after = rss_by_process(bulk_worker)
     cpu = cpu_used(cpu_before, cpu_snapshot())
     stats = httpx.get(f"{env.fake_url}/_fake/stats", timeout=30).json()
     env.stop([bulk_worker, single_worker])
@@ -312,6 +323,8 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
         "fake_duplicated_messages": len(stats["duplicates"]),
         "worker_rss_mb_before": round(rss_before, 1),
         "worker_rss_mb_after": round(rss_after, 1),
+        # Per process (the Celery main process and each pool child, by pid): where growth is.
+        "worker_rss_mb_by_process": {"before": rss_parts_before, "after": rss_parts_after},
         # Where the two cores went: CPU seconds per role over the run (wall time x 2 is the ceiling).
         "cpu_seconds": cpu,
     }

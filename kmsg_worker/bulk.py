@@ -76,6 +76,8 @@ __all__ = [
     "intake",
     "process_chunk",
     "reconcile_expired",
+    "recover_chunks",
+    "RecoveryReport",
 ]
 
 S = MessageStatus
@@ -679,7 +681,7 @@ _ROW_COLUMNS = (
 
 
 #: A chunk lease at rest: no claim holds it.
-_IDLE: dict[str, Any] = {"lease_until": None, "in_flight": False, "recovering": False, "deliveries": 0}
+_IDLE: dict[str, Any] = {"lease_until": None, "in_flight": False, "deliveries": 0}
 #: States a row of a claimed chunk is in while its request is in flight (the chunk holds the lease).
 _HELD = (S.QUEUED, S.RETRYING)
 
@@ -687,60 +689,135 @@ _HELD = (S.QUEUED, S.RETRYING)
 @dataclass
 class _Claim:
     rows: list[_Row]
-    #: The previous claim died before recording outcomes: the rows may have reached the provider.
-    recovering: bool
-    #: Claims since the last completed run.
+    #: Claims since the last completed run (this one included).
     deliveries: int
     cancelled: bool
 
 
 def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> _Claim | None:
-    """Take the chunk's lease (one row) and read its sendable rows; ``None`` if a live claim holds it.
+    """Take the chunk's lease (one row) and read its sendable rows; ``None`` if a claim holds it.
 
     The rows themselves are not written: they stay ``queued`` (or due ``retrying``) while the lease
     is held, and only the chunk's task sends them (the sweeps re-publish the chunk, never the rows).
+    A chunk still in flight from a claim whose worker died is not taken here, even once its lease ran
+    out: :func:`recover_chunks` (the maintenance sweep) settles it first.
     """
     lease = now + timedelta(seconds=rt.settings.lease_seconds)
     insert_ = pg_insert if rt.store.is_postgres else sqlite_insert
     take = (
         insert_(ChunkLease)
-        .values(batch_id=batch_id, chunk=chunk, lease_until=lease, in_flight=True, recovering=False, deliveries=1)
+        .values(batch_id=batch_id, chunk=chunk, lease_until=lease, in_flight=True, deliveries=1, updated_at=now)
         .on_conflict_do_update(
             index_elements=[ChunkLease.batch_id, ChunkLease.chunk],
             set_={
                 "lease_until": lease,
                 "in_flight": True,
-                # Still in flight from an earlier claim whose lease ran out: that worker died.
-                "recovering": ChunkLease.in_flight,
                 "deliveries": ChunkLease.deliveries + 1,
                 "updated_at": now,
             },
-            where=or_(ChunkLease.lease_until.is_(None), ChunkLease.lease_until <= now),
+            where=ChunkLease.in_flight.is_(False),
         )
-        .returning(ChunkLease.recovering, ChunkLease.deliveries)
+        .returning(ChunkLease.deliveries)
     )
     due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
-    rows_stmt = select(*_ROW_COLUMNS).where(
-        MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, (MessageRow.status == S.QUEUED) | due_retry
-    )
     with rt.store.sessions.begin() as s:
         taken = s.execute(take).first()
         if taken is None:
             return None
         # Read after the lease is ours: a cancel that locked the lease first has committed by now.
         cancelled = s.scalar(select(Batch.status).where(Batch.id == batch_id)) == "cancelled"
-        rows = [_Row.load(r) for r in s.execute(rows_stmt)]
-    return _Claim(rows, bool(taken[0]), int(taken[1]), cancelled)
+        rows = _load_chunk_rows(s, batch_id, chunk, (MessageRow.status == S.QUEUED) | due_retry)
+    return _Claim(rows, int(taken[0]), cancelled)
 
 
-def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> None:
-    """The run recorded every outcome: the lease is free and the next claim is not a recovery."""
+def _load_chunk_rows(s: Any, batch_id: str, chunk: int, status: Any) -> list[_Row]:
+    stmt = select(*_ROW_COLUMNS).where(MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, status)
+    return [_Row.load(r) for r in s.execute(stmt)]
+
+
+def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime, *, completed: bool = True) -> None:
+    """Free the lease. ``completed``: the run recorded every outcome (the poison count starts over)."""
+    values: dict[str, Any] = dict(_IDLE) if completed else {"lease_until": None, "in_flight": False}
     with rt.store.sessions.begin() as s:
         s.execute(
             update(ChunkLease)
             .where(ChunkLease.batch_id == batch_id, ChunkLease.chunk == chunk)
-            .values(updated_at=now, **_IDLE)
+            .values(updated_at=now, **values)
+            .execution_options(synchronize_session=False)
         )
+
+
+@dataclass
+class RecoveryReport:
+    """What :func:`recover_chunks` did."""
+
+    chunks: int = 0
+    reconciled_sent: int = 0
+    deferred: int = 0
+    unknown: int = 0
+
+
+def recover_chunks(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> RecoveryReport:
+    """Take over chunks whose worker died with their request in flight (lease expired, still in flight).
+
+    Each is held for another lease while every row it did not record is looked up at the provider
+    (by our ids): the ones the provider has are recorded ``sent`` and never sent again; the rest
+    stay sendable. Then the chunk is freed and published again. The maintenance sweep runs this under
+    its own time limit, so a slow look-up (Solapi lists recent messages page by page) cannot turn a
+    chunk into poison. A provider that cannot be asked leaves those rows ``unknown``.
+    """
+    now = now or rt.now()
+    report = RecoveryReport()
+    hold = now + timedelta(seconds=rt.settings.lease_seconds)
+    with rt.store.sessions() as s:
+        expired = s.execute(
+            select(ChunkLease.batch_id, ChunkLease.chunk)
+            .where(ChunkLease.in_flight.is_(True), ChunkLease.lease_until <= now)
+            .order_by(ChunkLease.lease_until)
+            .limit(limit)
+        ).all()
+    for batch_id, chunk in expired:
+        with rt.store.sessions.begin() as s:
+            # Conditional: a concurrent sweep that took it first has moved the lease on.
+            taken: Any = s.execute(
+                update(ChunkLease)
+                .where(
+                    ChunkLease.batch_id == batch_id,
+                    ChunkLease.chunk == chunk,
+                    ChunkLease.in_flight.is_(True),
+                    ChunkLease.lease_until <= now,
+                )
+                .values(lease_until=hold, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            taken = bool(taken.rowcount)
+            rows = _load_chunk_rows(s, batch_id, chunk, MessageRow.status.in_(list(_HELD))) if taken else []
+        if not taken:
+            continue
+        report.chunks += 1
+        result = ChunkResult()
+        by_provider: dict[str, list[_Row]] = defaultdict(list)
+        for row in rows:
+            row.outcome_unknown = True  # the dead run may have sent any of them
+            by_provider[row.provider].append(row)
+        for group in by_provider.values():
+            _reconcile_rows(rt, group, now, result)
+        report.reconciled_sent += result.sent
+        report.deferred += result.retrying
+        report.unknown += result.unknown
+        # Not a completed run: the poison count stands until a run of the chunk finishes.
+        _release_chunk(rt, batch_id, chunk, rt.now(), completed=False)
+        log.warning(
+            "batch.chunk_recovered",
+            batch_id=batch_id,
+            chunk=chunk,
+            rows=len(rows),
+            reconciled_sent=result.sent,
+            deferred=result.retrying,
+            unknown=result.unknown,
+        )
+        rt.dispatcher.chunk(batch_id, [chunk])
+    return report
 
 
 def _attempt_rows(
@@ -1115,11 +1192,6 @@ def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
     if claim is None:
         return ChunkResult()
     result = ChunkResult(claimed=len(claim.rows))
-    if claim.recovering:
-        # The previous claim's worker died with the request possibly in flight: ask before resending.
-        for row in claim.rows:
-            row.outcome_unknown = True
-        log.warning("batch.chunk_recovering", batch_id=batch_id, chunk=chunk, rows=len(claim.rows))
     if claim.deliveries > rt.settings.max_deliveries:
         _bulk_transition(
             rt, claim.rows, S.DEAD, now, error_code=ErrorCode.POISON_MESSAGE.value, error_message="claimed too often"
@@ -1143,7 +1215,7 @@ def _cancel_claimed(rt: Runtime, rows: list[_Row], now: datetime, result: ChunkR
     for row in rows:
         by_provider[row.provider].append(row)
     for group in by_provider.values():
-        # Rows a dead worker may have sent are looked up first: what was sent stays sent.
+        # Rows whose last request has an unknown outcome are looked up first: what was sent stays sent.
         rest = _reconcile_rows(rt, group, now, result)
         _bulk_transition(rt, rest, S.CANCELLED, now, error_code="CANCELLED")
 

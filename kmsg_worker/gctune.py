@@ -9,11 +9,44 @@ the collector never walks imported modules again) keeps the collector but makes 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["raised_threshold", "tune_worker"]
+__all__ = ["raised_threshold", "release_memory", "tune_worker"]
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Hand memory freed by the last batch back to the operating system (glibc ``malloc_trim``).
+
+    A 10,000-message chunk peaks at about 60 MB of Python objects; once freed, glibc keeps most of
+    it mapped, so a worker child's RSS settles at its largest chunk (~50 MB above its idle size)
+    until ``worker_max_memory_per_child`` recycles it. Trimming after each chunk task brings it back
+    (``bench/run.py`` measures RSS before and after 1,000,000 messages). Takes a few milliseconds.
+
+    Returns:
+        Whether the C library could be asked (False on a libc without ``malloc_trim``).
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 def tune_worker(threshold: int) -> None:

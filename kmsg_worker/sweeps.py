@@ -4,7 +4,7 @@
 * retries that wait in the database (longer than a countdown) -> ``queued`` and enqueued;
 * rows left ``queued`` too long (their task was lost with Redis) -> enqueued again;
 * rows stuck in ``sending`` past their lease (a worker died) -> reconciled, then re-sent only if
-  the provider never got them;
+  the provider never got them; batch chunks still in flight past their lease likewise;
 * expired idempotency keys -> deleted.
 
 Every step claims its rows with a conditional update, so two beats or an overlapping run do no
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from kmsg_worker.bulk import reconcile_expired
+from kmsg_worker.bulk import reconcile_expired, recover_chunks
 from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.logging import get_logger
 from kmsg_worker.runtime import Runtime
@@ -41,6 +41,7 @@ class SweepReport:
     retries: int = 0
     stale_queued: int = 0
     leases: int = 0
+    chunks_recovered: int = 0
     idempotency_purged: int = 0
     broker_files_pruned: int = 0
 
@@ -135,6 +136,10 @@ def sweep(rt: Runtime) -> SweepReport:
     retry_chunks = rt.store.claim_due_retry_chunks(now=now, grace=grace, limit=limit)
     _enqueue_chunks(rt, retry_chunks)
     report.retries = len(retries) + len(retry_chunks)
+
+    # Chunks whose worker died mid-request: settled at the provider and published again (before the
+    # stale-chunk step, which would only publish a chunk its task cannot take yet).
+    report.chunks_recovered = recover_chunks(rt, now=now, limit=limit).chunks
 
     older = timedelta(seconds=settings.stale_queued_seconds)
     stale = rt.store.claim_stale_queued(now=now, older_than=older, limit=limit)

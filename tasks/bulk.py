@@ -10,6 +10,7 @@ from celery.result import AsyncResult
 from config.celery import app
 from kmsg_worker.bulk import process_chunk
 from kmsg_worker.errors import ValidationError
+from kmsg_worker.gctune import release_memory
 from tasks.context import get_producer, get_runtime
 from tasks.send import _dead_letter
 
@@ -23,7 +24,10 @@ def send_chunk(self: Task, *args: Any, **kwargs: Any) -> int:
     if args or kwargs or not isinstance(batch_id, str) or not isinstance(chunk, int) or isinstance(chunk, bool):
         _dead_letter(self, "malformed payload: expected batch_id and chunk", {"args": args, "kwargs": kwargs})
         return 0
-    return process_chunk(get_runtime(), batch_id, chunk).sent
+    try:
+        return process_chunk(get_runtime(), batch_id, chunk).sent
+    finally:
+        release_memory()
 
 
 class SendBulkTask(Task):  # type: ignore[misc]

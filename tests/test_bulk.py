@@ -290,42 +290,49 @@ def test_a_chunk_whose_worker_died_mid_request_is_reconciled_not_resent(
     assert mock(runtime).requests == 1
     # the rows never left "queued": the chunk's lease says they are in flight
     assert runtime.store.count_by_status() == {"queued": 40}
-    # a re-delivered task while the lease is held does nothing
+    # a re-delivered task does nothing, while the lease is held and after it ran out
     assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
-    # after the lease ran out the sweep re-publishes the chunk; its next run asks the provider first
     clock.advance(lease_seconds(runtime) + 1)
+    assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
+    # the sweep takes the chunk over, asks the provider, records what it has, and frees the chunk
     published = len(dispatcher.chunks)
-    sweep(runtime)
+    report = sweep(runtime)
+    assert report.chunks_recovered == 1
     assert (receipt.batch_id, 0, None) in dispatcher.chunks[published:]
-    result = process_chunk(runtime, receipt.batch_id, 0)
-    assert result.sent == 40 and result.requests == 0
+    assert runtime.store.count_by_status() == {"sent": 40}
+    assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
     assert mock(runtime).requests == 1
     assert all(mock(runtime).calls_for(m) == 1 for m in receipt.message_ids)
-    assert runtime.store.count_by_status() == {"sent": 40}
     attempts = runtime.store.attempts(receipt.message_ids[0])
     assert [a.outcome for a in attempts] == ["reconciled_sent"]
 
 
-def test_a_recovering_chunk_sends_only_what_the_provider_never_got(
+def test_a_recovered_chunk_sends_only_what_the_provider_never_got(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
     receipt = kmsg.send_many(recipients(10), defaults=DEFAULTS)
 
     class WorkerDied(BaseException):
         pass
 
-    def die(*args: Any, **kwargs: Any) -> None:
-        raise WorkerDied  # killed before the request went out
+    provider = mock(runtime)
+    original = provider._send_batch
+
+    def half_then_die(messages: Any) -> Any:
+        original(messages[:4])  # the provider got 4 of them, then the worker died
+        raise WorkerDied
 
     with monkeypatch.context() as patch:
-        patch.setattr(mock(runtime), "_send_batch", die)
+        patch.setattr(provider, "_send_batch", half_then_die)
         with pytest.raises(WorkerDied):
             process_chunk(runtime, receipt.batch_id, 0)
     clock.advance(lease_seconds(runtime) + 1)
+    assert sweep(runtime).chunks_recovered == 1
+    assert runtime.store.count_by_status() == {"sent": 4, "queued": 6}
     result = process_chunk(runtime, receipt.batch_id, 0)
-    assert result.sent == 10 and result.requests == 1
+    assert result.sent == 6 and result.requests == 1
     assert all(mock(runtime).calls_for(m) == 1 for m in receipt.message_ids)
+    assert runtime.store.count_by_status() == {"sent": 10}
 
 
 def test_cancel_while_a_chunk_is_in_flight_keeps_that_chunk_sent(
@@ -384,6 +391,7 @@ def test_a_chunk_claimed_too_often_without_finishing_is_dead(
     for _ in range(runtime.settings.max_deliveries):
         assert bulk._claim_chunk(runtime, receipt.batch_id, 0, clock()) is not None  # each worker dies
         clock.advance(lease_seconds(runtime) + 1)
+        assert sweep(runtime).chunks_recovered == 1  # the provider has none of them: freed again
     result = process_chunk(runtime, receipt.batch_id, 0)
     assert result.dead == 4 and result.requests == 0
     assert runtime.store.count_by_status() == {"dead": 4}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from kmsg_worker.gctune import raised_threshold, tune_worker
+from kmsg_worker.gctune import raised_threshold, release_memory, tune_worker
 from kmsg_worker.settings import Settings
 
 
@@ -39,3 +39,24 @@ def test_setting_parses_and_rejects_negative() -> None:
         assert "KMSG_GC_THRESHOLD" in str(exc)
     else:
         raise AssertionError("a negative threshold must be refused")
+
+
+def test_release_memory_gives_freed_memory_back(tmp_path: object) -> None:
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return  # glibc only; elsewhere release_memory() reports False and does nothing
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * 4096 / 1e6
+
+    # Many medium-sized strings, like a chunk's message texts, then freed.
+    before = rss_mb()
+    blob = [{"id": f"{i:032x}", "text": "x" * 600 + str(i)} for i in range(60_000)]
+    peak = rss_mb()
+    assert peak > before + 30
+    del blob
+    gc.collect()
+    assert release_memory() is True
+    assert rss_mb() < before + (peak - before) / 2  # most of it went back to the system

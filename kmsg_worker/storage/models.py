@@ -235,9 +235,9 @@ class ChunkLease(Base):
     A bulk chunk is claimed here, in one row, instead of moving each of its (up to 10,000) message
     rows to ``sending``: that per-row UPDATE was a third of the database's work per bulk message.
     The rows stay ``queued`` while their request is in flight; ``in_flight`` stays true until the
-    chunk's outcomes are recorded, so a chunk claimed again after its worker died knows its rows
-    may have reached the provider and asks before resending (``recovering``). Created at intake,
-    so a cancel always finds the row to lock against a concurrent claim.
+    chunk's outcomes are recorded. A chunk still ``in_flight`` when its lease runs out lost its
+    worker: only the maintenance sweep takes it over, asks the provider which rows it already has,
+    and frees the chunk for a new run. Created at intake, so a cancel always finds the row to lock.
     """
 
     __tablename__ = "kmsg_chunks"
@@ -246,11 +246,19 @@ class ChunkLease(Base):
     chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
     lease_until: Mapped[datetime | None] = mapped_column(TS)
     in_flight: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: The previous claim ended without recording its outcomes (its worker died).
-    recovering: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Claims since the last completed run: too many means the chunk is poison.
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        # The sweep's look-up of dead claims reads only chunks in flight.
+        Index(
+            "ix_kmsg_chunks_in_flight",
+            "lease_until",
+            postgresql_where=text("in_flight"),
+            sqlite_where=text("in_flight"),
+        ),
+    )
 
 
 class DeadLetter(Base):

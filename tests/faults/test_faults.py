@@ -29,7 +29,7 @@ from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
-from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.models import ChunkLease, MessageRow
 from kmsg_worker.testing.fakeserver import FakeProviderServer
 from kmsg_worker.testing.servers import fake_env, start_fakes
 from tests.conftest import Cluster, wait_until
@@ -83,6 +83,20 @@ def counts(kmsg: KMsg, ids: list[str] | None = None, batch_id: str | None = None
         return {status: int(n) for status, n in s.execute(stmt)}
 
 
+def rows_in_flight(kmsg: KMsg, batch_id: str) -> int:
+    """Rows of the batch's chunks whose lease says their request is in flight (bulk rows stay queued)."""
+    with kmsg.runtime.store.sessions() as s:
+        chunks = list(
+            s.scalars(select(ChunkLease.chunk).where(ChunkLease.batch_id == batch_id, ChunkLease.in_flight.is_(True)))
+        )
+        if not chunks:
+            return 0
+        stmt = select(func.count()).where(
+            MessageRow.batch_id == batch_id, MessageRow.chunk.in_(chunks), MessageRow.status == "queued"
+        )
+        return int(s.execute(stmt).scalar_one())
+
+
 def all_done(kmsg: KMsg, total: int, **where: Any) -> bool:
     c = counts(kmsg, **where)
     return sum(n for st, n in c.items() if st == "sent" or st in FINAL) == total
@@ -108,7 +122,7 @@ def test_sigkill_a_worker_in_the_middle_of_a_20000_message_bulk(cluster: Cluster
     kill_tree(victim.pid, signal.SIGKILL)
     victim.wait()
     killed_at = time.monotonic()
-    in_flight = counts(kmsg, batch_id=receipt.batch_id).get("sending", 0)
+    in_flight = rows_in_flight(kmsg, receipt.batch_id)
     cluster.start_worker("rescuer", concurrency=2)
     cluster.start_beat()
     wait_until(lambda: all_done(kmsg, 20_000, batch_id=receipt.batch_id), 300, interval=1, what="every message final")

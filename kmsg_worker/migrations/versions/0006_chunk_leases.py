@@ -23,12 +23,19 @@ def upgrade() -> None:
         sa.Column("chunk", sa.Integer(), nullable=False),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("in_flight", sa.Boolean(), nullable=False),
-        sa.Column("recovering", sa.Boolean(), nullable=False),
         sa.Column("deliveries", sa.Integer(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("batch_id", "chunk"),
     )
+    op.create_index(
+        "ix_kmsg_chunks_in_flight",
+        "kmsg_chunks",
+        ["lease_until"],
+        postgresql_where=sa.text("in_flight"),
+        sqlite_where=sa.text("in_flight"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_kmsg_chunks_in_flight", table_name="kmsg_chunks")
     op.drop_table("kmsg_chunks")
