@@ -270,15 +270,16 @@ def lease_seconds(rt: Runtime) -> float:
     return rt.settings.lease_seconds
 
 
+class WorkerDied(BaseException):
+    """Stands for a worker process killed mid-task (nothing after the raise runs)."""
+
+
 def test_a_chunk_whose_worker_died_mid_request_is_reconciled_not_resent(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kmsg_worker.bulk as bulk
 
     receipt = kmsg.send_many(recipients(40), defaults=DEFAULTS)
-
-    class WorkerDied(BaseException):
-        pass
 
     def die(*args: Any, **kwargs: Any) -> None:
         raise WorkerDied  # the provider accepted the request; the worker dies before recording it
@@ -311,9 +312,6 @@ def test_a_recovered_chunk_sends_only_what_the_provider_never_got(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     receipt = kmsg.send_many(recipients(10), defaults=DEFAULTS)
-
-    class WorkerDied(BaseException):
-        pass
 
     provider = mock(runtime)
     original = provider._send_batch
