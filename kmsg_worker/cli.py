@@ -129,6 +129,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    # The worker and beat run from the project root: hand them this directory's var folder (the
+    # embedded broker and database live there), or they would use the project's own.
+    env["KMSG_VAR_DIR"] = str(settings.var_dir.resolve())
     where = "embedded (SQLite + kombu filesystem transport)" if settings.embedded else "servers"
     print(f"kmsg demo: broker={_safe_url(settings.broker_url)} database={_safe_url(settings.database_url)} [{where}]")
     celery = [sys.executable, "-m", "celery", "-A", "config.celery"]
