@@ -24,6 +24,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -33,9 +34,11 @@ from sqlalchemy import Table, Text, bindparam, func, insert, or_, select, text, 
 from sqlalchemy import cast as cast_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import OperationalError
 
 from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
+    BatchPartiallyStoredError,
     BatchValidationError,
     ErrorCode,
     MessageNotFoundError,
@@ -442,9 +445,19 @@ class _SliceWriter:
         self.batch_id = batch_id
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmsg-intake")
         self.jobs: deque[Future[None]] = deque()
+        #: Rows committed so far (slices are written in order, so these are the first ones).
+        self.stored = 0
+        self.failed = False
 
     def _run(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
-        _write(self.rt, rows, extra, leases)
+        if self.failed:
+            return  # a slice failed: nothing after it is written, so what is stored is a prefix
+        try:
+            _write(self.rt, rows, extra, leases)
+        except BaseException:
+            self.failed = True
+            raise
+        self.stored += len(rows)
         _publish_chunks(self.rt, self.batch_id, ready)
 
     def submit(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
@@ -453,11 +466,30 @@ class _SliceWriter:
             self.jobs.popleft().result()
         self.jobs.append(self.pool.submit(self._run, rows, extra, leases, ready))
 
-    def close(self) -> None:
-        """Wait for every queued slice; raise the first error."""
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around the intake loop: wait for the last slice; report a database lost half-way truthfully."""
+        try:
+            yield
+            self.close()
+        except OperationalError as exc:
+            self.close(raise_errors=False)
+            if self.stored:
+                # Not "nothing was accepted": the first rows are stored and their chunks published.
+                raise BatchPartiallyStoredError(self.batch_id, self.stored, type(exc.orig).__name__) from exc
+            raise
+        finally:
+            self.close(raise_errors=False)
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for every queued slice; raise the first error (unless ``raise_errors`` is false)."""
         try:
             while self.jobs:
-                self.jobs.popleft().result()
+                job = self.jobs.popleft()
+                if raise_errors:
+                    job.result()
+                else:
+                    job.exception()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -550,7 +582,7 @@ def intake(
         writer.submit(rows, extra, leases, ready)
 
     writer = _SliceWriter(rt, batch_id)
-    try:
+    with writer.writing():
         for _, row in rows_iter:
             if isinstance(row, RowError):
                 invalid_count += 1
@@ -563,8 +595,6 @@ def intake(
             if len(pending) >= SLICE:
                 flush(final=False)
         flush(final=True)
-    finally:
-        writer.close()
     with rt.store.sessions.begin() as s:
         s.query(Batch).filter(Batch.id == batch_id).update(
             {

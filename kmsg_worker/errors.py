@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Literal
 
 __all__ = [
+    "BatchPartiallyStoredError",
     "BatchValidationError",
     "ConfigurationError",
     "ErrorCode",
@@ -190,6 +191,23 @@ class InvalidStateError(KmsgError):
 
 class StorageUnavailableError(KmsgError):
     """The database could not be reached; the request was *not* accepted."""
+
+
+class BatchPartiallyStoredError(StorageUnavailableError):
+    """The database went away in the middle of a batch: the first ``stored`` rows *were* accepted.
+
+    They keep their batch (``batch_id``) and are sent; the rest were not stored. Send the rows after
+    the first ``stored`` again as a new batch (not the whole list: that would send the stored ones
+    twice).
+    """
+
+    def __init__(self, batch_id: str, stored: int, cause: str) -> None:
+        super().__init__(
+            f"the database became unavailable during the batch ({cause}): the first {stored} valid rows "
+            f"were stored as batch {batch_id} and will be sent; the rest were not stored"
+        )
+        self.batch_id = batch_id
+        self.stored = stored
 
 
 class ProviderError(KmsgError):

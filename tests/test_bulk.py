@@ -394,3 +394,57 @@ def test_a_chunk_claimed_too_often_without_finishing_is_dead(
     assert result.dead == 4 and result.requests == 0
     assert runtime.store.count_by_status() == {"dead": 4}
     assert mock(runtime).requests == 0
+
+
+def test_a_database_lost_half_way_through_a_batch_is_reported_truthfully(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import kmsg_worker.bulk as bulk
+    from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
+
+    original = bulk._write
+    calls: list[int] = []
+
+    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+        calls.append(len(rows))
+        if len(calls) == 2:  # the database goes away after the first slice
+            raise OperationalError("COPY", {}, Exception("server closed the connection"))
+        original(rt, rows, *args)
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(bulk, "_write", flaky_write)
+    with pytest.raises(BatchPartiallyStoredError) as info:
+        kmsg.send_many(recipients(45), defaults=DEFAULTS, on_invalid="skip")
+    # still a StorageUnavailableError for callers that catch that, but it says what was stored
+    assert isinstance(info.value, StorageUnavailableError)
+    assert info.value.stored == 10 and "first 10 valid rows" in str(info.value)
+    # nothing after the failed slice was written: what is stored is exactly the first slice
+    assert calls == [10, 10]
+    assert runtime.store.count_by_status() == {"queued": 10}
+    # their chunk was still open when the database went away: the stale-chunk sweep publishes it
+    monkeypatch.setattr(bulk, "_write", original)
+    clock.advance(runtime.settings.stale_queued_seconds + 1)
+    sweep(runtime)
+    assert (info.value.batch_id, 0, None) in dispatcher.chunks
+    run_all_chunks(runtime, dispatcher)
+    assert runtime.store.count_by_status() == {"sent": 10}
+
+
+def test_a_database_lost_before_any_slice_stores_nothing(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import kmsg_worker.bulk as bulk
+    from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
+
+    def down(*args: Any) -> None:
+        raise OperationalError("COPY", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(bulk, "_write", down)
+    with pytest.raises(StorageUnavailableError) as info:
+        kmsg.send_many(recipients(5), defaults=DEFAULTS)
+    assert not isinstance(info.value, BatchPartiallyStoredError)
+    assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
