@@ -381,7 +381,7 @@ class KMsg:
             row = self.runtime.store.get(message_id)
             if row is None:
                 raise MessageNotFoundError(f"no message with id {message_id!r}")
-            if row.status in (S.QUEUED, S.RETRYING):
+            if row.batch_id is not None and row.status in (S.QUEUED, S.RETRYING):
                 raise InvalidStateError(
                     f"message {message_id} is being sent: its batch chunk's request is in flight; "
                     "it can no longer be cancelled"

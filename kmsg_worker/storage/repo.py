@@ -166,17 +166,6 @@ class Store:
 
     # -- claims and transitions -------------------------------------------------------------------
 
-    @staticmethod
-    def claim_values(now: datetime, lease: timedelta) -> dict[str, Any]:
-        """Columns a claim sets, for single sends and bulk chunks alike (``-> sending``, leased, counted)."""
-        return {
-            "status": S.SENDING,
-            "lease_until": now + lease,
-            "deliveries": MessageRow.deliveries + 1,
-            "updated_at": now,
-            "retry_task_published": False,
-        }
-
     def claim_for_send(self, message_id: str, *, now: datetime, lease: timedelta) -> Claim | None:
         """Move one message ``queued|due retrying -> sending``; ``None`` if someone else has it."""
         due_retry = and_(MessageRow.status == S.RETRYING, MessageRow.next_attempt_at <= now + timedelta(seconds=1))
@@ -189,7 +178,14 @@ class Store:
                 MessageRow.batch_id.is_(None),
                 or_(MessageRow.status == S.QUEUED, due_retry),
             )
-            .values(**self.claim_values(now, lease))
+            # Bulk chunks are claimed by their lease row instead (kmsg_worker.bulk._claim_chunk).
+            .values(
+                status=S.SENDING,
+                lease_until=now + lease,
+                deliveries=MessageRow.deliveries + 1,
+                updated_at=now,
+                retry_task_published=False,
+            )
             .returning(
                 MessageRow.id,
                 MessageRow.content,
