@@ -1063,52 +1063,65 @@ def _apply_errors(
     with rt.store.sessions.begin() as s:
         _insert_attempts(rt, s, attempts)
     republish_delay: float | None = None
+    # One UPDATE per distinct decision (a whole-request failure: one for the whole chunk), not one per
+    # recipient; the per-row counters move with column expressions (the chunk's lease keeps every
+    # other writer away from these rows).
+    # Rows retried together wait for the longest of their jittered delays: they go out together
+    # anyway, in the chunk's next request.
+    groups: dict[tuple[Action, str, str, str], tuple[list[str], list[float]]] = {}
     for action, items in by_action.items():
         for row, error, delay in items:
+            ids, waits = groups.setdefault((action, error.code.value, str(error)[:1000], row.provider), ([], []))
+            ids.append(row.id)
+            waits.append(2.0 if action is Action.RECONCILE else delay)
+    with rt.store.sessions.begin() as s:
+        for (action, code, message, provider), (ids, waits) in groups.items():
+            wait = max(waits)
             common: dict[str, Any] = {
-                "attempts": row.attempts + 1,
-                "error_code": error.code.value,
-                "error_message": str(error)[:1000],
+                "attempts": MessageRow.attempts + 1,
+                "error_code": code,
+                "error_message": message,
             }
             if action in (Action.RETRY, Action.RECONCILE):
-                wait = 2.0 if action is Action.RECONCILE else delay
                 # A whole-request failure re-runs the chunk (one request again); a partial one is
                 # left to the sweep, which re-publishes the chunk when they are due (then only
                 # they are sent, in one request).
                 rt.store.transition(
-                    row.id,
+                    ids,
                     S.RETRYING,
                     now=now,
                     expect=_HELD,
-                    provider_attempts=row.provider_attempts + 1,
+                    session=s,
+                    provider_attempts=MessageRow.provider_attempts + 1,
                     next_attempt_at=now + timedelta(seconds=wait),
                     retry_task_published=whole_request,
                     outcome_unknown=action is Action.RECONCILE,
                     **common,
                 )
-                result.retrying += 1
+                result.retrying += len(ids)
                 if whole_request:
                     republish_delay = max(republish_delay or 0.0, wait)
             elif action is Action.FAILOVER:
                 rt.store.transition(
-                    row.id,
+                    ids,
                     S.QUEUED,
                     now=now,
                     expect=_HELD,
-                    route_index=row.route_index + 1,
+                    session=s,
+                    route_index=MessageRow.route_index + 1,
                     provider_attempts=0,
                     queued_at=now,
                     **common,
                 )
-                result.failed_over += 1
+                result.failed_over += len(ids)
                 republish_delay = republish_delay if republish_delay is not None else 0.0
             else:
-                status = S.UNKNOWN if error.code is ErrorCode.OUTCOME_UNKNOWN else S.FAILED
-                rt.store.transition(row.id, status, now=now, expect=_HELD, provider=row.provider, **common)
+                status = S.UNKNOWN if code == ErrorCode.OUTCOME_UNKNOWN.value else S.FAILED
+                rt.store.transition(ids, status, now=now, expect=_HELD, session=s, provider=provider, **common)
                 if status is S.UNKNOWN:
-                    result.unknown += 1
+                    result.unknown += len(ids)
                 else:
-                    result.failed += 1
+                    result.failed += len(ids)
     if republish_delay is not None:
         result.again(min(republish_delay, rt.settings.retry.max_countdown))
 
