@@ -431,7 +431,14 @@ class Message:
     @classmethod
     def from_content(cls, data: Mapping[str, Any]) -> Message:
         """Rebuild a message from :meth:`content` output (trusted: it was validated on the way in)."""
-        values = dict(data)
+        return cls.from_content_owned(dict(data))
+
+    @classmethod
+    def from_content_owned(cls, values: dict[str, Any]) -> Message:
+        """:meth:`from_content` for a dict the caller gives up (it is changed in place, not copied).
+
+        Bulk chunks read 10,000 rows at a time: one dict fewer per row.
+        """
         # Dict look-ups, not Enum(value) calls: this runs for every row of every bulk chunk.
         values["type"] = _TYPE_BY_VALUE[values["type"]]
         values["priority"] = _PRIORITY_BY_VALUE[values.get("priority", "normal")]

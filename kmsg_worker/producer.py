@@ -299,7 +299,8 @@ class KMsg:
                 (row number, field, rule) and store nothing; ``"skip"``: store the valid rows and
                 report the invalid ones in the receipt.
             idempotency_key: Makes the whole batch safe to submit twice.
-            chunk_size: Rows per provider request (capped by the provider's batch limit).
+            chunk_size: Rows per provider request (capped by the provider's batch limit); default
+                ``KMSG_BULK_CHUNK_SIZE`` (5,000).
             tenant: Tenant the batch belongs to.
 
         Raises:

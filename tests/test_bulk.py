@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 from kmsg_worker.bulk import _Template, process_chunk
-from kmsg_worker.errors import BatchValidationError, InvalidStateError
+from kmsg_worker.errors import BatchValidationError, ConfigurationError, InvalidStateError
 from kmsg_worker.message import normalize
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.settings import Settings
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.sweeps import sweep
 from tests.conftest import Clock, RecordingDispatcher
@@ -188,9 +189,8 @@ def test_scheduled_batch_waits_then_publishes_its_chunks(
 ) -> None:
     at = clock.now + timedelta(days=30)
     receipt = kmsg.send_many(recipients(30), defaults={**DEFAULTS, "scheduled_at": at})
-    assert dispatcher.chunks == [] or all(True for _ in dispatcher.chunks)
+    assert dispatcher.chunks == []  # nothing is published before its time
     assert runtime.store.count_by_status() == {"scheduled": 30}
-    dispatcher.chunks.clear()
     clock.advance(30 * 86400 + 1)
     assert sweep(runtime).scheduled == 1
     assert dispatcher.chunks == [(receipt.batch_id, 0, None)]
@@ -448,3 +448,21 @@ def test_a_database_lost_before_any_slice_stores_nothing(
         kmsg.send_many(recipients(5), defaults=DEFAULTS)
     assert not isinstance(info.value, BatchPartiallyStoredError)
     assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
+
+
+def test_chunk_size_defaults_to_the_setting_and_a_caller_overrides_it(
+    backend_url: str, settings_factory: Any, dispatcher: RecordingDispatcher
+) -> None:
+    assert Settings.from_env({}).bulk_chunk_size == 5_000
+    rt = Runtime(settings_factory(backend_url, KMSG_BULK_CHUNK_SIZE="4"), dispatcher=dispatcher)
+    try:
+        kmsg = KMsg(runtime=rt)
+        first = kmsg.send_many(recipients(10), defaults=DEFAULTS)
+        second = kmsg.send_many(recipients(10, start=100), defaults=DEFAULTS, chunk_size=10)
+        chunks = [(b, c) for b, c, _ in dispatcher.chunks]
+        assert chunks == [(first.batch_id, 0), (first.batch_id, 1), (first.batch_id, 2), (second.batch_id, 0)]
+    finally:
+        rt.close()
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({"KMSG_BULK_CHUNK_SIZE": "0"})
+    assert info.value.variable == "KMSG_BULK_CHUNK_SIZE"

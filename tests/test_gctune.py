@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from kmsg_worker.errors import ConfigurationError
-from kmsg_worker.gctune import raised_threshold, tune_worker
+from kmsg_worker.gctune import raised_threshold, release_memory, tune_worker
 from kmsg_worker.settings import Settings
 
 
@@ -31,6 +31,27 @@ def test_tune_worker_zero_leaves_the_defaults() -> None:
     frozen = gc.get_freeze_count()
     tune_worker(0)
     assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+
+def test_release_memory_collects_cycles_the_raised_threshold_would_keep() -> None:
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.payload = bytes(1_000_000)  # like a chunk's request body held by httpx's cycle
+            self.me = self
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(10_000_000, before[1], before[2])  # no automatic collection in this test
+        node = Node()
+        ref = weakref.ref(node)
+        del node
+        assert ref() is not None  # a cycle: reference counting alone does not free it
+        release_memory()
+        assert ref() is None
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_setting_parses_and_rejects_negative() -> None:
