@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Update, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Update, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,45 @@ from kmsg_worker.storage.models import Attempt, DeadLetter, IdempotencyKey, Mess
 __all__ = ["Claim", "Store"]
 
 S = MessageStatus
+
+#: Built once: constructing a statement costs more Python than executing a cached one.
+_INSERT_MESSAGE = insert(MessageRow)
+
+#: The single-send claim, built once with bind parameters: building the UPDATE on every call (the
+#: ``where``/``values`` coercions) cost about 1.4 ms of the ~1.9 ms a claim took, on every OTP's
+#: critical path; the round trip itself is ~0.25 ms.
+_CLAIM = (
+    update(MessageRow)
+    # Batch rows are sent by their chunk's task only, under the chunk's lease
+    # (kmsg_worker.bulk): a stray single-send task for one of them does nothing.
+    .where(
+        MessageRow.id == bindparam("claim_id"),
+        MessageRow.batch_id.is_(None),
+        or_(
+            MessageRow.status == S.QUEUED,
+            and_(MessageRow.status == S.RETRYING, MessageRow.next_attempt_at <= bindparam("claim_due")),
+        ),
+    )
+    .values(
+        status=S.SENDING,
+        lease_until=bindparam("claim_lease"),
+        deliveries=MessageRow.deliveries + 1,
+        updated_at=bindparam("claim_now"),
+        retry_task_published=False,
+    )
+    .returning(
+        MessageRow.id,
+        MessageRow.content,
+        MessageRow.route,
+        MessageRow.route_index,
+        MessageRow.attempts,
+        MessageRow.provider_attempts,
+        MessageRow.deliveries,
+        MessageRow.created_at,
+        MessageRow.outcome_unknown,
+        MessageRow.scheduled_at,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +127,9 @@ class Store:
         if idempotency is None and session is None and len(rows) == 1:
             # The common single send: one INSERT is its own transaction (no BEGIN/COMMIT round
             # trips, no ORM unit of work), on every single send's critical path.
+            # One parameter set, not a list of one: a list takes SQLAlchemy's executemany path.
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(insert(MessageRow), list(rows))
+                conn.execute(_INSERT_MESSAGE, rows[0])
             return None
         for _ in range(3):
             try:
@@ -168,41 +208,16 @@ class Store:
 
     def claim_for_send(self, message_id: str, *, now: datetime, lease: timedelta) -> Claim | None:
         """Move one message ``queued|due retrying -> sending``; ``None`` if someone else has it."""
-        due_retry = and_(MessageRow.status == S.RETRYING, MessageRow.next_attempt_at <= now + timedelta(seconds=1))
-        stmt = (
-            update(MessageRow)
-            # Batch rows are sent by their chunk's task only, under the chunk's lease
-            # (kmsg_worker.bulk): a stray single-send task for one of them does nothing.
-            .where(
-                MessageRow.id == message_id,
-                MessageRow.batch_id.is_(None),
-                or_(MessageRow.status == S.QUEUED, due_retry),
-            )
-            # Bulk chunks are claimed by their lease row instead (kmsg_worker.bulk._claim_chunk).
-            .values(
-                status=S.SENDING,
-                lease_until=now + lease,
-                deliveries=MessageRow.deliveries + 1,
-                updated_at=now,
-                retry_task_published=False,
-            )
-            .returning(
-                MessageRow.id,
-                MessageRow.content,
-                MessageRow.route,
-                MessageRow.route_index,
-                MessageRow.attempts,
-                MessageRow.provider_attempts,
-                MessageRow.deliveries,
-                MessageRow.created_at,
-                MessageRow.outcome_unknown,
-                MessageRow.scheduled_at,
-            )
-        )
+        params = {
+            "claim_id": message_id,
+            "claim_now": now,
+            "claim_due": now + timedelta(seconds=1),
+            "claim_lease": now + lease,
+        }
         # One statement is its own transaction: in autocommit mode there is no BEGIN and no
         # separate COMMIT round trip (this is on every single send's critical path).
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            row = conn.execute(stmt).first()
+            row = conn.execute(_CLAIM, params).first()
         if row is None:
             return None
         return Claim(*row)
