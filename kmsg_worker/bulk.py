@@ -595,14 +595,19 @@ def intake(
             if len(pending) >= SLICE:
                 flush(final=False)
         flush(final=True)
-    with rt.store.sessions.begin() as s:
-        s.query(Batch).filter(Batch.id == batch_id).update(
-            {
-                "total": len(ids),
-                "invalid": invalid_count,
-                "invalid_rows": [e.__dict__ for e in errors] or None,
-            }
-        )
+    try:
+        # ``total`` set is what marks the intake complete (see _check_batch_idempotency).
+        with rt.store.sessions.begin() as s:
+            s.query(Batch).filter(Batch.id == batch_id).update(
+                {
+                    "total": len(ids),
+                    "invalid": invalid_count,
+                    "invalid_rows": [e.__dict__ for e in errors] or None,
+                }
+            )
+    except OperationalError as exc:
+        # Every row is stored and its chunk published: not "nothing was accepted".
+        raise BatchPartiallyStoredError(batch_id, len(ids), type(exc.orig).__name__) from exc
     log.info("batch.accepted", batch_id=batch_id, total=len(ids), invalid=invalid_count, chunks=chunker.next_number)
     return batch_id, ids, errors, False
 
@@ -633,7 +638,13 @@ def _check_batch_idempotency(
             raise IdempotencyConflictError(key)
         batch_id = row.batch_id or ""
         ids = list(s.scalars(select(MessageRow.id).where(MessageRow.batch_id == batch_id)))
-        return batch_id, ids
+        total = s.scalar(select(Batch.total).where(Batch.id == batch_id))
+    if ids and not total:
+        # The first submission was cut off (its intake never set the total): answering "duplicate,
+        # accepted" would hide the rows that were never stored. (A first submission still being
+        # stored by another process reads the same way; the caller is told what is stored so far.)
+        raise BatchPartiallyStoredError(batch_id, len(ids), "an earlier submission with this key was cut off")
+    return batch_id, ids
 
 
 def _publish_chunks(rt: Runtime, batch_id: str, chunks: Sequence[int]) -> None:

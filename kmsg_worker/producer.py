@@ -307,6 +307,7 @@ class KMsg:
             BatchValidationError: ``on_invalid="reject"`` and some rows are invalid.
             BatchPartiallyStoredError: The database went away part-way: the first ``stored`` rows
                 were accepted (batch ``batch_id``) and will be sent; send only the rest again.
+                Also raised for a resubmission (same ``idempotency_key``) of such a batch.
             StorageUnavailableError: The database is down; nothing was accepted.
         """
         from kmsg_worker.bulk import intake

@@ -466,3 +466,64 @@ def test_chunk_size_defaults_to_the_setting_and_a_caller_overrides_it(
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({"KMSG_BULK_CHUNK_SIZE": "0"})
     assert info.value.variable == "KMSG_BULK_CHUNK_SIZE"
+
+
+def test_a_retry_of_a_cut_off_batch_with_its_key_is_not_answered_as_accepted(
+    kmsg: KMsg, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import kmsg_worker.bulk as bulk
+    from kmsg_worker.errors import BatchPartiallyStoredError
+
+    original = bulk._write
+    calls: list[int] = []
+
+    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OperationalError("COPY", {}, Exception("server closed the connection"))
+        original(rt, rows, *args)
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(bulk, "_write", flaky_write)
+    with pytest.raises(BatchPartiallyStoredError) as first:
+        kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7")
+    monkeypatch.setattr(bulk, "_write", original)
+    # The same request again, database back: told what is stored, not "duplicate, all accepted".
+    with pytest.raises(BatchPartiallyStoredError) as again:
+        kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7")
+    assert again.value.batch_id == first.value.batch_id and again.value.stored == 10
+    assert "first 10 valid rows" in str(again.value)
+    assert runtime.store.count_by_status() == {"queued": 10}  # nothing stored twice
+    # A batch whose intake completed is answered as a duplicate, as before.
+    done = kmsg.send_many(recipients(5, start=500), defaults=DEFAULTS, idempotency_key="campaign-8")
+    repeat = kmsg.send_many(recipients(5, start=500), defaults=DEFAULTS, idempotency_key="campaign-8")
+    assert repeat.duplicate and repeat.batch_id == done.batch_id
+
+
+def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
+    kmsg: KMsg, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import kmsg_worker.bulk as bulk
+    from kmsg_worker.errors import BatchPartiallyStoredError
+
+    sessions = runtime.store.sessions
+    real_begin = sessions.begin
+    writes = {"n": 0}
+
+    def begin() -> Any:
+        writes["n"] += 1
+        if writes["n"] == 3:  # slice 1, slice 2, then the batch's total: the database is gone
+            raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
+        return real_begin()
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(sessions, "begin", begin)
+    with pytest.raises(BatchPartiallyStoredError) as info:
+        kmsg.send_many(recipients(20), defaults=DEFAULTS)
+    monkeypatch.setattr(sessions, "begin", real_begin)
+    assert info.value.stored == 20
+    assert runtime.store.count_by_status() == {"queued": 20}
