@@ -31,6 +31,7 @@ __all__ = [
     "get_logger",
     "mask_phone",
     "mask_phone_numbers",
+    "stdlib_formatter",
 ]
 
 #: Celery message header that carries the correlation id from a producer to the tasks.
@@ -148,6 +149,30 @@ def configure_logging(level: str = "INFO", *, json_output: bool = True, metrics:
         cache_logger_on_first_use=False,
     )
     _configured = True
+
+
+def stdlib_formatter(*, json_output: bool = True) -> logging.Formatter:
+    """A ``logging`` formatter that gives other libraries' records our masking and our format.
+
+    Celery, kombu, SQLAlchemy and httpx log through the standard library, not through structlog, so
+    :func:`mask_phone_numbers` never saw them: a number in an exception Celery logs ("Task ...
+    raised unexpected: ...") or in a URL httpx logs would have been written as it is. Workers put
+    this formatter on the handlers Celery sets up (``tasks/signals.py``).
+    """
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            mask_phone_numbers,
+            renderer,
+        ],
+    )
 
 
 def get_logger(name: str | None = None) -> Any:

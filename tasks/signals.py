@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -10,7 +11,7 @@ from celery import signals
 
 from config.celery import settings
 from kmsg_worker.gctune import tune_worker
-from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish
+from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish, stdlib_formatter
 from tasks.context import get_runtime, reset_runtime
 
 
@@ -19,6 +20,16 @@ def _check_settings(**_: Any) -> None:
     # A missing credential stops the worker at start, naming the variable (not at the first send).
     configure_logging(settings.log_level, json_output=settings.log_json)
     settings.check_providers()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _mask_library_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    # Celery's own records (and kombu's, httpx's) get the masking and JSON format of ours.
+    if logger is None:
+        return
+    for handler in logger.handlers:
+        handler.setFormatter(stdlib_formatter(json_output=settings.log_json))
 
 
 @signals.worker_process_init.connect

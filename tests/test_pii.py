@@ -140,6 +140,35 @@ def test_logs_mask_numbers_in_every_spelling_and_place() -> None:
     assert json.dumps("수신번호010****6624확인") in output
 
 
+def test_library_log_records_are_masked_too() -> None:
+    """Celery's, kombu's and httpx's records go through the standard library, not structlog."""
+    import io
+    import logging
+
+    from kmsg_worker.logging import stdlib_formatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(stdlib_formatter())
+    library = logging.getLogger("tests.pii.library")
+    library.addHandler(handler)
+    library.propagate = False
+    try:
+        library.warning("HTTP Request: GET https://api.example/list?to=%s", "+82 10-3817-6624")
+        try:
+            raise ValueError("receiver 010-3817-6624 rejected")
+        except ValueError:
+            library.exception("Task kmsg.send_message[abc] raised unexpected")
+    finally:
+        library.removeHandler(handler)
+    output = stream.getvalue()
+    assert not find_leaks(output, phones=["010-3817-6624"], texts=[], secrets=[]), output
+    records = [json.loads(line) for line in output.splitlines()]
+    assert [r["level"] for r in records] == ["warning", "error"]
+    assert records[0]["logger"] == "tests.pii.library" and "6624" in records[0]["event"]  # masked, still there
+    assert "receiver 010****6624 rejected" in records[1]["exception"]
+
+
 def test_masking_leaves_ids_and_timestamps_alone() -> None:
     message_id = "f64a64fbddf64253afb8f5c7ecf6f887"
     line = render(
