@@ -270,7 +270,7 @@ def bench_bulk(env: Env, count: int, latency_ms: float, single_sends: int = 0) -
     env.fake_reset()
     env.fake_faults(latency_ms=latency_ms)
     bulk_worker = env.worker("config.celery", "kmsg.bulk", 2, "bulk")
-    single_worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single")
+    single_worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 2, "single")
     time.sleep(5)
     rss_before = rss_mb(bulk_worker)
     rss_parts_before = rss_by_process(bulk_worker)
@@ -425,7 +425,7 @@ def bench_single_light(env: Env, count: int) -> dict[str, Any]:
     # through first and measured as latency.
     redis.Redis.from_url(REDIS_URL).flushdb()
     env.fake_reset()
-    worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 1, "single-light")
+    worker = env.worker("config.celery", "kmsg.priority,kmsg.send", 2, "single-light")
     time.sleep(4)
     os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
     ids = finish_singles(start_singles(env, count))
