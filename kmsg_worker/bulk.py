@@ -640,10 +640,10 @@ def _check_batch_idempotency(
         ids = list(s.scalars(select(MessageRow.id).where(MessageRow.batch_id == batch_id)))
         total = s.scalar(select(Batch.total).where(Batch.id == batch_id))
     if ids and not total:
-        # The first submission was cut off (its intake never set the total): answering "duplicate,
-        # accepted" would hide the rows that were never stored. (A first submission still being
-        # stored by another process reads the same way; the caller is told what is stored so far.)
-        raise BatchPartiallyStoredError(batch_id, len(ids), "an earlier submission with this key was cut off")
+        # The first submission never set the total: it was cut off, or another process is still
+        # storing it (the two read the same here). Answering "duplicate, accepted" would hide rows
+        # that may never be stored; the error says what is stored so far and both possibilities.
+        raise BatchPartiallyStoredError.unfinished(batch_id, len(ids), key)
     return batch_id, ids
 
 

@@ -201,13 +201,29 @@ class BatchPartiallyStoredError(StorageUnavailableError):
     twice).
     """
 
-    def __init__(self, batch_id: str, stored: int, cause: str) -> None:
+    def __init__(self, batch_id: str, stored: int, cause: str, *, text: str | None = None) -> None:
         super().__init__(
-            f"the database became unavailable during the batch ({cause}): the first {stored} valid rows "
+            text
+            or f"the database became unavailable during the batch ({cause}): the first {stored} valid rows "
             f"were stored as batch {batch_id} and will be sent; the rest were not stored"
         )
         self.batch_id = batch_id
         self.stored = stored
+
+    @classmethod
+    def unfinished(cls, batch_id: str, stored: int, key: str) -> BatchPartiallyStoredError:
+        """A resubmission whose first submission (same idempotency key) never finished storing."""
+        return cls(
+            batch_id,
+            stored,
+            "unfinished",
+            text=(
+                f"an earlier submission with idempotency key {key!r} stored {stored} valid rows as batch "
+                f"{batch_id} and did not finish: it was cut off (send only the rows after the first {stored}, "
+                f"as a new batch) or another process is still storing it (wait, then check "
+                f"`kmsg batch status {batch_id}`); the {stored} stored rows will be sent either way"
+            ),
+        )
 
 
 class ProviderError(KmsgError):
