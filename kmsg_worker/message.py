@@ -437,7 +437,7 @@ class Message:
     def from_content_owned(cls, values: dict[str, Any]) -> Message:
         """:meth:`from_content` for a dict the caller gives up (it is changed in place, not copied).
 
-        Bulk chunks read 10,000 rows at a time: one dict fewer per row.
+        Bulk chunks read thousands of rows at a time: one dict fewer per row.
         """
         # Dict look-ups, not Enum(value) calls: this runs for every row of every bulk chunk.
         values["type"] = _TYPE_BY_VALUE[values["type"]]
