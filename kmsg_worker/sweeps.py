@@ -130,10 +130,12 @@ def sweep(rt: Runtime) -> SweepReport:
     # Scheduled sends have their own, faster beat entry; this is the backstop if it is late.
     report.scheduled = dispatch_scheduled(rt, now=now)
 
-    grace = timedelta(seconds=settings.stale_queued_seconds)
-    retries = rt.store.claim_due_retries(now=now, grace=grace, limit=limit)
+    # How long a row may wait for its task before the sweep enqueues it again (due retries whose
+    # countdown task was lost, and rows left queued).
+    stale_after = timedelta(seconds=settings.stale_queued_seconds)
+    retries = rt.store.claim_due_retries(now=now, grace=stale_after, limit=limit)
     _enqueue(rt, retries)
-    retry_chunks = rt.store.claim_due_retry_chunks(now=now, grace=grace, limit=limit)
+    retry_chunks = rt.store.claim_due_retry_chunks(now=now, grace=stale_after, limit=limit)
     _enqueue_chunks(rt, retry_chunks)
     report.retries = len(retries) + len(retry_chunks)
 
@@ -141,10 +143,9 @@ def sweep(rt: Runtime) -> SweepReport:
     # stale-chunk step, which would only publish a chunk its task cannot take yet).
     report.chunks_recovered = recover_chunks(rt, now=now, limit=limit).chunks
 
-    older = timedelta(seconds=settings.stale_queued_seconds)
-    stale = rt.store.claim_stale_queued(now=now, older_than=older, limit=limit)
+    stale = rt.store.claim_stale_queued(now=now, older_than=stale_after, limit=limit)
     _enqueue(rt, stale)
-    stale_chunks = rt.store.claim_stale_chunks(now=now, older_than=older, limit=limit)
+    stale_chunks = rt.store.claim_stale_chunks(now=now, older_than=stale_after, limit=limit)
     _enqueue_chunks(rt, stale_chunks)
     report.stale_queued = len(stale) + len(stale_chunks)
 
