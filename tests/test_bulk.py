@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from bench.tracking_index import explain
 from kmsg_worker.bulk import _Template, process_chunk
 from kmsg_worker.errors import BatchValidationError, ConfigurationError, InvalidStateError
 from kmsg_worker.message import normalize
@@ -16,7 +18,7 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.sweeps import sweep
-from tests.conftest import Clock, RecordingDispatcher
+from tests.conftest import Clock, RecordingDispatcher, truncate
 
 
 def mock(rt: Runtime) -> MockProvider:
@@ -527,3 +529,23 @@ def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
     monkeypatch.setattr(sessions, "begin", real_begin)
     assert info.value.stored == 20
     assert runtime.store.count_by_status() == {"queued": 20}
+
+
+def test_recording_a_chunk_reads_only_that_chunks_rows(
+    pg_url: str, settings_factory: Any, dispatcher: RecordingDispatcher
+) -> None:
+    # Given a table just filled by an intake: no planner statistics yet, as during any large batch
+    # before autovacuum's ANALYZE (without the chunk's own condition, PostgreSQL hashed a scan of
+    # the whole table to find each chunk's 5,000 rows)
+    truncate(pg_url)
+    rt = Runtime(settings_factory(pg_url, KMSG_PROVIDERS="mock"), dispatcher=dispatcher)
+    try:
+        receipt = KMsg(runtime=rt).send_many(recipients(12_000), defaults=DEFAULTS, chunk_size=2_000)
+        # When a chunk records its results, the UPDATE's plan reads the rows through the chunk's index
+        plan = explain(rt.store.engine, lambda: process_chunk(rt, receipt.batch_id, 3), analyze=True)
+    finally:
+        rt.close()
+    assert "Seq Scan on kmsg_messages" not in plan, plan
+    assert "ix_kmsg_messages_batch_chunk" in plan, plan
+    # and it matched exactly the chunk's rows
+    assert re.search(r"Update on kmsg_messages .*\n(?:.*\n)*?.*rows=2000 loops=1", plan), plan
