@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from kmsg_worker.errors import ValidationError
-from kmsg_worker.message import Message, MessageType, ValidationLimits, count_bytes, interpolate, normalize
+from kmsg_worker.message import (
+    Message,
+    MessageType,
+    ValidationLimits,
+    count_bytes,
+    interpolate,
+    new_message_id,
+    normalize,
+)
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -260,3 +270,22 @@ def test_content_round_trips() -> None:
         buttons=[{"name": "x", "type": "BK"}],
     )
     assert Message.from_content(message.content()) == message
+
+
+def test_generated_ids_are_uuid7_in_creation_order() -> None:
+    before_ms = time.time_ns() // 1_000_000
+    ids = [new_message_id() for _ in range(20_000)]
+    after_ms = time.time_ns() // 1_000_000
+    # Each is a UUIDv7 (RFC 9562 version and variant bits) written as 32 hex digits, like the ids before
+    parsed = [uuid.UUID(hex=i) for i in ids]
+    assert all(len(i) == 32 and i == u.hex for i, u in zip(ids, parsed, strict=True))
+    assert {u.version for u in parsed} == {7} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    # carrying the creation time in milliseconds
+    assert before_ms <= parsed[0].int >> 80 <= parsed[-1].int >> 80 <= after_ms
+    # in the order they were made, to a quarter of a microsecond (what keeps a batch's rows together
+    # in the primary key; the bits below that are random), and unique
+    clock = [u.int >> 64 for u in parsed]
+    assert clock == sorted(clock)
+    assert len(set(ids)) == len(ids)
+    # and a message built without an id gets one
+    assert uuid.UUID(hex=make(text="hi").id).version == 7
