@@ -2,8 +2,9 @@
 
 Intake (:func:`intake`, behind :meth:`KMsg.send_many`) validates every row, writes rows in slices
 (PostgreSQL ``COPY``, SQLite ``executemany``; never row by row), assigns each row to a *chunk* of at
-most the provider's batch limit, and after each slice commits publishes one ``kmsg.send_chunk`` task
-per chunk carrying only ``(batch_id, chunk)``.
+most the provider's batch limit, and publishes one ``kmsg.send_chunk`` task per chunk carrying only
+``(batch_id, chunk)``: after the batch's one transaction commits (``on_invalid="reject"`` or an
+idempotency key), or after each slice commits (``on_invalid="skip"`` without a key).
 
 A chunk task (:func:`process_chunk`) claims its rows in one UPDATE, makes **one** provider bulk call
 per provider (the adapter may split it further by its own rules), and records every recipient's
@@ -34,7 +35,8 @@ from sqlalchemy import Table, Text, bindparam, func, insert, or_, select, text, 
 from sqlalchemy import cast as cast_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
@@ -86,7 +88,7 @@ __all__ = [
 S = MessageStatus
 log = get_logger("kmsg.bulk")
 
-#: Rows written (and chunks published) per transaction during intake.
+#: Rows per write during intake (one COPY; one transaction too when the batch is streamed).
 SLICE = 10_000
 #: Keys a row may carry and still use the template fast path.
 _FAST_KEYS = frozenset({"to", "variables", "id", "custom_fields"})
@@ -286,7 +288,7 @@ def _defaults_digest(defaults: Mapping[str, Any]) -> Any:
         text = json.dumps(defaults, sort_keys=True, default=str)
     except (TypeError, ValueError, RecursionError):
         # Mixed key types or a 5,000-digit number somewhere (rows built from it are invalid): the
-        # validated rows are still folded into the hash by _hash_rows.
+        # validated rows are still folded into the hash by _hashing.
         text = "<defaults that are not JSON>"
     return hashlib.sha256(text.encode())
 
@@ -297,27 +299,6 @@ def _check_defaults(defaults: Mapping[str, Any] | None) -> None:
     for key in defaults or {}:
         if not isinstance(key, str):
             raise ValidationError(repr(key), "unknown_field", "field names must be strings")
-
-
-def _all_valid(
-    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
-) -> list[tuple[int, dict[str, Any] | RowError]]:
-    """Materialise the rows, or raise :class:`BatchValidationError` listing the invalid ones."""
-    materialised = list(rows)
-    bad = [r for _, r in materialised if isinstance(r, RowError)]
-    if bad:
-        raise BatchValidationError(bad[:_MAX_REPORTED_ERRORS])
-    return materialised
-
-
-def _against_stored_ids(
-    rt: Runtime, rows: Iterable[tuple[int, dict[str, Any] | RowError]], explicit: set[str], on_invalid: str
-) -> Iterable[tuple[int, dict[str, Any] | RowError]]:
-    if on_invalid == "skip":
-        return _without_stored_ids(rt, rows, explicit)
-    if explicit:  # "reject": every row is validated by now, so the given ids are all known
-        return _all_valid(_without_stored_ids(rt, rows, explicit))
-    return rows
 
 
 def _without_stored_ids(
@@ -414,51 +395,84 @@ def _copy_rows(cur: Any, rows: list[dict[str, Any]]) -> None:
         copy.write(data)
 
 
-def _write(rt: Runtime, rows: list[dict[str, Any]], extra: list[Any], leases: Sequence[ChunkLease] = ()) -> None:
-    """Write one slice of rows (and any extra ORM objects, and new chunks' leases) in one transaction."""
-    store = rt.store
-    with store.sessions.begin() as s:
-        for obj in extra:
-            s.merge(obj)
-        s.add_all(leases)
-        s.flush()
-        if not rows:
-            return
-        if store.is_postgres:
-            raw = s.connection().connection.driver_connection
-            with raw.cursor() as cur:  # type: ignore[union-attr]
-                _copy_rows(cur, rows)
-        else:
-            s.execute(insert(MessageRow), rows)
+def _write(
+    rt: Runtime,
+    rows: list[dict[str, Any]],
+    extra: list[Any],
+    leases: Sequence[ChunkLease] = (),
+    session: Session | None = None,
+) -> None:
+    """Write one slice of rows (and any extra ORM objects, and new chunks' leases).
+
+    In ``session``'s open transaction (an atomic intake), or in a transaction of its own.
+    """
+    if session is None:
+        with rt.store.sessions.begin() as s:
+            _write_in(rt, s, rows, extra, leases)
+    else:
+        _write_in(rt, session, rows, extra, leases)
+
+
+def _write_in(
+    rt: Runtime, session: Session, rows: list[dict[str, Any]], extra: list[Any], leases: Sequence[ChunkLease]
+) -> None:
+    for obj in extra:
+        session.merge(obj)
+    session.add_all(leases)
+    session.flush()
+    if not rows:
+        return
+    if rt.store.is_postgres:
+        raw = session.connection().connection.driver_connection
+        with raw.cursor() as cur:  # type: ignore[union-attr]
+            _copy_rows(cur, rows)
+    else:
+        session.execute(insert(MessageRow), rows)
 
 
 class _SliceWriter:
-    """Writes slices (and then publishes their ready chunks) on one background thread, in order.
+    """Writes slices on one background thread, in order.
 
-    While PostgreSQL ingests one slice (``COPY`` and commit: database CPU and a disk flush), the
-    caller's thread validates the next: intake then takes about the longer of the two, not their sum.
-    At most two slices wait, so memory stays bounded by the slice size.
+    While PostgreSQL ingests one slice (``COPY``: database CPU), the caller's thread validates the
+    next: intake then takes about the longer of the two, not their sum. At most two slices wait, so
+    memory stays bounded by the slice size, whatever the size of the batch.
+
+    Two ways to commit:
+
+    - streaming (``atomic=False``): each slice is its own transaction, and the chunks it completed
+      are published once it commits, so workers start on a long batch while the rest is stored;
+    - atomic: every slice goes into one transaction, held by the writer thread; :meth:`commit` ends
+      it (the batch's totals and idempotency key included) and only then publishes the chunks.
+      Anything else — an invalid row to reject the batch for, the database going away, a crash —
+      leaves nothing stored.
     """
 
-    def __init__(self, rt: Runtime, batch_id: str) -> None:
+    def __init__(self, rt: Runtime, batch_id: str, *, atomic: bool) -> None:
         self.rt = rt
         self.batch_id = batch_id
+        self.atomic = atomic
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmsg-intake")
         self.jobs: deque[Future[None]] = deque()
-        #: Rows committed so far (slices are written in order, so these are the first ones).
+        #: Rows written so far (slices are written in order, so these are the first ones); in
+        #: streaming mode they are committed.
         self.stored = 0
         self.failed = False
+        #: The atomic intake's transaction (used only on the writer thread until it is closed).
+        self.session: Session | None = None
 
     def _run(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
         if self.failed:
             return  # a slice failed: nothing after it is written, so what is stored is a prefix
         try:
-            _write(self.rt, rows, extra, leases)
+            if self.atomic and self.session is None:
+                self.session = self.rt.store.sessions()
+            _write(self.rt, rows, extra, leases, self.session)
         except BaseException:
             self.failed = True
             raise
         self.stored += len(rows)
-        _publish_chunks(self.rt, self.batch_id, ready)
+        if not self.atomic:
+            _publish_chunks(self.rt, self.batch_id, ready)
 
     def submit(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
         """Queue one slice; waits (and raises its error) when two are already waiting."""
@@ -466,32 +480,93 @@ class _SliceWriter:
             self.jobs.popleft().result()
         self.jobs.append(self.pool.submit(self._run, rows, extra, leases, ready))
 
+    def drain(self) -> None:
+        """Wait for every queued slice; raise the first error."""
+        while self.jobs:
+            self.jobs.popleft().result()
+
+    def _commit(self, totals: dict[str, Any], key: IdempotencyKey | None, ready: list[int]) -> None:
+        session = self.session
+        assert session is not None, "an atomic intake writes at least the batch row before it commits"
+        session.execute(update(Batch).where(Batch.id == self.batch_id).values(**totals))
+        if key is not None:
+            session.add(key)
+        session.commit()
+        _publish_chunks(self.rt, self.batch_id, ready)
+
+    def commit(self, totals: dict[str, Any], key: IdempotencyKey | None, ready: list[int]) -> None:
+        """Atomic mode: after the last slice, store the totals and the key, commit, publish ``ready``."""
+        self.drain()
+        self.pool.submit(self._commit, totals, key, ready).result()
+
     @contextmanager
     def writing(self) -> Iterator[None]:
-        """Around the intake loop: wait for the last slice; report a database lost half-way truthfully."""
+        """Around the intake loop: an error rolls an atomic intake back; a streaming one reports what it stored."""
         try:
             yield
-            self.close()
+            self.drain()
         except OperationalError as exc:
-            self.close(raise_errors=False)
-            if self.stored:
+            self.close()
+            if self.stored and not self.atomic:
                 # Not "nothing was accepted": the first rows are stored and their chunks published.
                 raise BatchPartiallyStoredError(self.batch_id, self.stored, type(exc.orig).__name__) from exc
             raise
         finally:
-            self.close(raise_errors=False)
+            self.close()
 
-    def close(self, *, raise_errors: bool = True) -> None:
-        """Wait for every queued slice; raise the first error (unless ``raise_errors`` is false)."""
+    def close(self) -> None:
+        """Wait for the writer thread; an atomic transaction not committed by now is rolled back."""
         try:
             while self.jobs:
-                job = self.jobs.popleft()
-                if raise_errors:
-                    job.result()
-                else:
-                    job.exception()
+                self.jobs.popleft().exception()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.session is not None:
+                session, self.session = self.session, None
+                try:
+                    session.close()  # rolls back unless committed
+                except SQLAlchemyError as exc:  # the database is gone: the server dropped the transaction
+                    log.warning("batch.rollback_failed", batch_id=self.batch_id, error=type(exc).__name__)
+
+
+class _Slicer:
+    """Valid rows on their way to the writer: assigned to chunks, cut into slices, their ids kept."""
+
+    def __init__(self, batch: Batch, chunker: _Chunker, writer: _SliceWriter, now: datetime) -> None:
+        self.batch = batch
+        self.chunker = chunker
+        self.writer = writer
+        self.now = now
+        self.ids: list[str] = []
+        self.pending: list[dict[str, Any]] = []
+        self.first = True
+        self.published_upto = 0
+        self.leased_upto = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        chunk = self.chunker.assign(row)
+        self.pending.append(_db_row(row, chunk, self.batch.id, self.now))
+        self.ids.append(row["id"])
+        if len(self.pending) >= SLICE:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Hand the pending rows to the writer (the batch row goes with the first slice)."""
+        chunker = self.chunker
+        extra: list[Any] = [self.batch] if self.first else []
+        self.first = False
+        # Every chunk gets its lease row with its first rows, so a cancel can always lock it.
+        leases = [
+            ChunkLease(batch_id=self.batch.id, chunk=n, **_IDLE) for n in range(self.leased_upto, chunker.next_number)
+        ]
+        self.leased_upto = chunker.next_number
+        rows = self.pending.copy()
+        self.pending.clear()
+        if final:
+            chunker.close_all()
+        ready = chunker.ready[self.published_upto :]
+        self.published_upto = len(chunker.ready)
+        self.writer.submit(rows, extra, leases, ready)
 
 
 def intake(
@@ -506,6 +581,11 @@ def intake(
 ) -> tuple[str, list[str], list[RowError], bool]:
     """Validate, store and enqueue a batch; see :meth:`kmsg_worker.producer.KMsg.send_many`.
 
+    Rows stream from ``messages`` to the database in slices: memory stays bounded whatever the size
+    of the batch. With ``on_invalid="reject"`` or an ``idempotency_key`` the batch is stored in one
+    transaction (all of it or nothing; its chunks are published after the commit); with
+    ``on_invalid="skip"`` and no key each slice commits on its own and its chunks go out at once.
+
     Returns:
         ``(batch_id, message_ids, invalid_rows, duplicate)``.
     """
@@ -516,26 +596,21 @@ def intake(
     batch_id = uuid.uuid4().hex
     defaults = dict(defaults or {})
     chunker = _Chunker(rt, chunk_size or rt.settings.bulk_chunk_size)
+    reject = on_invalid == "reject"
+    digest = _defaults_digest(defaults)
     errors: list[RowError] = []
     invalid_count = 0
-    digest = _defaults_digest(defaults)
 
-    # Validate everything first when the whole batch must be rejected on one bad row: nothing may
-    # be written before we know. (With on_invalid="skip" rows stream straight to the database.)
     explicit: set[str] = set()
     rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(rt, messages, defaults, now, explicit)
-    if on_invalid == "reject":
-        rows_iter = _all_valid(rows_iter)
-
     if idempotency_key:
-        rows_iter = _hash_rows(rows_iter, digest)
-        existing = _check_batch_idempotency(rt, tenant, idempotency_key, digest.hexdigest(), now)
-        if existing is not None:
-            return existing[0], existing[1], [], True
-
-    # Caller-given ids already in the database (checked after the idempotency lookup, which
-    # answers a repeated batch with its original ids). Streams with "skip", as the rows do.
-    rows_iter = _against_stored_ids(rt, rows_iter, explicit, on_invalid)
+        rows_iter = _hashing(rows_iter, digest)
+        repeat = _repeat_of_stored(rt, rows_iter, tenant, idempotency_key, now, digest, reject=reject)
+        if repeat is not None:
+            return (*repeat, [], True)
+    # Caller-given ids already in the database (checked after the idempotency look-up, which
+    # answers a repeated batch with its original ids).
+    rows_iter = _without_stored_ids(rt, rows_iter, explicit)
 
     batch = Batch(
         id=batch_id,
@@ -546,105 +621,116 @@ def intake(
         chunk_size=chunker.chunk_size,
         created_at=now,
     )
-    ids: list[str] = []
-    pending: list[dict[str, Any]] = []
-    first = True
-    published_upto = 0
-    leased_upto = 0
-
-    def flush(final: bool) -> None:
-        nonlocal first, published_upto, leased_upto
-        extra: list[Any] = []
-        if first:
-            extra.append(batch)
-            if idempotency_key:
-                extra.append(
-                    IdempotencyKey(
-                        tenant=tenant,
-                        key=idempotency_key,
-                        request_hash=digest.hexdigest(),
-                        message_ids=[],
-                        batch_id=batch_id,
-                        created_at=now,
-                        expires_at=now + rt.settings.idempotency_ttl,
-                    )
-                )
-            first = False
-        # Every chunk gets its lease row with its first rows, so a cancel can always lock it.
-        leases = [ChunkLease(batch_id=batch_id, chunk=n, **_IDLE) for n in range(leased_upto, chunker.next_number)]
-        leased_upto = chunker.next_number
-        rows = pending.copy()
-        pending.clear()
-        if final:
-            chunker.close_all()
-        ready = chunker.ready[published_upto:]
-        published_upto = len(chunker.ready)
-        writer.submit(rows, extra, leases, ready)
-
-    writer = _SliceWriter(rt, batch_id)
-    with writer.writing():
-        for _, row in rows_iter:
-            if isinstance(row, RowError):
-                invalid_count += 1
-                if len(errors) < _MAX_REPORTED_ERRORS:
-                    errors.append(row)
-                continue
-            chunk = chunker.assign(row)
-            pending.append(_db_row(row, chunk, batch_id, now))
-            ids.append(row["id"])
-            if len(pending) >= SLICE:
-                flush(final=False)
-        flush(final=True)
+    atomic = reject or idempotency_key is not None
+    writer = _SliceWriter(rt, batch_id, atomic=atomic)
+    out = _Slicer(batch, chunker, writer, now)
+    ids = out.ids
     try:
-        # ``total`` set is what marks the intake complete (see _check_batch_idempotency).
-        with rt.store.sessions.begin() as s:
-            s.query(Batch).filter(Batch.id == batch_id).update(
-                {
-                    "total": len(ids),
-                    "invalid": invalid_count,
-                    "invalid_rows": [e.__dict__ for e in errors] or None,
-                }
-            )
-    except OperationalError as exc:
-        # Every row is stored and its chunk published: not "nothing was accepted".
-        raise BatchPartiallyStoredError(batch_id, len(ids), type(exc.orig).__name__) from exc
+        with writer.writing():
+            for _, row in rows_iter:
+                if isinstance(row, RowError):
+                    invalid_count += 1
+                    if len(errors) < _MAX_REPORTED_ERRORS:
+                        errors.append(row)
+                elif not (reject and invalid_count):  # once rejected, the rest is only validated
+                    out.add(row)
+            if reject and invalid_count:
+                raise BatchValidationError(errors)  # leaving writing(): the transaction rolls back
+            out.flush(final=True)
+            # ``total`` set is what marks the intake complete.
+            totals = {"total": len(ids), "invalid": invalid_count, "invalid_rows": [e.__dict__ for e in errors] or None}
+            if atomic:
+                key = None
+                if idempotency_key:
+                    key = _key_row(rt, tenant, idempotency_key, digest.hexdigest(), batch_id, now)
+                writer.commit(totals, key, chunker.ready)
+    except IntegrityError:
+        # The same key, stored by a concurrent submission that committed first: answer as its repeat.
+        stored_key = _stored_key(rt, tenant, idempotency_key, now) if idempotency_key else None
+        if idempotency_key is None or stored_key is None:
+            raise
+        return (*_repeated(rt, idempotency_key, stored_key, digest.hexdigest()), [], True)
+    if not atomic:
+        _store_totals(rt, batch_id, totals)
     log.info("batch.accepted", batch_id=batch_id, total=len(ids), invalid=invalid_count, chunks=chunker.next_number)
     return batch_id, ids, errors, False
 
 
-def _hash_rows(
+def _store_totals(rt: Runtime, batch_id: str, totals: dict[str, Any]) -> None:
+    """A streamed batch's last write: its totals, which mark the intake complete."""
+    try:
+        with rt.store.sessions.begin() as s:
+            s.execute(update(Batch).where(Batch.id == batch_id).values(**totals))
+    except OperationalError as exc:
+        # Every row is stored and its chunk published: not "nothing was accepted".
+        raise BatchPartiallyStoredError(batch_id, totals["total"], type(exc.orig).__name__) from exc
+
+
+def _key_row(rt: Runtime, tenant: str, key: str, request_hash: str, batch_id: str, now: datetime) -> IdempotencyKey:
+    return IdempotencyKey(
+        tenant=tenant,
+        key=key,
+        request_hash=request_hash,
+        message_ids=[],
+        batch_id=batch_id,
+        created_at=now,
+        expires_at=now + rt.settings.idempotency_ttl,
+    )
+
+
+def _repeat_of_stored(
+    rt: Runtime,
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
+    tenant: str,
+    key: str,
+    now: datetime,
+    digest: Any,
+    *,
+    reject: bool,
+) -> tuple[str, list[str]] | None:
+    """``(batch id, ids)`` when ``key`` already stored a batch, else ``None`` (``rows`` left unread).
+
+    A used key's rows are read only to compare the request with the first one, never stored again.
+    """
+    stored = _stored_key(rt, tenant, key, now)
+    if stored is None:
+        return None
+    bad = [row for _, row in rows if isinstance(row, RowError)]
+    if bad and reject:
+        raise BatchValidationError(bad[:_MAX_REPORTED_ERRORS])
+    return _repeated(rt, key, stored, digest.hexdigest())
+
+
+def _hashing(
     rows: Iterable[tuple[int, dict[str, Any] | RowError]], digest: Any
-) -> list[tuple[int, dict[str, Any] | RowError]]:
-    """Materialise the rows and fold their content (ids excluded) into the request hash."""
-    out = list(rows)
-    for _, row in out:
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Fold each valid row's content (ids excluded) into the request hash as it passes."""
+    for index, row in rows:
         if isinstance(row, dict):
             digest.update(json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True).encode())
-    return out
+        yield index, row
 
 
-def _check_batch_idempotency(
-    rt: Runtime, tenant: str, key: str, request_hash: str, now: datetime
-) -> tuple[str, list[str]] | None:
-    from kmsg_worker.errors import IdempotencyConflictError
-
+def _stored_key(rt: Runtime, tenant: str, key: str, now: datetime) -> tuple[str, str] | None:
+    """``(request hash, batch id)`` of a batch stored with ``key``, or ``None`` (an expired key is removed)."""
     with rt.store.sessions.begin() as s:
         row = s.get(IdempotencyKey, (tenant, key))
         if row is None or row.expires_at <= now:
             if row is not None:
                 s.delete(row)
             return None
-        if row.request_hash != request_hash:
-            raise IdempotencyConflictError(key)
-        batch_id = row.batch_id or ""
-        ids = list(s.scalars(select(MessageRow.id).where(MessageRow.batch_id == batch_id)))
-        total = s.scalar(select(Batch.total).where(Batch.id == batch_id))
-    if ids and not total:
-        # The first submission never set the total: it was cut off, or another process is still
-        # storing it (the two read the same here). Answering "duplicate, accepted" would hide rows
-        # that may never be stored; the error says what is stored so far and both possibilities.
-        raise BatchPartiallyStoredError.unfinished(batch_id, len(ids), key)
-    return batch_id, ids
+        return row.request_hash, row.batch_id or ""
+
+
+def _repeated(rt: Runtime, key: str, stored: tuple[str, str], request_hash: str) -> tuple[str, list[str]]:
+    """The batch a repeated request (same key) names, with its ids; a different request is a conflict."""
+    from kmsg_worker.errors import IdempotencyConflictError
+
+    if stored[0] != request_hash:
+        raise IdempotencyConflictError(key)
+    batch_id = stored[1]
+    with rt.store.sessions() as s:
+        return batch_id, list(s.scalars(select(MessageRow.id).where(MessageRow.batch_id == batch_id)))
 
 
 def _publish_chunks(rt: Runtime, batch_id: str, chunks: Sequence[int]) -> None:

@@ -194,36 +194,22 @@ class StorageUnavailableError(KmsgError):
 
 
 class BatchPartiallyStoredError(StorageUnavailableError):
-    """The database went away in the middle of a batch: the first ``stored`` rows *were* accepted.
+    """The database went away in the middle of a streamed batch: the first ``stored`` rows *were* accepted.
 
-    They keep their batch (``batch_id``) and are sent; the rest were not stored. Send the rows after
-    the first ``stored`` again as a new batch (not the whole list: that would send the stored ones
-    twice).
+    Only a batch sent with ``on_invalid="skip"`` and no idempotency key is streamed (each slice
+    commits on its own); any other batch is stored in one transaction, all of it or nothing. The
+    stored rows keep their batch (``batch_id``) and are sent; the rest were not stored. Send the rows
+    after the first ``stored`` again as a new batch (not the whole list: that would send the stored
+    ones twice).
     """
 
-    def __init__(self, batch_id: str, stored: int, cause: str, *, text: str | None = None) -> None:
+    def __init__(self, batch_id: str, stored: int, cause: str) -> None:
         super().__init__(
-            text
-            or f"the database became unavailable during the batch ({cause}): the first {stored} valid rows "
+            f"the database became unavailable during the batch ({cause}): the first {stored} valid rows "
             f"were stored as batch {batch_id} and will be sent; the rest were not stored"
         )
         self.batch_id = batch_id
         self.stored = stored
-
-    @classmethod
-    def unfinished(cls, batch_id: str, stored: int, key: str) -> BatchPartiallyStoredError:
-        """A resubmission whose first submission (same idempotency key) never finished storing."""
-        return cls(
-            batch_id,
-            stored,
-            "unfinished",
-            text=(
-                f"an earlier submission with idempotency key {key!r} stored {stored} valid rows as batch "
-                f"{batch_id} and did not finish: it was cut off (send only the rows after the first {stored}, "
-                f"as a new batch) or another process is still storing it (wait, then check "
-                f"`kmsg batch status {batch_id}`); the {stored} stored rows will be sent either way"
-            ),
-        )
 
 
 class ProviderError(KmsgError):

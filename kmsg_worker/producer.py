@@ -299,15 +299,21 @@ class KMsg:
                 (row number, field, rule) and store nothing; ``"skip"``: store the valid rows and
                 report the invalid ones in the receipt.
             idempotency_key: Makes the whole batch safe to submit twice.
+
+        Rows stream to the database in slices of 10,000, so memory does not grow with the batch.
+        With ``on_invalid="reject"`` or an ``idempotency_key`` the batch is stored in one
+        transaction: all of it or nothing, and its chunks are queued once it commits. With
+        ``on_invalid="skip"`` and no key each slice commits on its own and its chunks are queued at
+        once, so the first chunks are sent while the rest is still being stored.
             chunk_size: Rows per provider request (capped by the provider's batch limit); default
                 ``KMSG_BULK_CHUNK_SIZE`` (5,000).
             tenant: Tenant the batch belongs to.
 
         Raises:
             BatchValidationError: ``on_invalid="reject"`` and some rows are invalid.
-            BatchPartiallyStoredError: The database went away part-way: the first ``stored`` rows
-                were accepted (batch ``batch_id``) and will be sent; send only the rest again.
-                Also raised for a resubmission (same ``idempotency_key``) of such a batch.
+            BatchPartiallyStoredError: A streamed batch (``"skip"``, no key) lost the database
+                part-way: the first ``stored`` rows were accepted (batch ``batch_id``) and will be
+                sent; send only the rest again.
             StorageUnavailableError: The database is down; nothing was accepted.
         """
         from kmsg_worker.bulk import intake

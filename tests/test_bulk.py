@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from bench.tracking_index import explain
 from kmsg_worker.bulk import _Template, process_chunk
@@ -16,7 +17,7 @@ from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
-from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.models import Batch, ChunkLease, MessageRow
 from kmsg_worker.sweeps import sweep
 from tests.conftest import Clock, RecordingDispatcher, truncate
 
@@ -470,13 +471,13 @@ def test_chunk_size_defaults_to_the_setting_and_a_caller_overrides_it(
     assert info.value.variable == "KMSG_BULK_CHUNK_SIZE"
 
 
-def test_a_retry_of_a_cut_off_batch_with_its_key_is_not_answered_as_accepted(
-    kmsg: KMsg, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+def test_a_keyed_batch_cut_off_stores_nothing_and_its_retry_stores_it_once(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
     import kmsg_worker.bulk as bulk
-    from kmsg_worker.errors import BatchPartiallyStoredError
+    from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
     original = bulk._write
     calls: list[int] = []
@@ -489,19 +490,143 @@ def test_a_retry_of_a_cut_off_batch_with_its_key_is_not_answered_as_accepted(
 
     monkeypatch.setattr(bulk, "SLICE", 10)
     monkeypatch.setattr(bulk, "_write", flaky_write)
-    with pytest.raises(BatchPartiallyStoredError) as first:
-        kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7")
+    # Given a batch with an idempotency key (stored in one transaction) that loses the database
+    # after its first slice was written, even with on_invalid="skip"
+    with pytest.raises(StorageUnavailableError) as first:
+        kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7", on_invalid="skip")
+    # Then nothing was accepted: no rows, no batch, no key, no chunk queued
+    assert not isinstance(first.value, BatchPartiallyStoredError)
+    assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
+    # And the same request again, database back, stores the whole batch once
     monkeypatch.setattr(bulk, "_write", original)
-    # The same request again, database back: told what is stored, not "duplicate, all accepted".
-    with pytest.raises(BatchPartiallyStoredError) as again:
-        kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7")
-    assert again.value.batch_id == first.value.batch_id and again.value.stored == 10
-    assert "stored 10 valid rows" in str(again.value) and "did not finish" in str(again.value)
-    assert runtime.store.count_by_status() == {"queued": 10}  # nothing stored twice
-    # A batch whose intake completed is answered as a duplicate, as before.
-    done = kmsg.send_many(recipients(5, start=500), defaults=DEFAULTS, idempotency_key="campaign-8")
-    repeat = kmsg.send_many(recipients(5, start=500), defaults=DEFAULTS, idempotency_key="campaign-8")
-    assert repeat.duplicate and repeat.batch_id == done.batch_id
+    receipt = kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7", on_invalid="skip")
+    assert not receipt.duplicate and len(receipt.message_ids) == 30
+    assert runtime.store.count_by_status() == {"queued": 30}
+    # and is answered as a duplicate after that
+    repeat = kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7", on_invalid="skip")
+    assert repeat.duplicate and repeat.batch_id == receipt.batch_id
+    assert sorted(repeat.message_ids) == sorted(receipt.message_ids)
+
+
+def test_a_rejected_batch_stores_nothing_even_after_slices_were_written(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    original = bulk._write
+    written: list[int] = []
+
+    def counting_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+        written.append(len(rows))
+        original(rt, rows, *args)
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(bulk, "_write", counting_write)
+    # Given 60 rows whose 45th and 58th are invalid: four slices reach the database before the first
+    rows = recipients(60)
+    rows[44]["to"] = "12345"
+    rows[57]["to"] = "not a number"
+    with pytest.raises(BatchValidationError) as info:
+        kmsg.send_many(rows, defaults=DEFAULTS)
+    # Then both invalid rows are reported, after slices were written into the transaction
+    assert [(e.row, e.field) for e in info.value.errors] == [(45, "to"), (58, "to")]
+    assert sum(written) == 40
+    # and the transaction was rolled back: no message, no batch, no chunk, nothing queued
+    assert runtime.store.count_by_status() == {}
+    assert dispatcher.chunks == []
+    with runtime.store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Batch)) == 0
+        assert s.scalar(select(func.count()).select_from(ChunkLease)) == 0
+
+
+def test_an_atomic_batch_losing_the_database_part_way_stores_nothing(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import kmsg_worker.bulk as bulk
+    from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
+
+    original = bulk._write
+    calls: list[int] = []
+
+    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise OperationalError("COPY", {}, Exception("server closed the connection"))
+        original(rt, rows, *args)
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(bulk, "_write", flaky_write)
+    with pytest.raises(StorageUnavailableError) as info:
+        kmsg.send_many(recipients(45), defaults=DEFAULTS)  # on_invalid="reject": one transaction
+    assert not isinstance(info.value, BatchPartiallyStoredError)
+    assert calls == [10, 10, 10]
+    assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
+
+
+def test_intake_streams_rows_instead_of_holding_the_batch(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    original = bulk._write
+    produced = {"n": 0}
+    ahead: list[int] = []
+    stored = {"n": 0}
+
+    def rows(n: int) -> Any:
+        for row in recipients(n):
+            produced["n"] += 1
+            yield row
+
+    def watching_write(rt: Runtime, slice_rows: list[dict[str, Any]], *args: Any) -> None:
+        # How far reading the input is ahead of writing it (the rest of the batch is not held).
+        ahead.append(produced["n"] - stored["n"])
+        stored["n"] += len(slice_rows)
+        original(rt, slice_rows, *args)
+
+    monkeypatch.setattr(bulk, "SLICE", 500)
+    monkeypatch.setattr(bulk, "_write", watching_write)
+    for mode, key in (("reject", None), ("skip", None), ("skip", "campaign-9")):
+        produced["n"] = stored["n"] = 0
+        ahead.clear()
+        receipt = kmsg.send_many(rows(8_000), defaults=DEFAULTS, on_invalid=mode, idempotency_key=key, chunk_size=1_000)
+        assert len(receipt.message_ids) == 8_000 and stored["n"] == 8_000
+        # The reader is never further ahead than the slice being written, two waiting, and the
+        # 1,000 rows whose caller-given ids are looked up together (the whole 8,000 if held)
+        assert len(ahead) >= 16 and max(ahead) <= 3 * 500 + 1_000, (mode, key, ahead)
+    assert runtime.store.count_by_status() == {"queued": 24_000}
+    # every chunk of the three batches was queued (the atomic ones after their commit)
+    assert len(dispatcher.chunks) == 3 * 8
+
+
+def test_the_same_key_stored_meanwhile_by_another_producer_is_answered_as_a_repeat(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    first = kmsg.send_many(recipients(25), defaults=DEFAULTS, idempotency_key="campaign-race")
+    # Given a second producer that looked the key up before the first one committed (it saw none)
+    real = bulk._stored_key
+    looks = {"n": 0}
+
+    def not_yet(*args: Any) -> Any:
+        looks["n"] += 1
+        return None if looks["n"] == 1 else real(*args)
+
+    monkeypatch.setattr(bulk, "_stored_key", not_yet)
+    # When it commits the same batch, its key insert collides: it rolls back and answers as a repeat
+    second = kmsg.send_many(recipients(25), defaults=DEFAULTS, idempotency_key="campaign-race")
+    assert second.duplicate and second.batch_id == first.batch_id and looks["n"] == 2
+    assert runtime.store.count_by_status() == {"queued": 25}
+    # and a different request under that key is still a conflict
+    from kmsg_worker.errors import IdempotencyConflictError
+
+    looks["n"] = 0
+    with pytest.raises(IdempotencyConflictError):
+        kmsg.send_many(recipients(26), defaults=DEFAULTS, idempotency_key="campaign-race")
+    assert runtime.store.count_by_status() == {"queued": 25}
 
 
 def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
@@ -525,7 +650,7 @@ def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
     monkeypatch.setattr(bulk, "SLICE", 10)
     monkeypatch.setattr(sessions, "begin", begin)
     with pytest.raises(BatchPartiallyStoredError) as info:
-        kmsg.send_many(recipients(20), defaults=DEFAULTS)
+        kmsg.send_many(recipients(20), defaults=DEFAULTS, on_invalid="skip")  # streamed: slices commit
     monkeypatch.setattr(sessions, "begin", real_begin)
     assert info.value.stored == 20
     assert runtime.store.count_by_status() == {"queued": 20}
