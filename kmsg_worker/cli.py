@@ -172,7 +172,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
             for label, fields in DEMO_MESSAGES:
                 receipt = kmsg.send(fields)
                 sent.append((label, receipt.message_id))
-                print(f"  accepted {receipt.message_id[:12]}  {receipt.type:<8} {label}")
+                print(f"  accepted {receipt.message_id}  {receipt.type:<8} {label}")
             deadline = time.monotonic() + ns.timeout
             infos = {}
             while time.monotonic() < deadline:
@@ -202,7 +202,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def _demo_row(label: str, info: Any) -> dict[str, Any]:
     return {
         "case": label,
-        "id": info.id[:12] + ("…" if len(info.id) > 12 else ""),
+        "id": info.id,  # whole: ids made in the same millisecond share their first 12 digits
         "type": info.type,
         "status": info.status,
         "provider": info.provider or "",
