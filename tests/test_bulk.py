@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from psycopg import sql
+from sqlalchemy import event, func, select
 
 from bench.tracking_index import explain
 from kmsg_worker.bulk import _Template, process_chunk
@@ -674,3 +675,71 @@ def test_recording_a_chunk_reads_only_that_chunks_rows(
     assert "ix_kmsg_messages_batch_chunk" in plan, plan
     # and it matched exactly the chunk's rows
     assert re.search(r"Update on kmsg_messages .*\n(?:.*\n)*?.*rows=2000 loops=1", plan), plan
+
+
+#: Parameter types of a prepared statement, from the Python values bound to it.
+_PG_TYPES = {list: "text[]", str: "text", int: "integer", bool: "boolean", datetime: "timestamptz"}
+
+
+class _Stop(Exception):
+    """Stops a chunk run just before its result UPDATE reaches the server."""
+
+
+def test_a_chunks_result_update_is_not_a_nested_loop_when_prepared(
+    pg_url: str, settings_factory: Any, dispatcher: RecordingDispatcher
+) -> None:
+    # psycopg prepares a statement run five times on a connection, and PostgreSQL may then plan it
+    # once for any parameters: an array parameter is guessed at 10 elements, and a chunk's 5,000 ids
+    # were joined to its rows by a nested loop (25 million comparisons; 5-8 s per chunk at 1,000,000
+    # rows). The chunk's UPDATE runs after settings that forbid both.
+    truncate(pg_url)
+    rt = Runtime(settings_factory(pg_url, KMSG_PROVIDERS="mock"), dispatcher=dispatcher)
+    sent: list[tuple[str, Any]] = []
+
+    in_force: list[tuple[str, str]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "set_config" in statement or statement.lstrip().upper().startswith("UPDATE KMSG_MESSAGES"):
+            sent.append((statement, parameters))
+            if statement.lstrip().upper().startswith("UPDATE"):
+                # What the server will plan the UPDATE with, read on its own connection and transaction
+                probe = cursor.connection.cursor()
+                probe.execute("SELECT current_setting('plan_cache_mode'), current_setting('enable_nestloop')")
+                in_force.append(probe.fetchone())
+                raise _Stop
+
+    try:
+        receipt = KMsg(runtime=rt).send_many(recipients(12_000), defaults=DEFAULTS, chunk_size=2_000)
+        event.listen(rt.store.engine, "before_cursor_execute", capture)
+        with pytest.raises(_Stop):
+            process_chunk(rt, receipt.batch_id, 4)
+        event.remove(rt.store.engine, "before_cursor_execute", capture)
+        (settings, _), (update_sql, params) = sent
+        # The UPDATE as a server-side prepared statement, planned generically (the setting that
+        # PostgreSQL applies on its own after a few runs), then explained after the code's settings
+        names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", update_sql)))
+        numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", update_sql)
+        raw = rt.store.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            types = [_PG_TYPES[type(params[n])] for n in names]
+            cur.execute(f"PREPARE kmsg_sent ({', '.join(types)}) AS {numbered}")
+            cur.execute(settings)
+            # Values as literals: EXPLAIN EXECUTE takes no bind parameters of its own
+            args = sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Literal(params[n]), sql.SQL(t)) for n, t in zip(names, types, strict=True)
+            )
+            cur.execute(sql.SQL("EXPLAIN (COSTS OFF) EXECUTE kmsg_sent({})").format(args))
+            plan = "\n".join(str(r[0]) for r in cur.fetchall())
+        finally:
+            raw.rollback()
+            raw.close()
+    finally:
+        rt.close()
+    # The UPDATE is planned with its real arrays and without nested loops
+    assert in_force == [("force_custom_plan", "off")]
+    # and even a generic plan made under those settings joins by hash through the chunk's index
+    assert "Update on kmsg_messages" in plan, plan
+    assert "Nested Loop" not in plan and "Hash Join" in plan, plan
+    assert "Seq Scan on kmsg_messages" not in plan and "ix_kmsg_messages_batch_chunk" in plan, plan
