@@ -41,6 +41,45 @@ def run_all_chunks(rt: Runtime, dispatcher: RecordingDispatcher) -> None:
         process_chunk(rt, batch_id, chunk)
 
 
+class SliceWrites:
+    """Stands in for intake's slice writer: records each slice's size, and can lose the database.
+
+    ``fail_at``: the write (counted from 1) that raises as a dropped connection would; ``before``:
+    called with each slice before it is written. :meth:`heal` puts the real writer back.
+    """
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        slice_size: int = 10,
+        fail_at: int | None = None,
+        before: Any = None,
+    ) -> None:
+        import kmsg_worker.bulk as bulk
+
+        self.bulk, self.monkeypatch = bulk, monkeypatch
+        self.original = bulk._write
+        self.sizes: list[int] = []
+        self.fail_at = fail_at
+        self.before = before
+        monkeypatch.setattr(bulk, "SLICE", slice_size)
+        monkeypatch.setattr(bulk, "_write", self)
+
+    def __call__(self, rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+        if self.before is not None:
+            self.before(rows)
+        self.sizes.append(len(rows))
+        if len(self.sizes) == self.fail_at:
+            from sqlalchemy.exc import OperationalError
+
+            raise OperationalError("COPY", {}, Exception("server closed the connection"))
+        self.original(rt, rows, *args)
+
+    def heal(self) -> None:
+        self.monkeypatch.setattr(self.bulk, "_write", self.original)
+
+
 def test_batch_is_stored_in_chunks_and_each_chunk_is_one_request(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
 ) -> None:
@@ -403,32 +442,19 @@ def test_a_chunk_claimed_too_often_without_finishing_is_dead(
 def test_a_database_lost_half_way_through_a_batch_is_reported_truthfully(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sqlalchemy.exc import OperationalError
-
-    import kmsg_worker.bulk as bulk
     from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
-    original = bulk._write
-    calls: list[int] = []
-
-    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
-        calls.append(len(rows))
-        if len(calls) == 2:  # the database goes away after the first slice
-            raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        original(rt, rows, *args)
-
-    monkeypatch.setattr(bulk, "SLICE", 10)
-    monkeypatch.setattr(bulk, "_write", flaky_write)
+    writes = SliceWrites(monkeypatch, fail_at=2)  # the database goes away after the first slice
     with pytest.raises(BatchPartiallyStoredError) as info:
         kmsg.send_many(recipients(45), defaults=DEFAULTS, on_invalid="skip")
     # still a StorageUnavailableError for callers that catch that, but it says what was stored
     assert isinstance(info.value, StorageUnavailableError)
     assert info.value.stored == 10 and "first 10 valid rows" in str(info.value)
     # nothing after the failed slice was written: what is stored is exactly the first slice
-    assert calls == [10, 10]
+    assert writes.sizes == [10, 10]
     assert runtime.store.count_by_status() == {"queued": 10}
     # their chunk was still open when the database went away: the stale-chunk sweep publishes it
-    monkeypatch.setattr(bulk, "_write", original)
+    writes.heal()
     clock.advance(runtime.settings.stale_queued_seconds + 1)
     sweep(runtime)
     assert (info.value.batch_id, 0, None) in dispatcher.chunks
@@ -475,22 +501,9 @@ def test_chunk_size_defaults_to_the_setting_and_a_caller_overrides_it(
 def test_a_keyed_batch_cut_off_stores_nothing_and_its_retry_stores_it_once(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sqlalchemy.exc import OperationalError
-
-    import kmsg_worker.bulk as bulk
     from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
-    original = bulk._write
-    calls: list[int] = []
-
-    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
-        calls.append(len(rows))
-        if len(calls) == 2:
-            raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        original(rt, rows, *args)
-
-    monkeypatch.setattr(bulk, "SLICE", 10)
-    monkeypatch.setattr(bulk, "_write", flaky_write)
+    writes = SliceWrites(monkeypatch, fail_at=2)
     # Given a batch with an idempotency key (stored in one transaction) that loses the database
     # after its first slice was written, even with on_invalid="skip"
     with pytest.raises(StorageUnavailableError) as first:
@@ -499,7 +512,7 @@ def test_a_keyed_batch_cut_off_stores_nothing_and_its_retry_stores_it_once(
     assert not isinstance(first.value, BatchPartiallyStoredError)
     assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
     # And the same request again, database back, stores the whole batch once
-    monkeypatch.setattr(bulk, "_write", original)
+    writes.heal()
     receipt = kmsg.send_many(recipients(30), defaults=DEFAULTS, idempotency_key="campaign-7", on_invalid="skip")
     assert not receipt.duplicate and len(receipt.message_ids) == 30
     assert runtime.store.count_by_status() == {"queued": 30}
@@ -512,17 +525,7 @@ def test_a_keyed_batch_cut_off_stores_nothing_and_its_retry_stores_it_once(
 def test_a_rejected_batch_stores_nothing_even_after_slices_were_written(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
-
-    original = bulk._write
-    written: list[int] = []
-
-    def counting_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
-        written.append(len(rows))
-        original(rt, rows, *args)
-
-    monkeypatch.setattr(bulk, "SLICE", 10)
-    monkeypatch.setattr(bulk, "_write", counting_write)
+    writes = SliceWrites(monkeypatch)
     # Given 60 rows whose 45th and 58th are invalid: four slices reach the database before the first
     rows = recipients(60)
     rows[44]["to"] = "12345"
@@ -531,7 +534,7 @@ def test_a_rejected_batch_stores_nothing_even_after_slices_were_written(
         kmsg.send_many(rows, defaults=DEFAULTS)
     # Then both invalid rows are reported, after slices were written into the transaction
     assert [(e.row, e.field) for e in info.value.errors] == [(45, "to"), (58, "to")]
-    assert sum(written) == 40
+    assert sum(writes.sizes) == 40
     # and the transaction was rolled back: no message, no batch, no chunk, nothing queued
     assert runtime.store.count_by_status() == {}
     assert dispatcher.chunks == []
@@ -543,35 +546,19 @@ def test_a_rejected_batch_stores_nothing_even_after_slices_were_written(
 def test_an_atomic_batch_losing_the_database_part_way_stores_nothing(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sqlalchemy.exc import OperationalError
-
-    import kmsg_worker.bulk as bulk
     from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
-    original = bulk._write
-    calls: list[int] = []
-
-    def flaky_write(rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
-        calls.append(len(rows))
-        if len(calls) == 3:
-            raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        original(rt, rows, *args)
-
-    monkeypatch.setattr(bulk, "SLICE", 10)
-    monkeypatch.setattr(bulk, "_write", flaky_write)
+    writes = SliceWrites(monkeypatch, fail_at=3)
     with pytest.raises(StorageUnavailableError) as info:
         kmsg.send_many(recipients(45), defaults=DEFAULTS)  # on_invalid="reject": one transaction
     assert not isinstance(info.value, BatchPartiallyStoredError)
-    assert calls == [10, 10, 10]
+    assert writes.sizes == [10, 10, 10]
     assert runtime.store.count_by_status() == {} and dispatcher.chunks == []
 
 
 def test_intake_streams_rows_instead_of_holding_the_batch(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
-
-    original = bulk._write
     produced = {"n": 0}
     ahead: list[int] = []
     stored = {"n": 0}
@@ -581,14 +568,12 @@ def test_intake_streams_rows_instead_of_holding_the_batch(
             produced["n"] += 1
             yield row
 
-    def watching_write(rt: Runtime, slice_rows: list[dict[str, Any]], *args: Any) -> None:
+    def watch(slice_rows: list[dict[str, Any]]) -> None:
         # How far reading the input is ahead of writing it (the rest of the batch is not held).
         ahead.append(produced["n"] - stored["n"])
         stored["n"] += len(slice_rows)
-        original(rt, slice_rows, *args)
 
-    monkeypatch.setattr(bulk, "SLICE", 500)
-    monkeypatch.setattr(bulk, "_write", watching_write)
+    SliceWrites(monkeypatch, slice_size=500, before=watch)
     for mode, key in (("reject", None), ("skip", None), ("skip", "campaign-9")):
         produced["n"] = stored["n"] = 0
         ahead.clear()
