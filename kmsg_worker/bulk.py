@@ -69,7 +69,7 @@ from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import json_dumps
-from kmsg_worker.storage.models import Attempt, Batch, ChunkLease, IdempotencyKey, MessageRow
+from kmsg_worker.storage.models import SEND_STATE_COLUMNS, Attempt, Batch, ChunkLease, IdempotencyKey, MessageRow
 
 __all__ = [
     "BatchSummary",
@@ -802,12 +802,7 @@ _ROW_COLUMNS = (
     MessageRow.id,
     cast_(MessageRow.content, Text),
     cast_(MessageRow.route, Text),
-    MessageRow.route_index,
-    MessageRow.attempts,
-    MessageRow.provider_attempts,
-    MessageRow.deliveries,
-    MessageRow.created_at,
-    MessageRow.outcome_unknown,
+    *SEND_STATE_COLUMNS,
     MessageRow.priority,
 )
 

@@ -28,7 +28,17 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Attempt", "Base", "Batch", "ChunkLease", "DeadLetter", "Heartbeat", "IdempotencyKey", "MessageRow"]
+__all__ = [
+    "SEND_STATE_COLUMNS",
+    "Attempt",
+    "Base",
+    "Batch",
+    "ChunkLease",
+    "DeadLetter",
+    "Heartbeat",
+    "IdempotencyKey",
+    "MessageRow",
+]
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -142,6 +152,18 @@ class MessageRow(Base):
         # fraction of a B-tree's write cost (SQLite has no BRIN and keeps a plain index).
         Index("ix_kmsg_messages_created", "created_at", postgresql_using="brin"),
     )
+
+
+#: Where a message stands in its delivery, read with it whenever it is claimed for sending (the
+#: single-send claim's RETURNING and a bulk chunk's rows), in this order.
+SEND_STATE_COLUMNS = (
+    MessageRow.route_index,
+    MessageRow.attempts,
+    MessageRow.provider_attempts,
+    MessageRow.deliveries,
+    MessageRow.created_at,
+    MessageRow.outcome_unknown,
+)
 
 
 class Attempt(Base):

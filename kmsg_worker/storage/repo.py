@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kmsg_worker.errors import IdempotencyConflictError
 from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
 from kmsg_worker.storage.db import make_sessionmaker
-from kmsg_worker.storage.models import Attempt, DeadLetter, IdempotencyKey, MessageRow
+from kmsg_worker.storage.models import SEND_STATE_COLUMNS, Attempt, DeadLetter, IdempotencyKey, MessageRow
 
 __all__ = ["Claim", "Store"]
 
@@ -55,12 +55,7 @@ _CLAIM = (
         MessageRow.id,
         MessageRow.content,
         MessageRow.route,
-        MessageRow.route_index,
-        MessageRow.attempts,
-        MessageRow.provider_attempts,
-        MessageRow.deliveries,
-        MessageRow.created_at,
-        MessageRow.outcome_unknown,
+        *SEND_STATE_COLUMNS,
         MessageRow.scheduled_at,
     )
 )
