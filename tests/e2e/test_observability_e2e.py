@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,6 +148,22 @@ def flower(cluster: Cluster) -> Iterator[str]:
         log.close()
 
 
+_PHONE_PARTS = re.compile(r"010\D?7770|7770\D?1234|010\D?\*+\D?1234")
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every string in a decoded JSON value, keys included; numbers are not text a person reads."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
 def test_flower_sees_named_tasks_that_carry_ids_only(cluster: Cluster, flower: str) -> None:
     auth = ("ops", "test-secret")
     assert httpx.get(f"{flower}/api/tasks", timeout=5).status_code == 401  # the API needs the credentials
@@ -167,7 +184,10 @@ def test_flower_sees_named_tasks_that_carry_ids_only(cluster: Cluster, flower: s
     message_id = next(m for m in sent if m in str(task["kwargs"]))
     assert task["name"] == "kmsg.send_message"
     assert task["kwargs"] == repr({"message_id": message_id}) and task["args"] == "()"
-    dumped = json.dumps(task, ensure_ascii=False)
-    assert "01077701234" not in dumped and "7770" not in dumped and "observability secret" not in dumped
+    # Four digits alone are no evidence: Flower's floats, hex ids and worker pids hold any of them. A leak
+    # of the number, whole or partly masked, keeps its middle block next to the prefix or the last four.
+    shown = " ".join(_texts(task))
+    assert "observability secret" not in shown
+    assert not _PHONE_PARTS.search(shown), _PHONE_PARTS.search(shown)
     types = json.loads(_get(f"{flower}/api/task/types", auth=auth) or "{}")
     assert "kmsg.send_message" in types["task-types"]
