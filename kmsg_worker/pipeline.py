@@ -250,37 +250,19 @@ def _mark_sent(
     attempt_outcome: str = "accepted",
 ) -> None:
     warnings = [{"code": w.code, "message": w.message, "details": dict(w.details)} for w in outcome.warnings]
-    with rt.store.sessions.begin() as s:
-        changed = rt.store.transition(
-            claim.id,
-            S.SENT,
-            now=now,
-            expect=[S.SENDING],
-            session=s,
-            provider=claim.provider,
-            provider_message_id=outcome.provider_message_id,
-            sent_at=now,
-            attempts=claim.attempts + 1,
-            provider_attempts=claim.provider_attempts + 1,
-            next_check_at=_first_check(rt, claim, now),
-            check_count=0,
-            lease_until=None,
-            outcome_unknown=False,
-            native_fallback=outcome.native_fallback,
-            warnings=warnings or None,
-            error_code=None,
-            error_message=None,
-        )
-        if changed:
-            rt.store.record_attempt(
-                s,
-                message_id=claim.id,
-                attempt_no=claim.attempts + 1,
-                provider=claim.provider,
-                outcome=attempt_outcome,
-                latency_ms=latency_ms,
-                created_at=now,
-            )
+    rt.store.mark_sent(
+        claim.id,
+        now=now,
+        provider=claim.provider,
+        provider_message_id=outcome.provider_message_id,
+        attempt_no=claim.attempts + 1,
+        provider_attempts=claim.provider_attempts + 1,
+        next_check_at=_first_check(rt, claim, now),
+        native_fallback=outcome.native_fallback,
+        warnings=warnings or None,
+        attempt_outcome=attempt_outcome,
+        latency_ms=latency_ms,
+    )
     log.info(
         "message.sent",
         message_id=claim.id,

@@ -78,6 +78,43 @@ def test_deliver_sends_once_and_a_second_run_is_a_no_op(kmsg: KMsg, runtime: Run
     assert [a.outcome for a in info.attempts] == ["accepted"]
 
 
+def test_mark_sent_writes_the_row_and_its_attempt_together_only_from_sending(
+    kmsg: KMsg, runtime: Runtime, clock: Clock
+) -> None:
+    receipt = kmsg.send(to="01012345678", text="hello")
+    store = runtime.store
+    now = clock.now
+
+    def mark(attempt_no: int, latency_ms: float | None) -> bool:
+        return store.mark_sent(
+            receipt.message_id,
+            now=now,
+            provider="mock",
+            provider_message_id="pm-1",
+            attempt_no=attempt_no,
+            provider_attempts=attempt_no,
+            next_check_at=now + timedelta(minutes=1),
+            native_fallback=False,
+            warnings=[{"code": "W1", "message": "note", "details": {}}],
+            attempt_outcome="reconciled_sent",
+            latency_ms=latency_ms,
+        )
+
+    assert mark(1, None) is False  # still queued: neither the row nor an attempt is written
+    assert status(runtime, receipt.message_id) == "queued" and store.attempts(receipt.message_id) == []
+    assert store.claim_for_send(receipt.message_id, now=now, lease=timedelta(seconds=30)) is not None
+    assert mark(1, None) is True  # no latency (a reconciliation): a NULL float is accepted
+    row = store.get(receipt.message_id)
+    assert row is not None
+    assert (row.status, row.provider_message_id, row.attempts, row.lease_until) == ("sent", "pm-1", 1, None)
+    assert row.warnings == [{"code": "W1", "message": "note", "details": {}}]
+    assert [(a.attempt_no, a.outcome, a.latency_ms) for a in store.attempts(receipt.message_id)] == [
+        (1, "reconciled_sent", None)
+    ]
+    assert mark(2, 3.5) is False  # already sent: a late duplicate changes nothing
+    assert len(store.attempts(receipt.message_id)) == 1
+
+
 def test_retryable_errors_back_off_then_succeed(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
 ) -> None:

@@ -13,7 +13,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Update, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Update,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,6 +93,58 @@ class Claim:
     def provider(self) -> str:
         """The provider this attempt goes to."""
         return self.route[self.route_index]
+
+
+def _mark_sent_statements() -> tuple[Update, Any]:
+    """The sent transition (only from ``sending``) and its attempt row, each built once.
+
+    On PostgreSQL they run as one statement (the UPDATE's RETURNING feeds the INSERT), in autocommit:
+    one round trip instead of BEGIN, UPDATE, INSERT and COMMIT through an ORM session, which cost
+    ~3.5 ms of a ~9 ms single send on this machine (most of it Python, building and binding two
+    statements). SQLite has no data-modifying WITH and runs the two in one transaction.
+    """
+    sent = (
+        update(MessageRow)
+        .where(MessageRow.id == bindparam("m_id"), MessageRow.status == S.SENDING)
+        .values(
+            status=S.SENT,
+            updated_at=bindparam("m_now"),
+            provider=bindparam("m_provider"),
+            provider_message_id=bindparam("m_pmid"),
+            sent_at=bindparam("m_now"),
+            attempts=bindparam("m_attempt_no"),
+            provider_attempts=bindparam("m_provider_attempts"),
+            next_check_at=bindparam("m_next_check"),
+            check_count=0,
+            lease_until=None,
+            outcome_unknown=False,
+            native_fallback=bindparam("m_native"),
+            warnings=bindparam("m_warnings"),
+            error_code=None,
+            error_message=None,
+        )
+    )
+    done = sent.returning(MessageRow.id).cte("sent")
+    attempt = (
+        insert(Attempt)
+        .from_select(
+            ["message_id", "attempt_no", "provider", "outcome", "latency_ms", "created_at"],
+            select(
+                done.c.id,
+                bindparam("m_attempt_no", type_=Attempt.attempt_no.type),
+                bindparam("m_provider", type_=Attempt.provider.type),
+                bindparam("m_outcome", type_=Attempt.outcome.type),
+                # Cast: an untyped NULL in a SELECT list is text, which a float column refuses.
+                cast(bindparam("m_latency"), Attempt.latency_ms.type),
+                bindparam("m_now", type_=Attempt.created_at.type),
+            ),
+        )
+        .returning(Attempt.id)
+    )
+    return sent, attempt
+
+
+_MARK_SENT, _MARK_SENT_WITH_ATTEMPT = _mark_sent_statements()
 
 
 class Store:
@@ -260,6 +325,58 @@ class Store:
             return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
         with self.sessions.begin() as s:
             return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    def mark_sent(
+        self,
+        message_id: str,
+        *,
+        now: datetime,
+        provider: str,
+        provider_message_id: str | None,
+        attempt_no: int,
+        provider_attempts: int,
+        next_check_at: datetime,
+        native_fallback: bool,
+        warnings: list[dict[str, Any]] | None,
+        attempt_outcome: str,
+        latency_ms: float | None,
+    ) -> bool:
+        """Move a claimed message ``sending -> sent`` and record its attempt, atomically.
+
+        Returns:
+            ``False`` when the message was no longer ``sending`` (nothing written).
+        """
+        params = {
+            "m_id": message_id,
+            "m_now": now,
+            "m_provider": provider,
+            "m_pmid": provider_message_id,
+            "m_attempt_no": attempt_no,
+            "m_provider_attempts": provider_attempts,
+            "m_next_check": next_check_at,
+            "m_native": native_fallback,
+            "m_warnings": warnings,
+            "m_outcome": attempt_outcome,
+            "m_latency": latency_ms,
+        }
+        if self.is_postgres:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                # The attempt's id, not the rowcount: SQLAlchemy reports -1 for this INSERT ... SELECT.
+                return conn.execute(_MARK_SENT_WITH_ATTEMPT, params).first() is not None
+        with self.sessions.begin() as s:
+            if not s.execute(_MARK_SENT, params).rowcount:  # type: ignore[attr-defined]
+                return False
+            s.execute(
+                insert(Attempt).values(
+                    message_id=message_id,
+                    attempt_no=attempt_no,
+                    provider=provider,
+                    outcome=attempt_outcome,
+                    latency_ms=latency_ms,
+                    created_at=now,
+                )
+            )
+        return True
 
     def update_fields(self, message_id: str, *, expect: MessageStatus, now: datetime, **values: Any) -> int:
         """Set columns on a message only while it is in ``expect`` (no status change)."""
