@@ -360,15 +360,19 @@ def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime
 
 def _copy_text(value: Any) -> str:
     """One value in PostgreSQL COPY text format."""
-    if value is None:
+    if type(value) is str:
+        # Most values of a bulk row (ids, numbers): straight to the escape check.
+        text_value = value
+    elif value is None:
         return "\\N"
-    if isinstance(value, bool):
+    elif isinstance(value, bool):
         return "t" if value else "f"
-    if isinstance(value, datetime):
+    elif isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, (dict, list)):
-        value = json_dumps(value)
-    text_value = str(value)
+    elif isinstance(value, (dict, list)):
+        text_value = json_dumps(value)
+    else:
+        text_value = str(value)
     # orjson never emits raw tabs or newlines; backslashes are the only characters to escape.
     if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
         text_value = text_value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -382,7 +386,11 @@ def _copy_payload(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     and the type) are rendered once and appended to each line; only the others are rendered per row.
     """
     first = rows[0]
-    same = [c for c in first if all(r[c] == first[c] for r in rows)]
+    last = rows[-1]
+    # A column that differs between the first and last rows varies (ids, numbers, contents): no
+    # scan. The others are counted over a list of their values, in C: a Python-level all() over
+    # every row and column took a tenth of a bulk intake's producer CPU (py-spy, 100,000 rows).
+    same = [c for c in first if first[c] == last[c] and [r[c] for r in rows].count(first[c]) == len(rows)]
     varying = [c for c in first if c not in same]
     ends = ["\t".join(_copy_text(first[c]) for c in same)] if same else []
     lines = ["\t".join([*(_copy_text(r[c]) for c in varying), *ends]) + "\n" for r in rows]

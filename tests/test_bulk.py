@@ -270,6 +270,27 @@ def test_awkward_text_round_trips_through_copy(kmsg: KMsg, runtime: Runtime, dis
     assert row.scheduled_at is None and row.route == ["mock"]
 
 
+def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
+    import psycopg
+
+    from kmsg_worker.bulk import _copy_payload
+
+    # "b" equals in the first and last rows but not between them; "c" is the same everywhere;
+    # "d" holds COPY's special characters in a plain text column, and None.
+    rows = [
+        {"a": f"id-{i}", "b": "x" if i != 1 else "y", "c": "same", "d": ["back\\slash\ttab\nline", None, "\\N"][i]}
+        for i in range(3)
+    ]
+    cols, data = _copy_payload(rows)
+    assert cols.split(", ")[-1] == "c"  # only the constant column is rendered once and appended
+    with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE copy_probe (a text, b text, c text, d text)")
+        with conn.cursor() as cur, cur.copy(f"COPY copy_probe ({cols}) FROM STDIN") as copy:
+            copy.write(data)
+        back = conn.execute("SELECT a, b, c, d FROM copy_probe ORDER BY a").fetchall()
+    assert [dict(zip("abcd", r, strict=True)) for r in back] == rows
+
+
 def test_rate_limited_chunk_is_given_back_without_using_a_retry(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
