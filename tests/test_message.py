@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from kmsg_worker.errors import ValidationError
 from kmsg_worker.message import (
     Message,
     MessageType,
+    Priority,
     ValidationLimits,
     count_bytes,
     interpolate,
@@ -270,6 +272,18 @@ def test_content_round_trips() -> None:
         buttons=[{"name": "x", "type": "BK"}],
     )
     assert Message.from_content(message.content()) == message
+    # Filled without the dataclass's __init__ (a bulk chunk's hot path): the same fields and types,
+    # and each message gets its own mutable defaults.
+    sms = make(text="hello")
+    loaded = [Message.from_content(sms.content()) for _ in range(2)]
+    assert loaded[0] == sms and vars(loaded[0]) == vars(sms)
+    assert loaded[0].kakao == {} and loaded[0].kakao is not loaded[1].kakao
+    assert type(loaded[0].type) is MessageType and type(loaded[0].priority) is Priority
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loaded[0].text = "changed"  # type: ignore[misc]
+    # A stored key that is no field is still refused, as the dataclass refuses it
+    with pytest.raises(TypeError):
+        Message.from_content({**sms.content(), "no_such_field": 1})
 
 
 def test_generated_ids_are_uuid7_in_creation_order() -> None:
