@@ -291,6 +291,38 @@ def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
     assert [dict(zip("abcd", r, strict=True)) for r in back] == rows
 
 
+def test_a_chunks_results_keep_each_recipients_warnings_and_native_fallback(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
+) -> None:
+    from kmsg_worker.bulk import _claim_chunk, _record_sent
+    from kmsg_worker.providers.base import SendOutcome, SendWarning
+
+    receipt = kmsg.send_many(recipients(3), defaults=DEFAULTS)
+    claim = _claim_chunk(runtime, receipt.batch_id, 0, clock.now)
+    assert claim is not None and len(claim.rows) == 3
+    ids = [r.id for r in claim.rows]
+    warning = SendWarning("FAILOVER_PARTIAL_PROVIDER", 'kept "as is"', {"n": 1})
+    outcomes = {
+        ids[0]: SendOutcome(ids[0], True, "pm-0", warnings=[warning]),
+        ids[1]: SendOutcome(ids[1], True, "pm-1", native_fallback=True),
+        ids[2]: SendOutcome(ids[2], True, None),
+    }
+    _record_sent(runtime, claim.rows, outcomes, clock.now, 12.5, chunk=(receipt.batch_id, 0))
+    stored = {i: runtime.store.get(i) for i in ids}
+    got = {i: (r.status, r.provider_message_id, r.native_fallback, r.warnings) for i, r in stored.items() if r}
+    assert got == {
+        ids[0]: (
+            "sent",
+            "pm-0",
+            False,
+            [{"code": "FAILOVER_PARTIAL_PROVIDER", "message": 'kept "as is"', "details": {"n": 1}}],
+        ),
+        ids[1]: ("sent", "pm-1", True, None),
+        ids[2]: ("sent", None, False, None),
+    }
+    assert [a.latency_ms for i in ids for a in runtime.store.attempts(i)] == [12.5, 12.5, 12.5]
+
+
 def test_rate_limited_chunk_is_given_back_without_using_a_retry(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
