@@ -14,8 +14,9 @@ Design (the full event -> metric table is in ``docs/EVENTS.md``):
 * **Prefork-safe.** Each Celery prefork child counts in its own memory-mapped files under
   ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode). The worker's main process
   points that variable at ``<var>/metrics/<node name>`` and empties it at start
-  (:func:`prepare_multiprocess_dir`), a child's live files are dropped when it exits
-  (:func:`mark_process_dead`), and an exposition merges every file (:class:`MultiProcessDirCollector`).
+  (:func:`prepare_multiprocess_dir`), a child's live gauges are dropped and its counters folded into
+  one archive file when it exits (:func:`mark_process_dead`), and an exposition merges every file
+  (:class:`MultiProcessDirCollector`).
   Either each worker serves its own folder (``KMSG_METRICS_PORT``: the main process spawns a
   ``kmsg metrics-server`` child for it, :func:`spawn_metrics_server`), or one ``kmsg metrics-server``
   serves every worker of the host (all node folders) — scrape one or the other, not both, or the
@@ -28,6 +29,7 @@ with ``max()``, never ``sum()``, when several endpoints expose them.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shutil
@@ -37,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +65,7 @@ __all__ = [
     "add_subcommand",
     "build_registry",
     "default_metrics",
+    "fold_process_files",
     "mark_process_dead",
     "metrics_dir",
     "metrics_processor",
@@ -478,13 +481,74 @@ def node_dir(settings: Settings, node: str) -> Path:
     return metrics_dir(settings) / _safe_name(node)
 
 
+#: Metric kinds whose values add up across processes: an exited process's are folded into one file.
+_SUMMED_KINDS = ("counter", "histogram", "summary")
+#: The "pid" part of the folded files' names (``counter_archive.db``): read like any process's file.
+_ARCHIVE = "archive"
+#: Taken exclusively while a process's files are folded, shared while an exposition reads them.
+_LOCK_FILE = ".fold.lock"
+
+
+@contextmanager
+def _folder_lock(folder: Path, *, exclusive: bool) -> Iterator[None]:
+    try:
+        fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        # A folder this process cannot write to (a read-only scrape): nothing is folded by this
+        # process, and a scrape without the lock is what prometheus-client itself does.
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def mark_process_dead(pid: int, folder: Path | None = None) -> None:
-    """Drop the live-gauge files of an exited prefork child (its counters stay: they were counted)."""
+    """Tidy up after an exited prefork child: drop its live gauges, fold its counters into the archive.
+
+    Celery replaces a pool child every ``worker_max_tasks_per_child`` tasks, and prometheus-client
+    keeps each dead child's counter and histogram files (their counts must stay in the totals). An
+    OTP worker replacing a child every few minutes would leave thousands of files a week, and every
+    scrape reads every file. Instead the child's values are added into ``counter_archive.db`` (and
+    ``histogram_``/``summary_``) under an exclusive lock that expositions share, and its own files are
+    deleted: a scrape sees the totals before or after, never a counter that went down.
+    """
     from prometheus_client import multiprocess
 
     target = folder or multiprocess_dir()
-    if target is not None and target.is_dir():
-        multiprocess.mark_process_dead(pid, str(target))  # type: ignore[no-untyped-call]
+    if target is None or not target.is_dir():
+        return
+    multiprocess.mark_process_dead(pid, str(target))  # type: ignore[no-untyped-call]
+    fold_process_files(pid, target)
+
+
+def fold_process_files(pid: int, folder: Path) -> int:
+    """Add process ``pid``'s counter, histogram and summary values to ``folder``'s archive files.
+
+    Returns:
+        How many of the process's files were folded (and deleted).
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+
+    folded = 0
+    with _folder_lock(folder, exclusive=True):
+        for kind in _SUMMED_KINDS:
+            dead = folder / f"{kind}_{pid}.db"
+            if not dead.is_file():
+                continue
+            values = MmapedDict.read_all_values_from_file(str(dead))  # type: ignore[no-untyped-call]
+            archive = MmapedDict(str(folder / f"{kind}_{_ARCHIVE}.db"))  # type: ignore[no-untyped-call]
+            try:
+                for key, value, timestamp, _pos in values:
+                    current, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                    archive.write_value(key, current + value, timestamp)  # type: ignore[no-untyped-call]
+            finally:
+                archive.close()  # type: ignore[no-untyped-call]
+            dead.unlink()
+            folded += 1
+    return folded
 
 
 class MultiProcessDirCollector(Collector):
@@ -501,8 +565,15 @@ class MultiProcessDirCollector(Collector):
         """Merged counters, histograms and gauges of every process."""
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        files = sorted(str(p) for p in self.folder.rglob("*.db"))
-        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        with ExitStack() as stack:
+            # Each worker folder's lock, shared: no exited child is folded while its files are read.
+            folders = sorted({p.parent for p in self.folder.rglob("*.db")})
+            for sub in folders:
+                stack.enter_context(_folder_lock(sub, exclusive=False))
+            # Listed again under the locks (a fold since the first listing removed files), and only
+            # in the locked folders (a worker started meanwhile is read at the next scrape).
+            files = sorted(str(p) for sub in folders for p in sub.glob("*.db"))
+            merged: list[Metric] = list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
         return merged
 
     def describe(self) -> Iterable[Metric]:

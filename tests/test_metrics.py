@@ -329,11 +329,15 @@ def test_prefork_children_counts_are_merged(tmp_path: Path) -> None:
             children.append(pid)
         for pid in children:
             assert os.waitpid(pid, 0)[1] == 0
+        print(os.getpid())
         """
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert len(list(folder.glob("counter_*.db"))) == 4  # parent + 3 children
+    # The exited children's files are folded into one archive: the parent's own and the archive remain
+    assert sorted(p.name for p in folder.glob("*.db") if not p.name.startswith("gauge_")) == sorted(
+        ["counter_archive.db", "histogram_archive.db", *(f"{k}_{result.stdout.strip()}.db" for k in ("counter",))]
+    )
     registry = CollectorRegistry()
     registry.register(MultiProcessDirCollector(tmp_path / "metrics"))
     labels = {"provider": "mock", "type": "SMS", "tenant": "t"}
@@ -344,3 +348,57 @@ def test_prefork_children_counts_are_merged(tmp_path: Path) -> None:
         )
         == 6
     )
+
+
+def test_scrapes_never_see_counters_fall_while_exited_children_are_folded(tmp_path: Path) -> None:
+    # Children that exit are folded into the archive while the parent scrapes as fast as it can:
+    # every scrape must see each child either before or after its fold (a counter that went down, or
+    # a file gone between listing and reading, would be a reset or a failed scrape in Prometheus).
+    folder = tmp_path / "metrics" / "node@host"
+    code = textwrap.dedent(
+        f"""
+        import json, os, random, time
+        from pathlib import Path
+        from prometheus_client import CollectorRegistry
+        from kmsg_worker.logging import configure_logging, get_logger
+        from kmsg_worker.metrics import MultiProcessDirCollector, prepare_multiprocess_dir, mark_process_dead
+        folder = Path({str(folder)!r})
+        prepare_multiprocess_dir(folder)
+        configure_logging("WARNING")
+        children = []
+        for n in range(12):
+            pid = os.fork()
+            if pid == 0:
+                random.seed(n)
+                for _ in range(50):
+                    get_logger("c").info("message.sent", provider="mock", type="SMS", tenant="t", latency_ms=3)
+                time.sleep(random.uniform(0, 0.3))
+                mark_process_dead(os.getpid())
+                os._exit(0)
+            children.append(pid)
+        registry = CollectorRegistry()
+        registry.register(MultiProcessDirCollector(folder.parent))
+        labels = {{"provider": "mock", "type": "SMS", "tenant": "t"}}
+        seen = []
+        alive = set(children)
+        deadline = time.monotonic() + 30
+        while alive and time.monotonic() < deadline:
+            seen.append(registry.get_sample_value("kmsg_messages_sent_total", labels) or 0.0)
+            for pid in list(alive):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert status == 0
+                    alive.discard(pid)
+        assert not alive
+        seen.append(registry.get_sample_value("kmsg_messages_sent_total", labels) or 0.0)
+        print(json.dumps({{"seen": seen, "files": sorted(p.name for p in folder.glob("*.db"))}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = report["seen"]
+    assert len(seen) > 12  # scrapes overlapped the folding
+    assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert seen[-1] == 12 * 50
+    assert report["files"] == ["counter_archive.db", "histogram_archive.db"]
