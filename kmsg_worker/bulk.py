@@ -867,8 +867,9 @@ def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> _Clai
 
 def _load_chunk_rows(s: Any, batch_id: str, chunk: int, status: Any) -> list[_Row]:
     stmt = select(*_ROW_COLUMNS).where(MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, status)
-    # On the session's connection: plain rows, without the ORM's per-row loading machinery.
-    return [_Row.load(r) for r in s.connection().execute(stmt)]
+    # On the session's connection: plain rows, without the ORM's per-row loading machinery; all at
+    # once (one fetchall), not a driver fetchone per row as iterating the result does.
+    return [_Row.load(r) for r in s.connection().execute(stmt).all()]
 
 
 def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime, *, completed: bool = True) -> None:
