@@ -18,9 +18,9 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Text,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -171,12 +171,14 @@ class Attempt(Base):
 
     __tablename__ = "kmsg_attempts"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     #: The message (``kmsg_messages.id``). Not a foreign key: PostgreSQL checks one with a trigger
     #: per inserted row, which doubled the cost of recording a bulk chunk; messages are never
-    #: deleted while their attempts are kept, and the unique index below serves look-ups by message.
+    #: deleted while their attempts are kept.
+    #: ``(message_id, attempt_no)`` is the key: it serves look-ups by message and turns a redelivered
+    #: attempt into a conflict. No surrogate id: its sequence and second index cost a third of the
+    #: COPY of a chunk's attempt rows (37 -> 24 ms per 5,000, measured on this machine).
     message_id: Mapped[str] = mapped_column(String(80))
-    attempt_no: Mapped[int] = mapped_column(Integer)
+    attempt_no: Mapped[int] = mapped_column(Integer, autoincrement=False)
     provider: Mapped[str] = mapped_column(String(32))
     #: ``accepted``, ``rejected``, ``retryable``, ``timeout``, ``reconciled_sent``, ``reconciled_missing``.
     outcome: Mapped[str] = mapped_column(String(24))
@@ -187,7 +189,7 @@ class Attempt(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS)
 
-    __table_args__ = (UniqueConstraint("message_id", "attempt_no", name="uq_kmsg_attempts_message_attempt"),)
+    __table_args__ = (PrimaryKeyConstraint("message_id", "attempt_no", name="kmsg_attempts_pkey"),)
 
 
 class IdempotencyKey(Base):

@@ -139,7 +139,7 @@ def _mark_sent_statements() -> tuple[Update, Any]:
                 bindparam("m_now", type_=Attempt.created_at.type),
             ),
         )
-        .returning(Attempt.id)
+        .returning(Attempt.message_id)
     )
     return sent, attempt
 
