@@ -285,10 +285,13 @@ def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
     assert cols.split(", ")[-1] == "c"  # only the constant column is rendered once and appended
     with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
         conn.execute("CREATE TEMP TABLE copy_probe (a text, b text, c text, d text)")
-        with conn.cursor() as cur, cur.copy(f"COPY copy_probe ({cols}) FROM STDIN") as copy:
-            copy.write(data)
+        # and a slice of one row, where every column is the same in every row
+        for part in (rows, rows[2:]):
+            cols, data = _copy_payload(part)
+            with conn.cursor() as cur, cur.copy(f"COPY copy_probe ({cols}) FROM STDIN") as copy:
+                copy.write(data)
         back = conn.execute("SELECT a, b, c, d FROM copy_probe ORDER BY a").fetchall()
-    assert [dict(zip("abcd", r, strict=True)) for r in back] == rows
+    assert [dict(zip("abcd", r, strict=True)) for r in back] == [*rows, rows[2]]
 
 
 def test_a_chunks_results_keep_each_recipients_warnings_and_native_fallback(
