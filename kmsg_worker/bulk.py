@@ -69,7 +69,15 @@ from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import json_dumps
-from kmsg_worker.storage.models import SEND_STATE_COLUMNS, Attempt, Batch, ChunkLease, IdempotencyKey, MessageRow
+from kmsg_worker.storage.models import (
+    SEND_STATE_COLUMNS,
+    SENT_CLEARS,
+    Attempt,
+    Batch,
+    ChunkLease,
+    IdempotencyKey,
+    MessageRow,
+)
 
 __all__ = [
     "BatchSummary",
@@ -1022,13 +1030,9 @@ def _record_sent(
                     attempts=table.c.attempts + 1,
                     provider_attempts=table.c.provider_attempts + 1,
                     next_check_at=first_check,
-                    check_count=0,
-                    lease_until=None,
-                    outcome_unknown=False,
                     native_fallback=bindparam("b_native"),
                     warnings=bindparam("b_warnings"),
-                    error_code=None,
-                    error_message=None,
+                    **SENT_CLEARS,
                 ),
                 [
                     {
@@ -1047,8 +1051,11 @@ def _record_sent(
 _SENT_SET = (
     "UPDATE kmsg_messages AS m SET status = 'sent', provider_message_id = v.pmid, sent_at = :now, "
     "updated_at = :now, attempts = m.attempts + 1, provider_attempts = m.provider_attempts + 1, "
-    "next_check_at = :first_check, check_count = 0, lease_until = NULL, outcome_unknown = false, "
-    "error_code = NULL, error_message = NULL, "
+    "next_check_at = :first_check, "
+    # SENT_CLEARS as SQL literals (0, NULL, false)
+    + "".join(
+        f"{column} = {'NULL' if value is None else str(value).lower()}, " for column, value in SENT_CLEARS.items()
+    )
 )
 _SENT_WHERE = "WHERE m.id = v.id AND m.status = ANY(CAST(:expected AS text[]))"
 _SENT_IN_CHUNK = " AND m.batch_id = :batch_id AND m.chunk = :chunk"

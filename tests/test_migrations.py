@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -16,23 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from kmsg_worker.storage.db import make_engine
 from kmsg_worker.storage.migrate import alembic_config, upgrade
 from kmsg_worker.storage.models import Base
-from tests.conftest import PG_ADMIN_URL, _port_open, need
+from tests.conftest import scratch_pg_database
 
 
 @pytest.fixture
 def empty_pg() -> Iterator[str]:
     """A database with no tables at all (the session database is built by ``create_all``)."""
-    need("PostgreSQL on 127.0.0.1:5432", _port_open("127.0.0.1", 5432))
-    name = f"kmsg_migrate_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = make_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_pg_database("kmsg_migrate") as url:
+        yield url
 
 
 def test_migrations_at_head_build_the_models_schema(empty_pg: str) -> None:

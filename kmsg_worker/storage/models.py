@@ -7,7 +7,9 @@ indexes on SQLite.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import (
@@ -30,6 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "SEND_STATE_COLUMNS",
+    "SENT_CLEARS",
     "Attempt",
     "Base",
     "Batch",
@@ -163,6 +166,13 @@ SEND_STATE_COLUMNS = (
     MessageRow.deliveries,
     MessageRow.created_at,
     MessageRow.outcome_unknown,
+)
+
+
+#: What a move to ``sent`` clears, on every path that records an accepted send (a single send, a
+#: chunk's recipients, a reconciliation): no status checks yet, no lease, no unknown outcome, no error.
+SENT_CLEARS: Mapping[str, Any] = MappingProxyType(
+    {"check_count": 0, "lease_until": None, "outcome_unknown": False, "error_code": None, "error_message": None}
 )
 
 

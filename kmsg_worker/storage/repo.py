@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kmsg_worker.errors import IdempotencyConflictError
 from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
 from kmsg_worker.storage.db import make_sessionmaker
-from kmsg_worker.storage.models import SEND_STATE_COLUMNS, Attempt, DeadLetter, IdempotencyKey, MessageRow
+from kmsg_worker.storage.models import SEND_STATE_COLUMNS, SENT_CLEARS, Attempt, DeadLetter, IdempotencyKey, MessageRow
 
 __all__ = ["Claim", "Store"]
 
@@ -115,13 +115,9 @@ def _mark_sent_statements() -> tuple[Update, Any]:
             attempts=bindparam("m_attempt_no"),
             provider_attempts=bindparam("m_provider_attempts"),
             next_check_at=bindparam("m_next_check"),
-            check_count=0,
-            lease_until=None,
-            outcome_unknown=False,
             native_fallback=bindparam("m_native"),
             warnings=bindparam("m_warnings"),
-            error_code=None,
-            error_message=None,
+            **SENT_CLEARS,
         )
     )
     done = sent.returning(MessageRow.id).cte("sent")
@@ -361,7 +357,7 @@ class Store:
         }
         if self.is_postgres:
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                # The attempt's id, not the rowcount: SQLAlchemy reports -1 for this INSERT ... SELECT.
+                # The returned key, not the rowcount: SQLAlchemy reports -1 for this INSERT ... SELECT.
                 return conn.execute(_MARK_SENT_WITH_ATTEMPT, params).first() is not None
         with self.sessions.begin() as s:
             if not s.execute(_MARK_SENT, params).rowcount:  # type: ignore[attr-defined]
