@@ -451,8 +451,9 @@ class Message:
             values["failover"] = Failover(**values["failover"])
         if values.get("scheduled_at"):
             values["scheduled_at"] = datetime.fromisoformat(values["scheduled_at"])
-        if cls is not Message or not values.keys() <= _MESSAGE_FIELDS:
-            return cls(**values)  # a subclass, or a key that is not a field: the dataclass decides
+        if cls is not Message or not _MESSAGE_REQUIRED <= values.keys() <= _MESSAGE_FIELDS:
+            # A subclass, a key that is no field or a required one missing: the dataclass decides.
+            return cls(**values)
         # The frozen dataclass's __init__ sets 26 fields one object.__setattr__ at a time: ~11 us a
         # row, the largest share of a bulk chunk's claim (py-spy). The same instance, filled in one
         # step: defaults, a fresh object for each mutable default, then the stored values.
@@ -471,6 +472,7 @@ class Message:
 
 
 _MESSAGE_FIELDS = frozenset(f.name for f in fields(Message))
+_MESSAGE_REQUIRED = frozenset(f.name for f in fields(Message) if f.default is MISSING and f.default_factory is MISSING)
 _MESSAGE_DEFAULTS = {f.name: f.default for f in fields(Message) if f.default is not MISSING}
 _MESSAGE_FACTORIES = tuple((f.name, f.default_factory) for f in fields(Message) if f.default_factory is not MISSING)
 

@@ -281,9 +281,12 @@ def test_content_round_trips() -> None:
     assert type(loaded[0].type) is MessageType and type(loaded[0].priority) is Priority
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded[0].text = "changed"  # type: ignore[misc]
-    # A stored key that is no field is still refused, as the dataclass refuses it
+    # A stored key that is no field is still refused, as the dataclass refuses it,
     with pytest.raises(TypeError):
         Message.from_content({**sms.content(), "no_such_field": 1})
+    # and so is one without a required field
+    with pytest.raises(TypeError):
+        Message.from_content({k: v for k, v in sms.content().items() if k != "to"})
 
 
 def test_generated_ids_are_uuid7_in_creation_order() -> None:
