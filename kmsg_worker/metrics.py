@@ -551,6 +551,13 @@ def fold_process_files(pid: int, folder: Path) -> int:
     return folded
 
 
+def _has_header(path: Path) -> bool:
+    try:
+        return path.stat().st_size >= 8
+    except FileNotFoundError:
+        return False
+
+
 class MultiProcessDirCollector(Collector):
     """Merge the metric files of every process under ``folder`` (recursively: one sub-folder per worker).
 
@@ -572,7 +579,10 @@ class MultiProcessDirCollector(Collector):
                 stack.enter_context(_folder_lock(sub, exclusive=False))
             # Listed again under the locks (a fold since the first listing removed files), and only
             # in the locked folders (a worker started meanwhile is read at the next scrape).
-            files = sorted(str(p) for sub in folders for p in sub.glob("*.db"))
+            # A process creates its file empty and sizes it a moment later: an empty file holds no
+            # values yet and would fail the whole read (prometheus-client unpacks its header). Files
+            # only grow, so one seen non-empty here is readable below.
+            files = sorted(str(p) for sub in folders for p in sub.glob("*.db") if _has_header(p))
             merged: list[Metric] = list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
         return merged
 
