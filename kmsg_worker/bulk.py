@@ -1059,7 +1059,7 @@ _SENT_SET = (
 )
 _SENT_WHERE = "WHERE m.id = v.id AND m.status = ANY(CAST(:expected AS text[]))"
 _SENT_IN_CHUNK = " AND m.batch_id = :batch_id AND m.chunk = :chunk"
-#: For the rest of the transaction: plan the UPDATE with its real arrays, and never as a nested loop.
+#: For the rest of the transaction: plan the UPDATE with its real parameters, never as a nested loop.
 #: psycopg prepares a statement run five times on a connection, and PostgreSQL then switches to a
 #: generic plan that guesses 10 elements for an array parameter: it joined a chunk's 5,000 ids to its
 #: 5,000 rows by a nested loop, comparing 25 million pairs (5-8 s per chunk, seen in a 1,000,000-row

@@ -290,6 +290,12 @@ class KMsg:
 
         Returns without waiting for the sends: follow progress with :meth:`batch_summary`.
 
+        Rows stream to the database in slices of 10,000, so memory does not grow with the batch.
+        With ``on_invalid="reject"`` or an ``idempotency_key`` the batch is stored in one
+        transaction: all of it or nothing, and its chunks are queued once it commits. With
+        ``on_invalid="skip"`` and no key each slice commits on its own and its chunks are queued at
+        once, so the first chunks are sent while the rest is still being stored.
+
         Args:
             messages: Mappings (a list or a generator), each merged over ``defaults``; rows that only
                 carry ``to``, ``variables``, ``id`` and ``custom_fields`` take a fast path that
@@ -299,12 +305,6 @@ class KMsg:
                 (row number, field, rule) and store nothing; ``"skip"``: store the valid rows and
                 report the invalid ones in the receipt.
             idempotency_key: Makes the whole batch safe to submit twice.
-
-        Rows stream to the database in slices of 10,000, so memory does not grow with the batch.
-        With ``on_invalid="reject"`` or an ``idempotency_key`` the batch is stored in one
-        transaction: all of it or nothing, and its chunks are queued once it commits. With
-        ``on_invalid="skip"`` and no key each slice commits on its own and its chunks are queued at
-        once, so the first chunks are sent while the rest is still being stored.
             chunk_size: Rows per provider request (capped by the provider's batch limit); default
                 ``KMSG_BULK_CHUNK_SIZE`` (5,000).
             tenant: Tenant the batch belongs to.

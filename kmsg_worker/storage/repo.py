@@ -362,15 +362,14 @@ class Store:
         with self.sessions.begin() as s:
             if not s.execute(_MARK_SENT, params).rowcount:  # type: ignore[attr-defined]
                 return False
-            s.execute(
-                insert(Attempt).values(
-                    message_id=message_id,
-                    attempt_no=attempt_no,
-                    provider=provider,
-                    outcome=attempt_outcome,
-                    latency_ms=latency_ms,
-                    created_at=now,
-                )
+            self.record_attempt(
+                s,
+                message_id=message_id,
+                attempt_no=attempt_no,
+                provider=provider,
+                outcome=attempt_outcome,
+                latency_ms=latency_ms,
+                created_at=now,
             )
         return True
 
