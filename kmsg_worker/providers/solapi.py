@@ -29,6 +29,7 @@ import hmac
 import re
 import secrets
 import string
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -77,6 +78,8 @@ BALANCE_PATH = "/cash/v1/balance"
 #: Message ids per status request: keeps the query string well under common 8 KB URL limits.
 STATUS_CHUNK = 100
 LIST_PAGE_LIMIT = 500
+#: Longest wait before asking a lookup page again (a Retry-After above it is cut to it).
+_LOOKUP_PAGE_MAX_WAIT = 2.0
 _SALT_ALPHABET = string.ascii_letters + string.digits
 _STATUS_FAILED = re.compile(r"^[123]\d{3}$")
 _NOT_KAKAO_CODES = frozenset({"3104", "3107"})
@@ -355,7 +358,8 @@ class SolapiProvider(HttpProvider):
     ``naver_talk_id``, ``app_id`` (sent as ``agent.appId``), ``default_country`` (country code for
     numbers given without ``+``), ``batch_limit``, ``allow_duplicates`` (default true: a batch may
     legitimately hold two messages to one number), ``lookup_window_seconds`` (default 900) and
-    ``lookup_max_pages`` (default 40, of 500 messages each), ``max_file_bytes`` (downloads for
+    ``lookup_max_pages`` (default 40, of 500 messages each), ``lookup_page_tries`` (default 3: a
+    lookup page is asked again after a retryable error), ``max_file_bytes`` (downloads for
     upload; default 5 MB).
 
     Args:
@@ -998,8 +1002,9 @@ class SolapiProvider(HttpProvider):
         params: dict[str, Any] = {"dateType": "CREATED", "startDate": since, "limit": LIST_PAGE_LIMIT}
         found: dict[str, SendOutcome] = {}
         start_key: str | None = None
+        tries = max(1, int(self.config.option("lookup_page_tries", 3)))
         for _ in range(max_pages):
-            entries, start_key = self._list_page({**params, "startKey": start_key} if start_key else params)
+            entries, start_key = self._lookup_page({**params, "startKey": start_key} if start_key else params, tries)
             for entry in entries:
                 custom = entry.get("customFields")
                 reference = custom.get(REFERENCE_FIELD) if isinstance(custom, Mapping) else None
@@ -1014,6 +1019,25 @@ class SolapiProvider(HttpProvider):
             provider=self.name,
             code=ErrorCode.OUTCOME_UNKNOWN,
         )
+
+    def _lookup_page(self, params: Mapping[str, Any], tries: int) -> tuple[list[Mapping[str, Any]], str | None]:
+        """One page of a lookup scan, asked again (up to ``tries`` times) after a retryable error.
+
+        A scan reads every page of the window (thousands of messages after a large batch) and an
+        error on any page costs the whole scan. Against a provider failing 40 % of requests, five
+        pages all succeeded 8 % of the time and a bulk chunk's reconciliation went minutes without
+        finishing; retrying the page keeps the pages already read.
+        """
+        for attempt in range(1, tries):
+            try:
+                return self._list_page(params)
+            except ProviderError as exc:
+                if not exc.retryable:
+                    raise
+                # Retry-After when the provider gave one, a short backoff otherwise; never long
+                # (the caller is a worker task).
+                time.sleep(min(exc.retry_after or 0.2 * 2 ** (attempt - 1), _LOOKUP_PAGE_MAX_WAIT))
+        return self._list_page(params)
 
     def _lookup_outcome(self, message_id: str, entry: Mapping[str, Any]) -> SendOutcome:
         code = entry.get("statusCode")

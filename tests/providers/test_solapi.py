@@ -985,6 +985,34 @@ class TestLookupAndBalance:
             provider.lookup(["not-there"])
         assert info.value.code is ErrorCode.OUTCOME_UNKNOWN
 
+    def test_a_lookup_page_that_fails_is_asked_again_without_rereading_the_others(self) -> None:
+        from kmsg_worker.providers.solapi import REFERENCE_FIELD
+
+        asked: list[str | None] = []
+        second_page_failures = [2]
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            start = request.url.params.get("startKey")
+            asked.append(start)
+            if start is None:
+                entry = {"messageId": "M1", "statusCode": "2000", "customFields": {REFERENCE_FIELD: "other"}}
+                return httpx.Response(200, json={"messageList": {"M1": entry}, "nextKey": "K2"})
+            if second_page_failures[0]:
+                second_page_failures[0] -= 1
+                return httpx.Response(503, json={"errorCode": "Unknown", "errorMessage": "busy"})
+            entry = {"messageId": "M2", "statusCode": "2000", "customFields": {REFERENCE_FIELD: "wanted"}}
+            return httpx.Response(200, json={"messageList": {"M2": entry}, "nextKey": None})
+
+        found = mock_provider(answer).lookup(["wanted"])
+        assert found["wanted"].accepted and found["wanted"].provider_message_id == "M2"
+        assert asked == [None, "K2", "K2", "K2"]  # the first page once, the second until it answered
+        # and with fewer tries than failures, the scan still ends in an error, not in "absent"
+        asked.clear()
+        second_page_failures[0] = 2
+        with pytest.raises(ProviderTransientError):
+            mock_provider(answer, lookup_page_tries=2).lookup(["wanted"])
+        assert asked == [None, "K2", "K2"]
+
     def test_balance(self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]) -> None:
         fake.balance = 12_345.5
         provider = make_provider()
