@@ -937,7 +937,16 @@ class SolapiProvider(HttpProvider):
                 params["messageId"] = chunk[0]
             else:
                 params["messageIds"] = chunk
-            for entry in self._list(params, wanted=len(chunk)):
+            try:
+                entries = self._list(params, wanted=len(chunk))
+            except ProviderError:
+                if start == 0:
+                    raise
+                # Keep what the earlier requests answered: the rest are "not known yet" and come
+                # back in a later sweep, instead of the whole poll (up to ten requests) starting
+                # over. Not asked again here: tracking backs a failing status API off on purpose.
+                break
+            for entry in entries:
                 for query in by_pmid.get(str(entry.get("messageId")), ()):
                     reports.append(self._report(query.message_id, entry))
         return reports

@@ -936,6 +936,37 @@ class TestStatus:
         reports = provider.query_status([query(message, "M1"), query(sms(), "M2")])
         assert [(r.message_id, r.state) for r in reports] == [(message.id, DeliveryState.UNKNOWN)]
 
+    @staticmethod
+    def _listing(failures: dict[str, int], asked: list[str]) -> Callable[[httpx.Request], httpx.Response]:
+        """Answer each status request with its ids; one whose first id is in ``failures`` gets a 503
+        that many times first (``-1``: always)."""
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            ids = request.url.params.get_list("messageIds") or [request.url.params["messageId"]]
+            asked.append(ids[0])
+            if failures.get(ids[0], 0):
+                failures[ids[0]] -= 1
+                return httpx.Response(503, json={"errorCode": "Unknown", "errorMessage": "busy"})
+            entries = {i: {"messageId": i, "statusCode": "4000"} for i in ids}
+            return httpx.Response(200, json={"messageList": entries, "nextKey": None})
+
+        return answer
+
+    def test_a_status_poll_keeps_what_was_answered_when_a_later_request_keeps_failing(self) -> None:
+        messages = [sms(to=f"0102200{i:04d}") for i in range(250)]
+        queries = [query(m, f"M{i}") for i, m in enumerate(messages)]
+        asked: list[str] = []
+
+        reports = mock_provider(self._listing({"M100": -1}, asked)).query_status(queries)
+
+        # The first hundred are reported; the poll stops at the failing request (the rest are "not
+        # known yet", asked again by a later sweep) instead of losing the answers it had.
+        assert {r.message_id for r in reports} == {m.id for m in messages[:100]}
+        assert asked == ["M0", "M100"]
+        # When nothing was answered, the error is the caller's (tracking backs those rows off).
+        with pytest.raises(ProviderTransientError):
+            mock_provider(self._listing({"M0": -1}, [])).query_status(queries)
+
     def test_the_fake_list_pages_with_next_key(
         self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
     ) -> None:
