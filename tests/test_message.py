@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -306,3 +308,46 @@ def test_generated_ids_are_uuid7_in_creation_order() -> None:
     assert len(set(ids)) == len(ids)
     # and a message built without an id gets one
     assert uuid.UUID(hex=make(text="hi").id).version == 7
+
+
+def _random_part(message_id: str) -> int:
+    return int(message_id, 16) & ((1 << 62) - 1)
+
+
+def test_ids_made_at_once_by_threads_never_share_their_random_part() -> None:
+    # The random bits are read in blocks and handed out one word per id: eight threads taking ids
+    # at the same time, across many refills of the block, never get the same word.
+    made: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(len(made))
+
+    def take(out: list[str]) -> None:
+        start.wait()
+        out.extend(new_message_id() for _ in range(5_000))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    parts = [_random_part(i) for out in made for i in out]
+    assert len(parts) == 40_000 and len(set(parts)) == len(parts)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_repeat_its_parents_random_words() -> None:
+    # A block read before the fork is in both processes' memory: a child that used it would make
+    # the parent's next ids (same millisecond, same random part). The child starts with none.
+    new_message_id()  # the parent now holds a block with words left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read)
+        os.write(write, ",".join(new_message_id() for _ in range(200)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    parent = [new_message_id() for _ in range(200)]
+    assert len(child) == 200
+    assert not {_random_part(i) for i in child} & {_random_part(i) for i in parent}
