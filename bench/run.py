@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,7 +125,9 @@ class Env:
     def fake_reset(self) -> None:
         httpx.post(f"{self.fake_url}/_fake/reset", timeout=5).raise_for_status()
 
-    def worker(self, app: str, queues: str, concurrency: int, name: str) -> subprocess.Popen[bytes]:
+    def worker(
+        self, app: str, queues: str, concurrency: int, name: str, extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         return self.start(
             [
                 sys.executable,
@@ -142,6 +145,7 @@ class Env:
                 "--without-mingle",
                 "--without-gossip",
                 "--loglevel=WARNING",
+                *extra,
             ],
             name,
         )
