@@ -72,3 +72,40 @@ def test_attempts_keep_their_rows_when_the_surrogate_id_goes(empty_pg: str) -> N
         assert ids == 3
     finally:
         engine.dispose()
+
+
+def test_message_content_moves_to_json_and_back_unchanged(empty_pg: str) -> None:
+    from alembic import command
+
+    upgrade(empty_pg, "0007")
+    engine = make_engine(empty_pg)
+    now = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
+    content = '{"id": "m1", "to": "01012345678", "type": "SMS", "text": "주문 A-1025 출고", "variables": {"n": "1"}}'
+    column_type = text(
+        "SELECT data_type FROM information_schema.columns"
+        " WHERE table_name = 'kmsg_messages' AND column_name = 'content'"
+    )
+    read = text("SELECT content FROM kmsg_messages WHERE id = 'm1'")
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO kmsg_messages (id, tenant, type, recipient, status, priority, route, route_index,"
+                    " attempts, provider_attempts, deliveries, retry_task_published, outcome_unknown, check_count,"
+                    " native_fallback, content, created_at, updated_at) VALUES ('m1', 'default', 'SMS',"
+                    " '01012345678', 'queued', 'normal', '[\"mock\"]', 0, 0, 0, 0, false, false, 0, false,"
+                    " CAST(:content AS jsonb), :now, :now)"
+                ),
+                {"content": content, "now": now},
+            )
+            before = conn.execute(read).scalar_one()
+        upgrade(empty_pg, "0008")
+        with engine.begin() as conn:
+            assert conn.execute(column_type).scalar_one() == "json"
+            assert conn.execute(read).scalar_one() == before
+        command.downgrade(alembic_config(empty_pg), "0007")
+        with engine.begin() as conn:
+            assert conn.execute(column_type).scalar_one() == "jsonb"
+            assert conn.execute(read).scalar_one() == before
+    finally:
+        engine.dispose()

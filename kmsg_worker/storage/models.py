@@ -125,7 +125,10 @@ class MessageRow(Base):
     #: ``created``, or ``skipped:<reason>`` once the AlimTalk fallback was decided.
     fallback_state: Mapped[str | None] = mapped_column(String(64))
     warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)
-    content: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    #: The message itself. ``json``, not ``jsonb``, on PostgreSQL: no query looks inside it, and
+    #: jsonb parses every document written and renders every one read (per 100,000 bulk rows, the
+    #: backend's CPU: COPY 0.95-1.20 -> 0.83-0.96 s, reading a chunk's rows 0.19-0.30 -> 0.10-0.13 s).
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)
