@@ -11,8 +11,6 @@ process. The stages add up to ``sent_at - created_at``, the figure ``bench.run``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import statistics
@@ -24,6 +22,7 @@ import redis
 from sqlalchemy import text
 
 from bench.run import REDIS_URL, Env, scratch_database
+from kmsg_worker.logging import configure_logging
 
 STAGES = (
     ("producer INSERT (from created_at)", "start", "inserted"),
@@ -57,14 +56,12 @@ def _timed_sends(count: int, interval: float) -> dict[str, dict[str, float]]:
     store.insert_messages = timed_insert  # type: ignore[method-assign]
     dispatcher.send = timed_publish  # type: ignore[method-assign]
     sent: dict[str, dict[str, float]] = {}
-    # The producer's accept log line goes to stdout; keep the report readable.
-    with contextlib.redirect_stdout(io.StringIO()):
-        for n in range(count + 5):
-            marks.clear()
-            receipt = kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high")
-            if n >= 5:
-                sent[receipt.message_id] = dict(marks)
-            time.sleep(interval)
+    for n in range(count + 5):
+        marks.clear()
+        receipt = kmsg.send(to="01099990000", text="[bench] OTP 123456", priority="high")
+        if n >= 5:
+            sent[receipt.message_id] = dict(marks)
+        time.sleep(interval)
     kmsg.close()
     return sent
 
@@ -75,6 +72,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.05)
     parser.add_argument("worker_args", nargs="*", help="extra arguments for the worker (after --)")
     args = parser.parse_args()
+    # The producer's info lines (one per accepted message) would bury the report.
+    configure_logging("WARNING")
     log = Path(f"/tmp/kmsg-stages-{os.getpid()}.jsonl")
     redis.Redis.from_url(REDIS_URL).flushdb()
     with scratch_database() as db_url:
