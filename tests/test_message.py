@@ -333,7 +333,7 @@ def test_ids_made_at_once_by_threads_never_share_their_random_part() -> None:
     assert len(parts) == 40_000 and len(set(parts)) == len(parts)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork exists only on POSIX systems, not on Windows")
 def test_a_forked_child_does_not_repeat_its_parents_random_words() -> None:
     # A block read before the fork is in both processes' memory: a child that used it would make
     # the parent's next ids (same millisecond, same random part). The child starts with none.
