@@ -60,6 +60,7 @@ from kmsg_worker.message import (
     _variables,
     check_message_id,
     check_storable,
+    count_bytes,
     interpolate,
     normalize,
     normalize_phone,
@@ -167,10 +168,11 @@ class _Template:
         if isinstance(self.raw_text, str):
             text_value = interpolate(self.raw_text, variables) if variables else self.raw_text
         mtype = msg.type
+        nbytes = 0 if text_value is None else count_bytes(text_value)
         if msg.type_inferred:
-            mtype = _infer_type(text_value, msg.subject, msg.media, self.limits)
+            mtype = _infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
         if mtype in TEXT_TYPES or text_value is not None:
-            _check_text(mtype, text_value, msg.subject, self.limits)
+            _check_text(mtype, text_value, msg.subject, self.limits, nbytes)
         row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, type=mtype.value)
@@ -262,7 +264,9 @@ def _iter_rows(
     routable: dict[tuple[str, Any], ValidationError | None] = {}
     for index, item in enumerate(messages, start=1):
         try:
-            if not isinstance(item, Mapping):
+            # A dict is checked by its exact type first: isinstance() against an ABC is a Python-level
+            # call, paid for every row of a batch.
+            if type(item) is not dict and not isinstance(item, Mapping):
                 raise ValidationError("row", "type", f"must be a mapping, got {type(item).__name__}")
             if template.ok and item.keys() <= _FAST_KEYS:
                 content = template.build(item)
@@ -281,13 +285,19 @@ def _iter_rows(
             route_error = routable[key]
             if route_error is not None:
                 raise route_error
-            if default_id or any(item.get(k) is not None for k in _ID_KEYS):
+            if default_id or _gives_id(item):
                 if content["id"] in explicit:
                     raise ValidationError("id", "duplicate", "the same id is given to another row of this batch")
                 explicit.add(content["id"])
             yield index, content
         except ValidationError as exc:
             yield index, RowError(index, exc.field, exc.rule, exc.detail)
+
+
+def _gives_id(item: Mapping[str, Any]) -> bool:
+    """The row names its own message id (under any of :data:`_ID_KEYS`)."""
+    # Three look-ups, not any() over a generator: this runs for every row of a batch.
+    return item.get("id") is not None or item.get("message_id") is not None or item.get("messageId") is not None
 
 
 def _defaults_digest(defaults: Mapping[str, Any]) -> Any:
@@ -316,6 +326,12 @@ def _without_stored_ids(
     buffer: list[tuple[int, dict[str, Any] | RowError]] = []
 
     def drain() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+        if not explicit:
+            # No row so far named its own id (``explicit`` holds every id a row gave, up to the
+            # last one buffered): nothing to look up, and no per-row checks.
+            yield from buffer
+            buffer.clear()
+            return
         wanted = [r["id"] for _, r in buffer if isinstance(r, dict) and r["id"] in explicit]
         taken: set[str] = set()
         if wanted:
@@ -335,21 +351,10 @@ def _without_stored_ids(
     yield from drain()
 
 
-def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime) -> dict[str, Any]:
-    scheduled_raw = content.get("scheduled_at")
-    scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
-    waiting = scheduled is not None and scheduled > now
-    chunk.due |= not waiting
+def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
+    """The columns every stored row of a batch shares (see :func:`_db_row` for the others)."""
     return {
-        "id": content["id"],
-        "tenant": content.get("tenant") or "default",
         "batch_id": batch_id,
-        "chunk": chunk.number,
-        "type": content["type"],
-        "recipient": content["to"],
-        "status": S.SCHEDULED.value if waiting else S.QUEUED.value,
-        "priority": content.get("priority") or "bulk",
-        "route": chunk.route,
         "route_index": 0,
         "attempts": 0,
         "provider_attempts": 0,
@@ -358,10 +363,32 @@ def _db_row(content: dict[str, Any], chunk: _Chunk, batch_id: str, now: datetime
         "outcome_unknown": False,
         "check_count": 0,
         "native_fallback": False,
-        "scheduled_at": scheduled,
-        "content": content,
         "created_at": now,
         "updated_at": now,
+    }
+
+
+def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, Any]:
+    """The columns of one stored row that may differ from its batch's other rows.
+
+    The shared ones (:func:`_batch_columns`) are not repeated in every row: building them into
+    100,000 dicts, and scanning them again to find they never vary, was a tenth of an intake's CPU.
+    """
+    scheduled_raw = content.get("scheduled_at")
+    scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
+    waiting = scheduled is not None and scheduled > now
+    chunk.due |= not waiting
+    return {
+        "id": content["id"],
+        "tenant": content.get("tenant") or "default",
+        "chunk": chunk.number,
+        "type": content["type"],
+        "recipient": content["to"],
+        "status": S.SCHEDULED.value if waiting else S.QUEUED.value,
+        "priority": content.get("priority") or "bulk",
+        "route": chunk.route,
+        "scheduled_at": scheduled,
+        "content": content,
         "queued_at": None if waiting else now,
     }
 
@@ -387,11 +414,13 @@ def _copy_text(value: Any) -> str:
     return text_value
 
 
-def _copy_payload(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+def _copy_payload(rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(column list, data)`` for ``COPY ... FROM STDIN`` of ``rows`` (text format).
 
-    Columns holding the same value in every row (the batch, the time, the status, often the chunk
-    and the type) are rendered once and appended to each line; only the others are rendered per row.
+    ``shared``: columns that are the same for every row, given once rather than in each row.
+    Columns of ``rows`` holding the same value in every row (often the status, the chunk and the type)
+    are found and treated alike: rendered once and appended to each line; only the others are
+    rendered per row.
     """
     first = rows[0]
     last = rows[-1]
@@ -400,7 +429,11 @@ def _copy_payload(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     # every row and column took a tenth of a bulk intake's producer CPU (py-spy, 100,000 rows).
     same = [c for c in first if first[c] == last[c] and [r[c] for r in rows].count(first[c]) == len(rows)]
     varying = [c for c in first if c not in same]
-    end = "".join("\t" + _copy_text(first[c]) for c in same) + "\n"
+    constant = {c: first[c] for c in same}
+    if shared:
+        constant.update((c, v) for c, v in shared.items() if c not in first)
+    same = list(constant)
+    end = "".join("\t" + _copy_text(value) for value in constant.values()) + "\n"
     if not varying:
         return ", ".join(same), end[1:] * len(rows)
     # Column by column (map over a list, in C) rather than row by row through a generator.
@@ -409,53 +442,67 @@ def _copy_payload(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     return ", ".join((*varying, *same)), end.join(lines) + end
 
 
-def _copy_rows(cur: Any, rows: list[dict[str, Any]]) -> None:
-    cols, data = _copy_payload(rows)
-    with cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:
-        copy.write(data)
+@dataclass
+class _SliceData:
+    """One slice of rows in the form its backend takes: ``COPY`` text on PostgreSQL, row dicts on SQLite."""
+
+    count: int
+    #: ``(column list, data)`` of :func:`_copy_payload`.
+    copy: tuple[str, str] | None = None
+    rows: list[dict[str, Any]] | None = None
+
+
+def _slice_data(rt: Runtime, rows: list[dict[str, Any]], shared: Mapping[str, Any]) -> _SliceData:
+    """Render ``rows`` (each with the ``shared`` columns) for the writer thread."""
+    if not rows:
+        return _SliceData(0)
+    if rt.store.is_postgres:
+        return _SliceData(len(rows), copy=_copy_payload(rows, shared))
+    return _SliceData(len(rows), rows=[{**shared, **row} for row in rows])
 
 
 def _write(
     rt: Runtime,
-    rows: list[dict[str, Any]],
+    data: _SliceData,
     extra: list[Any],
     leases: Sequence[ChunkLease] = (),
     session: Session | None = None,
 ) -> None:
-    """Write one slice of rows (and any extra ORM objects, and new chunks' leases).
+    """Write one slice of rows, any extra ORM objects, and new chunks' leases.
 
     In ``session``'s open transaction (an atomic intake), or in a transaction of its own.
     """
     if session is None:
         with rt.store.sessions.begin() as s:
-            _write_in(rt, s, rows, extra, leases)
+            _write_in(s, data, extra, leases)
     else:
-        _write_in(rt, session, rows, extra, leases)
+        _write_in(session, data, extra, leases)
 
 
-def _write_in(
-    rt: Runtime, session: Session, rows: list[dict[str, Any]], extra: list[Any], leases: Sequence[ChunkLease]
-) -> None:
+def _write_in(session: Session, data: _SliceData, extra: list[Any], leases: Sequence[ChunkLease]) -> None:
     for obj in extra:
         session.merge(obj)
     session.add_all(leases)
     session.flush()
-    if not rows:
-        return
-    if rt.store.is_postgres:
+    if data.copy is not None:
+        cols, text_data = data.copy
         raw = session.connection().connection.driver_connection
-        with raw.cursor() as cur:  # type: ignore[union-attr]
-            _copy_rows(cur, rows)
-    else:
-        session.execute(insert(MessageRow), rows)
+        with raw.cursor() as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:  # type: ignore[union-attr]
+            copy.write(text_data)
+    elif data.rows:
+        session.execute(insert(MessageRow), data.rows)
 
 
 class _SliceWriter:
     """Writes slices on one background thread, in order.
 
     While PostgreSQL ingests one slice (``COPY``: database CPU), the caller's thread validates the
-    next: intake then takes about the longer of the two, not their sum. At most two slices wait, so
-    memory stays bounded by the slice size, whatever the size of the batch.
+    next: intake then takes about the longer of the two, not their sum. The caller's thread also
+    renders each slice (:func:`_slice_data`), so the writer thread only waits on the database: when it
+    rendered them too, that Python work (under the GIL, serial with validation anyway) came before
+    every ``COPY``, and the writer, not validation, set the pace (a 100,000-row intake waited on it
+    for a third of its time, py-spy). At most two slices wait, so memory stays bounded by the
+    slice size, whatever the size of the batch.
 
     Two ways to commit:
 
@@ -467,9 +514,11 @@ class _SliceWriter:
       leaves nothing stored.
     """
 
-    def __init__(self, rt: Runtime, batch_id: str, *, atomic: bool) -> None:
+    def __init__(self, rt: Runtime, batch_id: str, shared: Mapping[str, Any], *, atomic: bool) -> None:
         self.rt = rt
         self.batch_id = batch_id
+        #: Columns every row of the batch has (:func:`_batch_columns`).
+        self.shared = shared
         self.atomic = atomic
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmsg-intake")
         self.jobs: deque[Future[None]] = deque()
@@ -480,25 +529,26 @@ class _SliceWriter:
         #: The atomic intake's transaction (used only on the writer thread until it is closed).
         self.session: Session | None = None
 
-    def _run(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
+    def _run(self, data: _SliceData, extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
         if self.failed:
             return  # a slice failed: nothing after it is written, so what is stored is a prefix
         try:
             if self.atomic and self.session is None:
                 self.session = self.rt.store.sessions()
-            _write(self.rt, rows, extra, leases, self.session)
+            _write(self.rt, data, extra, leases, self.session)
         except BaseException:
             self.failed = True
             raise
-        self.stored += len(rows)
+        self.stored += data.count
         if not self.atomic:
             _publish_chunks(self.rt, self.batch_id, ready)
 
     def submit(self, rows: list[dict[str, Any]], extra: list[Any], leases: list[ChunkLease], ready: list[int]) -> None:
-        """Queue one slice; waits (and raises its error) when two are already waiting."""
+        """Render one slice and queue it; waits (and raises its error) when two are already waiting."""
+        data = _slice_data(self.rt, rows, self.shared)
         while len(self.jobs) >= 2:
             self.jobs.popleft().result()
-        self.jobs.append(self.pool.submit(self._run, rows, extra, leases, ready))
+        self.jobs.append(self.pool.submit(self._run, data, extra, leases, ready))
 
     def drain(self) -> None:
         """Wait for every queued slice; raise the first error."""
@@ -565,7 +615,7 @@ class _Slicer:
 
     def add(self, row: dict[str, Any]) -> None:
         chunk = self.chunker.assign(row)
-        self.pending.append(_db_row(row, chunk, self.batch.id, self.now))
+        self.pending.append(_db_row(row, chunk, self.now))
         self.ids.append(row["id"])
         if len(self.pending) >= SLICE:
             self.flush(final=False)
@@ -642,7 +692,7 @@ def intake(
         created_at=now,
     )
     atomic = reject or idempotency_key is not None
-    writer = _SliceWriter(rt, batch_id, atomic=atomic)
+    writer = _SliceWriter(rt, batch_id, _batch_columns(batch_id, now), atomic=atomic)
     out = _Slicer(batch, chunker, writer, now)
     ids = out.ids
     try:

@@ -568,11 +568,24 @@ def _opt_dict(data: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _variables(data: Mapping[str, Any], limits: ValidationLimits) -> dict[str, str]:
-    raw = _opt_dict(data, "variables")
+    raw = data.get("variables")
+    if raw is None:
+        return {}
+    # The checks of _opt_dict without its copy (the stringified values are a new dict anyway), and
+    # exact types first: this runs for every row of a bulk batch, and isinstance() against an ABC
+    # (Mapping) is a Python-level call.
+    if type(raw) is not dict and not isinstance(raw, Mapping):
+        raise ValidationError("variables", "type", f"must be a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if type(key) is not str and not isinstance(key, str):
+            raise ValidationError("variables", "type", "keys must be strings")
     if len(raw) > limits.max_variables:
         raise ValidationError("variables", "max_items", f"at most {limits.max_variables} variables")
     out: dict[str, str] = {}
     for key, value in raw.items():
+        if type(value) is str:
+            out[key] = value
+            continue
         if isinstance(value, (Mapping, list, tuple, set, frozenset, bytes, bytearray)):
             raise ValidationError(f"variables.{key}", "type", "must be a string, number, bool, date or null")
         out[key] = _stringify(value, f"variables.{key}")
@@ -702,11 +715,19 @@ def _scheduled_at(data: Mapping[str, Any], limits: ValidationLimits, now: dateti
     return utc
 
 
-def _check_text(mtype: MessageType, text: str | None, subject: str | None, limits: ValidationLimits) -> None:
+def _check_text(
+    mtype: MessageType,
+    text: str | None,
+    subject: str | None,
+    limits: ValidationLimits,
+    nbytes: int | None = None,
+) -> None:
+    """The text and subject rules of ``mtype``. ``nbytes``: ``text``'s :func:`count_bytes`, if known."""
     if mtype in TEXT_TYPES and not (text and text.strip()):
         raise ValidationError("text", "required", f"{mtype.value} needs a non-empty text")
     # No early return without a text: the subject rules below hold for text-less types too.
-    nbytes = 0 if text is None else count_bytes(text)
+    if nbytes is None:
+        nbytes = 0 if text is None else count_bytes(text)
     if mtype in (MessageType.SMS, MessageType.RCS_SMS) and nbytes > limits.sms_max_bytes:
         raise ValidationError(
             "text",
@@ -774,12 +795,19 @@ _RCS = frozenset(
 )
 
 
-def _infer_type(text: str | None, subject: str | None, media: Media | None, limits: ValidationLimits) -> MessageType:
+def _infer_type(
+    text: str | None,
+    subject: str | None,
+    media: Media | None,
+    limits: ValidationLimits,
+    nbytes: int | None = None,
+) -> MessageType:
+    """SMS, LMS or MMS from what the message carries. ``nbytes``: ``text``'s :func:`count_bytes`, if known."""
     if media is not None:
         return MessageType.MMS
     if subject:
         return MessageType.LMS
-    if text is not None and count_bytes(text) > limits.auto_lms_bytes:
+    if text is not None and (count_bytes(text) if nbytes is None else nbytes) > limits.auto_lms_bytes:
         return MessageType.LMS
     return MessageType.SMS
 
@@ -829,8 +857,10 @@ def normalize(
 
     raw_type = data.get("type")
     inferred = raw_type is None
+    # Counted once for the type inference and the size rules (a bulk row's hot path goes through both).
+    nbytes = 0 if text is None else count_bytes(text)
     if inferred:
-        mtype = _infer_type(text, subject, media, limits)
+        mtype = _infer_type(text, subject, media, limits, nbytes)
     else:
         if not isinstance(raw_type, str):
             raise ValidationError("type", "type", "must be a string")
@@ -870,7 +900,7 @@ def normalize(
         "rcs": _opt_dict(data, "rcs"),
         "failover": _failover(data),
     }
-    _check_text(mtype, text, subject, limits)
+    _check_text(mtype, text, subject, limits, nbytes)
     _check_type_fields(mtype, fields)
 
     country = _opt_str(data, "country", max_len=4)

@@ -45,7 +45,7 @@ class SliceWrites:
     """Stands in for intake's slice writer: records each slice's size, and can lose the database.
 
     ``fail_at``: the write (counted from 1) that raises as a dropped connection would; ``before``:
-    called with each slice before it is written. :meth:`heal` puts the real writer back.
+    called with each slice's row count before it is written. :meth:`heal` puts the real writer back.
     """
 
     def __init__(
@@ -66,15 +66,15 @@ class SliceWrites:
         monkeypatch.setattr(bulk, "SLICE", slice_size)
         monkeypatch.setattr(bulk, "_write", self)
 
-    def __call__(self, rt: Runtime, rows: list[dict[str, Any]], *args: Any) -> None:
+    def __call__(self, rt: Runtime, data: Any, *args: Any) -> None:
         if self.before is not None:
-            self.before(rows)
-        self.sizes.append(len(rows))
+            self.before(data.count)
+        self.sizes.append(data.count)
         if len(self.sizes) == self.fail_at:
             from sqlalchemy.exc import OperationalError
 
             raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        self.original(rt, rows, *args)
+        self.original(rt, data, *args)
 
     def heal(self) -> None:
         self.monkeypatch.setattr(self.bulk, "_write", self.original)
@@ -624,10 +624,10 @@ def test_intake_streams_rows_instead_of_holding_the_batch(
             produced["n"] += 1
             yield row
 
-    def watch(slice_rows: list[dict[str, Any]]) -> None:
+    def watch(slice_rows: int) -> None:
         # How far reading the input is ahead of writing it (the rest of the batch is not held).
         ahead.append(produced["n"] - stored["n"])
-        stored["n"] += len(slice_rows)
+        stored["n"] += slice_rows
 
     SliceWrites(monkeypatch, slice_size=500, before=watch)
     for mode, key in (("reject", None), ("skip", None), ("skip", "campaign-9")):
@@ -784,3 +784,25 @@ def test_a_chunks_result_update_is_not_a_nested_loop_when_prepared(
     assert "Update on kmsg_messages" in plan, plan
     assert "Nested Loop" not in plan and "Hash Join" in plan, plan
     assert "Seq Scan on kmsg_messages" not in plan and "ix_kmsg_messages_batch_chunk" in plan, plan
+
+
+def test_row_ids_under_every_name_are_kept_and_checked_after_rows_without_ids(kmsg: KMsg, runtime: Runtime) -> None:
+    # Given a message already stored under a caller's id
+    kmsg.send({"to": "01012345678", "text": "first", "id": "stored-1"})
+    # And a batch whose first 1,200 rows name no id (the stored-id look-up has nothing to ask for
+    # them), followed by rows naming theirs under each accepted name
+    rows: list[dict[str, Any]] = list(recipients(1200))
+    rows += [
+        {"to": "01099990001", "id": "own-1"},
+        {"to": "01099990002", "message_id": "own-2"},
+        {"to": "01099990003", "messageId": "stored-1"},
+        {"to": "01099990004", "message_id": "own-1"},
+        {"to": "01099990005", "messageId": "own-3"},
+    ]
+    receipt = kmsg.send_many(rows, defaults=DEFAULTS, on_invalid="skip")
+    # Then the stored id and the id repeated within the batch are the only invalid rows
+    assert [(e.row, e.field, e.rule) for e in receipt.invalid] == [(1203, "id", "duplicate"), (1204, "id", "duplicate")]
+    # And the other given ids are the rows' ids, whatever name they came under
+    assert {"own-1", "own-2", "own-3"} <= set(receipt.message_ids) and len(receipt.message_ids) == 1203
+    assert runtime.store.get("own-2").recipient == "01099990002"  # type: ignore[union-attr]
+    assert runtime.store.get("stored-1").batch_id is None  # type: ignore[union-attr]
