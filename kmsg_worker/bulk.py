@@ -52,6 +52,7 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import (
+    _VAR_PATTERN,
     TEXT_TYPES,
     Message,
     _check_text,
@@ -61,7 +62,6 @@ from kmsg_worker.message import (
     check_message_id,
     check_storable,
     count_bytes,
-    interpolate,
     normalize,
     normalize_phone,
 )
@@ -125,6 +125,38 @@ UNIT_PRICE_KRW: dict[str, float] = {
 # -- intake -----------------------------------------------------------------------------------------
 
 
+class _TemplateText:
+    """A batch's text cut at its ``#{key}`` tokens, with the byte count of the parts between them.
+
+    :meth:`render` gives what :func:`interpolate` gives, and the result's :func:`count_bytes` from
+    the variables' counts alone (the count is additive): a row does not scan its whole text twice
+    (once to replace the tokens, once to count the bytes).
+    """
+
+    def __init__(self, text: str) -> None:
+        # With its one group, split() alternates: text, key, text, key, ..., text.
+        pieces = _VAR_PATTERN.split(text)
+        self.text = text
+        self.bytes = count_bytes(text)
+        self.head = pieces[0]
+        #: (key, the token as written, the text after it), in order.
+        self.tokens = [(key, "#{" + key + "}", after) for key, after in zip(pieces[1::2], pieces[2::2], strict=True)]
+        self.fixed_bytes = sum(count_bytes(part) for part in pieces[0::2])
+
+    def render(self, variables: Mapping[str, str]) -> tuple[str, int]:
+        """``(text, its count_bytes)`` with ``variables`` in place; an unknown key's token stays as written."""
+        if not variables or not self.tokens:
+            return self.text, self.bytes
+        parts = [self.head]
+        nbytes = self.fixed_bytes
+        for key, token, after in self.tokens:
+            value = variables.get(key, token)
+            parts.append(value)
+            parts.append(after)
+            nbytes += count_bytes(value)
+        return "".join(parts), nbytes
+
+
 class _Template:
     """The shared part of a batch, validated once; rows only add a number and variables."""
 
@@ -153,6 +185,7 @@ class _Template:
             return
         self.content = self.message.content()
         self.limits = rt.settings.limits
+        self.text = _TemplateText(self.raw_text) if isinstance(self.raw_text, str) else None
 
     def build(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """Content for one row; same result as :func:`normalize` on the merged mapping."""
@@ -164,11 +197,13 @@ class _Template:
             if row_vars:
                 variables = {**self.base_vars, **row_vars}
         msg = self.message
-        text_value = msg.text
-        if isinstance(self.raw_text, str):
-            text_value = interpolate(self.raw_text, variables) if variables else self.raw_text
+        text_value: str | None
+        if self.text is not None:
+            text_value, nbytes = self.text.render(variables)
+        else:
+            text_value = msg.text
+            nbytes = 0 if text_value is None else count_bytes(text_value)
         mtype = msg.type
-        nbytes = 0 if text_value is None else count_bytes(text_value)
         if msg.type_inferred:
             mtype = _infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
         if mtype in TEXT_TYPES or text_value is not None:

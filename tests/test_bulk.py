@@ -11,9 +11,9 @@ from psycopg import sql
 from sqlalchemy import event, func, select
 
 from bench.tracking_index import explain
-from kmsg_worker.bulk import _Template, process_chunk
+from kmsg_worker.bulk import _Template, _TemplateText, process_chunk
 from kmsg_worker.errors import BatchValidationError, ConfigurationError, InvalidStateError
-from kmsg_worker.message import normalize
+from kmsg_worker.message import count_bytes, interpolate, normalize
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.runtime import Runtime
@@ -114,6 +114,29 @@ def test_fast_path_builds_exactly_what_normalize_builds(runtime: Runtime) -> Non
         fast = template.build({**item, "id": "x1"})
         full = normalize({**defaults, **item, "id": "x1"}, now=now).content()
         assert fast == full
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "#{name}님, #{item} 쿠폰이 도착했습니다",
+        "#{a}#{b}#{a}",  # adjacent and repeated tokens, nothing between them
+        "앞 #{missing} 뒤",  # a key no row gives stays as written
+        "no tokens at all, 토큰 없음",
+        "#{name",  # not a token
+        "😀 #{name} 😀",  # surrogate pairs count 4 bytes each
+    ],
+)
+def test_template_text_renders_and_counts_like_interpolate_and_count_bytes(text: str) -> None:
+    compiled = _TemplateText(text)
+    for variables in (
+        {},
+        {"name": "김", "item": "겨울", "a": "1", "b": "#{a}"},  # a value holding a token is not expanded
+        {"name": "😀x", "a": "", "b": "가나"},
+    ):
+        rendered, nbytes = compiled.render(variables)
+        assert rendered == interpolate(text, variables)
+        assert nbytes == count_bytes(rendered)
 
 
 def test_invalid_rows_reject_the_batch_or_are_skipped(
