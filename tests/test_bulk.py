@@ -314,7 +314,15 @@ def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
             with conn.cursor() as cur, cur.copy(f"COPY copy_probe ({cols}) FROM STDIN") as copy:
                 copy.write(data)
         back = conn.execute("SELECT a, b, c, d FROM copy_probe ORDER BY a").fetchall()
-    assert [dict(zip("abcd", r, strict=True)) for r in back] == [*rows, rows[2]]
+        assert [dict(zip("abcd", r, strict=True)) for r in back] == [*rows, rows[2]]
+        # Columns given once as shared (a tab in one), beside the rows' own: a row's value wins
+        conn.execute("TRUNCATE copy_probe")
+        own = [{"a": f"id-{i}", "c": "row's"} for i in range(2)]
+        cols, data = _copy_payload(own, {"b": "shared\tb", "c": "shared c", "d": None})
+        with conn.cursor() as cur, cur.copy(f"COPY copy_probe ({cols}) FROM STDIN") as copy:
+            copy.write(data)
+        back = conn.execute("SELECT a, b, c, d FROM copy_probe ORDER BY a").fetchall()
+    assert back == [("id-0", "shared\tb", "row's", None), ("id-1", "shared\tb", "row's", None)]
 
 
 def test_a_chunks_results_keep_each_recipients_warnings_and_native_fallback(
