@@ -837,3 +837,68 @@ def test_row_ids_under_every_name_are_kept_and_checked_after_rows_without_ids(km
     assert {"own-1", "own-2", "own-3"} <= set(receipt.message_ids) and len(receipt.message_ids) == 1203
     assert runtime.store.get("own-2").recipient == "01099990002"  # type: ignore[union-attr]
     assert runtime.store.get("stored-1").batch_id is None  # type: ignore[union-attr]
+
+
+def test_intake_lowers_the_switch_interval_only_while_it_runs(kmsg: KMsg, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    seen: list[float] = []
+    writes = SliceWrites(monkeypatch, slice_size=100, before=lambda _count: seen.append(sys.getswitchinterval()))
+    caller = sys.getswitchinterval()
+    # (Python keeps the interval in whole microseconds: 0.0001 reads back as 9.9e-05.)
+    try:
+        # Given the caller's interval (Python's 5 ms)
+        sys.setswitchinterval(0.005)
+        # When a batch is taken in: its slices are written at the intake's interval
+        kmsg.send_many(recipients(300), defaults=DEFAULTS)
+        assert sum(writes.sizes) == 300 and seen == [pytest.approx(0.0005, rel=0.05)] * len(writes.sizes)
+        # And the caller's interval is back afterwards
+        assert sys.getswitchinterval() == pytest.approx(0.005, rel=0.05)
+        # A caller's lower interval is never raised
+        sys.setswitchinterval(0.0001)
+        seen.clear()
+        kmsg.send_many(recipients(100), defaults=DEFAULTS)
+        assert seen
+        assert seen == [pytest.approx(0.0001, rel=0.05)] * len(seen) and sys.getswitchinterval() == pytest.approx(
+            0.0001, rel=0.05
+        )
+    finally:
+        sys.setswitchinterval(caller)
+
+
+def test_overlapping_intakes_restore_the_callers_switch_interval_once_the_last_ends() -> None:
+    import sys
+    import threading
+
+    from kmsg_worker.bulk import _SwitchInterval
+
+    interval = _SwitchInterval()
+    caller = sys.getswitchinterval()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    during: list[float] = []
+
+    def first() -> None:
+        with interval.lowered():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with interval.lowered():
+            second_in.set()
+            first_out.wait(5)
+            # the first intake ended while this one runs: still lowered
+            during.append(sys.getswitchinterval())
+
+    try:
+        sys.setswitchinterval(0.005)
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert during == [pytest.approx(0.0005, rel=0.05)]
+        assert sys.getswitchinterval() == pytest.approx(0.005, rel=0.05)
+    finally:
+        sys.setswitchinterval(caller)
