@@ -73,6 +73,7 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import json_dumps
 from kmsg_worker.storage.models import (
+    NEW_MESSAGE_STATE,
     SEND_STATE_COLUMNS,
     SENT_CLEARS,
     Attempt,
@@ -390,19 +391,7 @@ def _without_stored_ids(
 
 def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
     """The columns every stored row of a batch shares (see :func:`_db_row` for the others)."""
-    return {
-        "batch_id": batch_id,
-        "route_index": 0,
-        "attempts": 0,
-        "provider_attempts": 0,
-        "deliveries": 0,
-        "retry_task_published": False,
-        "outcome_unknown": False,
-        "check_count": 0,
-        "native_fallback": False,
-        "created_at": now,
-        "updated_at": now,
-    }
+    return {"batch_id": batch_id, **NEW_MESSAGE_STATE, "created_at": now, "updated_at": now}
 
 
 def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
-from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.models import NEW_MESSAGE_STATE, MessageRow
 
 __all__ = ["AttemptInfo", "BatchReceipt", "BatchSummary", "KMsg", "MessageInfo", "Receipt"]
 
@@ -201,14 +201,7 @@ class KMsg:
             "status": S.SCHEDULED if scheduled else S.QUEUED,
             "priority": message.priority.value,
             "route": route,
-            "route_index": 0,
-            "attempts": 0,
-            "provider_attempts": 0,
-            "deliveries": 0,
-            "retry_task_published": False,
-            "outcome_unknown": False,
-            "check_count": 0,
-            "native_fallback": False,
+            **NEW_MESSAGE_STATE,
             "scheduled_at": message.scheduled_at,
             "content": message.content(),
             "idempotency_key": message.idempotency_key,

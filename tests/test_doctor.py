@@ -24,7 +24,7 @@ from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
-from kmsg_worker.storage.models import Base, MessageRow
+from kmsg_worker.storage.models import NEW_MESSAGE_STATE, Base, MessageRow
 from kmsg_worker.testing.fake_solapi import FakeSolapiServer
 from tests.conftest import PG_ADMIN_URL, _port_open, need
 
@@ -90,14 +90,7 @@ def test_workers_that_stopped_consuming_and_a_dead_beat_fail(tmp_path: Path) -> 
                 "status": "queued",
                 "priority": "high",
                 "route": ["mock"],
-                "route_index": 0,
-                "attempts": 0,
-                "provider_attempts": 0,
-                "deliveries": 0,
-                "retry_task_published": False,
-                "outcome_unknown": False,
-                "check_count": 0,
-                "native_fallback": False,
+                **NEW_MESSAGE_STATE,
                 "content": {},
                 "created_at": now - timedelta(minutes=10),
                 "updated_at": now,

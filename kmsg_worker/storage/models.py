@@ -172,6 +172,20 @@ SEND_STATE_COLUMNS = (
 )
 
 
+#: The send state of a message just accepted: first provider of its route, nothing tried, claimed or checked.
+NEW_MESSAGE_STATE: Mapping[str, Any] = MappingProxyType(
+    {
+        "route_index": 0,
+        "attempts": 0,
+        "provider_attempts": 0,
+        "deliveries": 0,
+        "retry_task_published": False,
+        "outcome_unknown": False,
+        "check_count": 0,
+        "native_fallback": False,
+    }
+)
+
 #: What a move to ``sent`` clears, on every path that records an accepted send (a single send, a
 #: chunk's recipients, a reconciliation): no status checks yet, no lease, no unknown outcome, no error.
 SENT_CLEARS: Mapping[str, Any] = MappingProxyType(
