@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import threading
 import time
 import uuid
 from collections import defaultdict, deque
@@ -52,6 +50,7 @@ from kmsg_worker.errors import (
     RowError,
     ValidationError,
 )
+from kmsg_worker.gctune import lowered_switch_interval
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import (
     _VAR_PATTERN,
@@ -519,42 +518,8 @@ def _write_in(session: Session, data: _SliceData, extra: list[Any], leases: Sequ
         session.execute(insert(MessageRow), data.rows)
 
 
-class _SwitchInterval:
-    """Python's GIL switch interval, lowered while any intake in the process runs (see :class:`_SliceWriter`).
-
-    The writer thread pushes each slice into PostgreSQL's socket piece by piece, and needs the GIL
-    each time the socket drains; the validating thread holds it and gives it up only after the
-    switch interval (5 ms by default). Meanwhile PostgreSQL, its input consumed, waits. At 0.5 ms a
-    100,000-row intake (producer only, three alternated pairs) took 1.50-1.56 s instead of 1.64-1.74
-    atomic and 1.54-1.64 s instead of 1.94-2.12 streamed, at the same CPU. The caller's own setting
-    is restored when the last concurrent intake ends, and a lower one is never raised.
-    """
-
-    INTAKE = 0.0005
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._before = 0.0
-
-    @contextmanager
-    def lowered(self) -> Iterator[None]:
-        """Lower the interval for the block (nested and concurrent blocks share one restore)."""
-        with self._lock:
-            if self._users == 0:
-                self._before = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._before, self.INTAKE))
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    sys.setswitchinterval(self._before)
-
-
-_switch_interval = _SwitchInterval()
+#: GIL switch interval while a batch is taken in (seconds; see :func:`lowered_switch_interval`).
+_INTAKE_SWITCH_INTERVAL = 0.0005
 
 
 class _SliceWriter:
@@ -637,7 +602,7 @@ class _SliceWriter:
     def writing(self) -> Iterator[None]:
         """Around the intake loop: an error rolls an atomic intake back; a streaming one reports what it stored."""
         try:
-            with _switch_interval.lowered():
+            with lowered_switch_interval(_INTAKE_SWITCH_INTERVAL):
                 yield
                 self.drain()
         except OperationalError as exc:

@@ -94,3 +94,55 @@ def test_release_memory_gives_freed_memory_back() -> None:
     assert probe["peak"] > probe["before"] + 30  # ~60,000 chunk-like rows
     # most of it went back to the system
     assert probe["after"] < probe["before"] + (probe["peak"] - probe["before"]) / 2
+
+
+def test_overlapping_blocks_restore_the_callers_settings_once_the_last_ends() -> None:
+    # Two intakes in two threads: the first ends while the second still runs, then the second ends.
+    import sys
+    import threading
+
+    from kmsg_worker.gctune import lowered_switch_interval
+
+    before_threshold, before_interval = gc.get_threshold(), sys.getswitchinterval()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    during: list[tuple[int, float]] = []
+
+    def first() -> None:
+        with raised_threshold(50_000), lowered_switch_interval(0.0005):
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with raised_threshold(50_000), lowered_switch_interval(0.0005):
+            second_in.set()
+            first_out.wait(5)
+            # the first block has ended: the settings still hold for this one
+            during.append((gc.get_threshold()[0], sys.getswitchinterval()))
+
+    try:
+        gc.set_threshold(700, before_threshold[1], before_threshold[2])
+        sys.setswitchinterval(0.005)
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        # (Python keeps the interval in whole microseconds.)
+        assert during == [(50_000, pytest.approx(0.0005, rel=0.05))]
+        assert gc.get_threshold()[0] == 700 and sys.getswitchinterval() == pytest.approx(0.005, rel=0.05)
+    finally:
+        gc.set_threshold(*before_threshold)
+        sys.setswitchinterval(before_interval)
+
+
+def test_a_switched_off_collector_stays_off() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(0, before[1], before[2])
+        with raised_threshold(50_000):
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
