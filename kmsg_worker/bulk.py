@@ -396,8 +396,9 @@ def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
 def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, Any]:
     """The columns of one stored row that may differ from its batch's other rows.
 
-    The shared ones (:func:`_batch_columns`) are not repeated in every row: building them into
-    100,000 dicts, and scanning them again to find they never vary, was a tenth of an intake's CPU.
+    The shared ones (:func:`_batch_columns`) are not repeated in every row: built into each of
+    100,000 rows, then scanned again to find they never vary, they took 0.33 instead of 0.25 s to
+    build and 0.38 instead of 0.33 s to render as COPY text (process time, three runs each).
     """
     scheduled_raw = content.get("scheduled_at")
     scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
