@@ -333,8 +333,11 @@ def _iter_rows(
 
 def _gives_id(item: Mapping[str, Any]) -> bool:
     """The row names its own message id (under any of :data:`_ID_KEYS`)."""
-    # Three look-ups, not any() over a generator: this runs for every row of a batch.
-    return item.get("id") is not None or item.get("message_id") is not None or item.get("messageId") is not None
+    # A plain loop, not any() over a generator: this runs for every row of a batch.
+    for key in _ID_KEYS:
+        if item.get(key) is not None:
+            return True
+    return False
 
 
 def _defaults_digest(defaults: Mapping[str, Any]) -> Any:

@@ -555,30 +555,28 @@ def _opt_str(data: Mapping[str, Any], name: str, *, max_len: int = 10_000) -> st
     return value
 
 
-def _opt_dict(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+def _opt_mapping(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """``data[name]`` checked to be a mapping with string keys (empty when absent), not copied."""
     value = data.get(name)
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    # Exact types first: variables are checked for every row of a bulk batch, and isinstance()
+    # against an ABC (Mapping) is a Python-level call.
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise ValidationError(name, "type", f"must be a mapping, got {type(value).__name__}")
     for key in value:
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise ValidationError(name, "type", "keys must be strings")
-    return dict(value)
+    return value
+
+
+def _opt_dict(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return dict(_opt_mapping(data, name))
 
 
 def _variables(data: Mapping[str, Any], limits: ValidationLimits) -> dict[str, str]:
-    raw = data.get("variables")
-    if raw is None:
-        return {}
-    # The checks of _opt_dict without its copy (the stringified values are a new dict anyway), and
-    # exact types first: this runs for every row of a bulk batch, and isinstance() against an ABC
-    # (Mapping) is a Python-level call.
-    if type(raw) is not dict and not isinstance(raw, Mapping):
-        raise ValidationError("variables", "type", f"must be a mapping, got {type(raw).__name__}")
-    for key in raw:
-        if type(key) is not str and not isinstance(key, str):
-            raise ValidationError("variables", "type", "keys must be strings")
+    # Not copied first: the stringified values are a new dict anyway.
+    raw = _opt_mapping(data, "variables")
     if len(raw) > limits.max_variables:
         raise ValidationError("variables", "max_items", f"at most {limits.max_variables} variables")
     out: dict[str, str] = {}
