@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -508,6 +508,11 @@ def _write(
         _write_in(session, data, extra, leases)
 
 
+def _driver_cursor(session: Session) -> Any:
+    """A cursor of the driver (psycopg) itself, on the session's connection and in its transaction."""
+    return cast(Any, session.connection().connection.driver_connection).cursor()
+
+
 def _write_in(session: Session, data: _SliceData, extra: list[Any], leases: Sequence[ChunkLease]) -> None:
     for obj in extra:
         session.merge(obj)
@@ -515,8 +520,7 @@ def _write_in(session: Session, data: _SliceData, extra: list[Any], leases: Sequ
     session.flush()
     if data.copy is not None:
         cols, text_data = data.copy
-        raw = session.connection().connection.driver_connection
-        with raw.cursor() as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        with _driver_cursor(session) as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:
             copy.write(text_data)
     elif data.rows:
         session.execute(insert(MessageRow), data.rows)
@@ -898,6 +902,39 @@ class _Row:
             values[0], Message.from_content_owned(orjson.loads(values[1])), orjson.loads(values[2]), *values[3:10]
         )
 
+    @classmethod
+    def load_all(cls, rows: Iterable[Sequence[Any]]) -> list[_Row]:
+        """:meth:`load` for a chunk's rows as the driver returns them.
+
+        A chunk's rows share one route and, from one intake, one ``created_at``: each distinct value
+        is parsed (or converted to UTC) once and the rows share the result, which is never changed.
+        """
+        routes: dict[str, list[str]] = {}
+        times: dict[datetime, datetime] = {}
+        loaded: list[_Row] = []
+        for values in rows:
+            route = routes.get(values[2])
+            if route is None:
+                route = routes[values[2]] = orjson.loads(values[2])
+            created = times.get(values[7])
+            if created is None:
+                created = times[values[7]] = values[7].astimezone(UTC)
+            loaded.append(
+                cls(
+                    values[0],
+                    Message.from_content_owned(orjson.loads(values[1])),
+                    route,
+                    values[3],
+                    values[4],
+                    values[5],
+                    values[6],
+                    created,
+                    values[8],
+                    values[9],
+                )
+            )
+        return loaded
+
 
 #: Columns of :class:`_Row`, in field order (claims and lease reconciliation read the same shape).
 #: The JSON columns are read as text and parsed with orjson: the driver's own JSONB decoding cost
@@ -950,19 +987,43 @@ def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> _Clai
         )
         .returning(ChunkLease.deliveries)
     )
-    due_retry = (MessageRow.status == S.RETRYING) & (MessageRow.next_attempt_at <= now + timedelta(seconds=1))
     with rt.store.sessions.begin() as s:
         taken = s.execute(take).first()
         if taken is None:
             return None
         # Read after the lease is ours: a cancel that locked the lease first has committed by now.
         cancelled = s.scalar(select(Batch.status).where(Batch.id == batch_id)) == "cancelled"
-        rows = _load_chunk_rows(s, batch_id, chunk, (MessageRow.status == S.QUEUED) | due_retry)
+        rows = _load_chunk_rows(s, batch_id, chunk, now + timedelta(seconds=1))
     return _Claim(rows, int(taken[0]), cancelled)
 
 
-def _load_chunk_rows(s: Any, batch_id: str, chunk: int, status: Any) -> list[_Row]:
-    stmt = select(*_ROW_COLUMNS).where(MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, status)
+#: :data:`_ROW_COLUMNS` as SQL, for the driver's own cursor (PostgreSQL).
+_ROW_SQL = ", ".join(["id", "content::text", "route::text", *(c.key for c in SEND_STATE_COLUMNS), "priority"])
+#: A chunk's sendable rows on PostgreSQL: ``queued``, or ``retrying`` and due by ``%(due)s`` (NULL: every
+#: ``retrying`` row, for a take-over that must settle them all).
+_CHUNK_ROWS_PG = (
+    f"SELECT {_ROW_SQL} FROM kmsg_messages WHERE batch_id = %(batch_id)s AND chunk = %(chunk)s "
+    "AND (status = 'queued' OR (status = 'retrying' "
+    "AND (CAST(%(due)s AS timestamptz) IS NULL OR next_attempt_at <= %(due)s)))"
+)
+
+
+def _load_chunk_rows(s: Session, batch_id: str, chunk: int, due: datetime | None) -> list[_Row]:
+    """The chunk's ``queued`` rows and its ``retrying`` ones due by ``due`` (``None``: all of them)."""
+    if s.get_bind().dialect.name == "postgresql":
+        # The driver's cursor on the session's connection (same transaction): plain tuples, without
+        # SQLAlchemy's row objects and per-value result processing (created_at is made UTC once per
+        # distinct value in load_all instead). Reading and loading a 5,000-row chunk: 58.5 -> 48.8 ms
+        # of CPU (best of 25 alternated runs; the medians 107.7 -> 93.7 ms on a noisy machine).
+        with _driver_cursor(s) as cur:
+            cur.execute(_CHUNK_ROWS_PG, {"batch_id": batch_id, "chunk": chunk, "due": due})
+            return _Row.load_all(cur.fetchall())
+    retrying = MessageRow.status == S.RETRYING
+    if due is not None:
+        retrying = retrying & (MessageRow.next_attempt_at <= due)
+    stmt = select(*_ROW_COLUMNS).where(
+        MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, (MessageRow.status == S.QUEUED) | retrying
+    )
     # On the session's connection: plain rows, without the ORM's per-row loading machinery; all at
     # once (one fetchall), not a driver fetchone per row as iterating the result does.
     return [_Row.load(r) for r in s.connection().execute(stmt).all()]
@@ -1024,7 +1085,7 @@ def recover_chunks(rt: Runtime, *, now: datetime | None = None, limit: int = 100
                 .execution_options(synchronize_session=False)
             )
             taken = bool(taken.rowcount)
-            rows = _load_chunk_rows(s, batch_id, chunk, MessageRow.status.in_(list(_HELD))) if taken else []
+            rows = _load_chunk_rows(s, batch_id, chunk, None) if taken else []
         if not taken:
             continue
         report.chunks += 1
@@ -1232,8 +1293,7 @@ def _insert_attempts(rt: Runtime, s: Any, rows: list[dict[str, Any]]) -> None:
     if rt.store.is_postgres:
         # Most columns are the same for a whole request (provider, outcome, latency, time).
         cols, data = _copy_payload(rows)
-        raw = s.connection().connection.driver_connection
-        with raw.cursor() as cur, cur.copy(f"COPY kmsg_attempts ({cols}) FROM STDIN") as copy:
+        with _driver_cursor(s) as cur, cur.copy(f"COPY kmsg_attempts ({cols}) FROM STDIN") as copy:
             copy.write(data)
     else:
         s.execute(insert(Attempt), rows)

@@ -165,6 +165,10 @@ def test_partial_failure_retries_only_the_failed_recipients(
     run_all_chunks(runtime, dispatcher)
     ids = receipt.message_ids
     assert runtime.store.count_by_status() == {"sent": 4, "retrying": 1, "failed": 1}
+    # a run of the chunk before the retry is due claims nothing and asks the provider nothing
+    before = mock(runtime).requests
+    assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
+    assert mock(runtime).requests == before
     # the sweep re-publishes the chunk when the retry is due, and the chunk's next run sends only
     # the failed recipient; the others are never sent again
     clock.advance(700)
