@@ -136,6 +136,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _niceness(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 19:
+        raise ValueError("must be 0 to 19")
+    return value
+
+
 def _words(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -193,6 +200,9 @@ class Settings:
     #: worker process keeps resident afterwards (1,000,000 messages: +16 MB per process at 5,000,
     #: +30 MB at 10,000, same throughput), and one failed request holds back half as many recipients.
     bulk_chunk_size: int = 5_000
+    #: Niceness (0-19) a worker consuming only the bulk queue gives itself and its pool at start, so
+    #: the scheduler hands the cores to single sends first whenever both want them (0: unchanged).
+    bulk_worker_nice: int = 10
     visibility_timeout: int = 3600
     sweep_interval: float = 5.0
     #: Beat period of the scheduled-send dispatch (shorter than the sweep: scheduled sends are on time).
@@ -367,6 +377,7 @@ class Settings:
             "max_deliveries": _parse(env, "KMSG_MAX_DELIVERIES", 5, _positive(int)),
             "gc_threshold": _parse(env, "KMSG_GC_THRESHOLD", 50_000, _non_negative_int),
             "bulk_chunk_size": _parse(env, "KMSG_BULK_CHUNK_SIZE", 5_000, _positive(int)),
+            "bulk_worker_nice": _parse(env, "KMSG_BULK_WORKER_NICE", 10, _niceness),
             "visibility_timeout": visibility_timeout,
             "sweep_interval": _parse(env, "KMSG_SWEEP_INTERVAL_SECONDS", 5.0, _positive(float)),
             "schedule_interval": _parse(env, "KMSG_SCHEDULE_INTERVAL_SECONDS", 1.0, _positive(float)),

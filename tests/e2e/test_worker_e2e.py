@@ -6,12 +6,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.providers.mock import read_call_log
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
@@ -170,3 +172,37 @@ def test_settings_name_the_missing_provider_credential() -> None:
     with pytest.raises(Exception) as info:
         Settings.from_env({"KMSG_PROVIDERS": "mock,solapi"}).check_providers()
     assert "KMSG_SOLAPI_API_KEY" in str(info.value)
+
+
+def _niceness_of_worker(proc: Any) -> list[int]:
+    """Niceness of a worker's main process and of each pool child, once the children are up."""
+    children: list[int] = []
+
+    def forked() -> bool:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        children[:] = [int(pid) for pid in out.split()]
+        return len(children) == 2
+
+    wait_until(forked, timeout=60, what="the worker's two pool children")
+    return [os.getpriority(os.PRIO_PROCESS, pid) for pid in (proc.pid, *children)]
+
+
+def test_a_bulk_only_worker_yields_the_cpu_and_a_single_send_worker_does_not(cluster: Cluster) -> None:
+    mine = os.nice(0)
+    bulk = cluster.start_worker("bulk", queues="kmsg.bulk")
+    single = cluster.start_worker("single", queues="kmsg.priority,kmsg.send")
+    both = cluster.start_worker("both", queues="kmsg.send,kmsg.bulk")
+    assert _niceness_of_worker(bulk) == [max(mine, 10)] * 3
+    assert _niceness_of_worker(single) == [mine] * 3
+    assert _niceness_of_worker(both) == [mine] * 3
+    if mine < 10:
+        assert "worker.bulk_niceness" in cluster.logs()
+
+
+def test_bulk_worker_niceness_setting_parses_and_names_a_bad_value() -> None:
+    assert Settings.from_env({}).bulk_worker_nice == 10
+    assert Settings.from_env({"KMSG_BULK_WORKER_NICE": "0"}).bulk_worker_nice == 0
+    for bad in ("20", "-1", "low"):
+        with pytest.raises(ConfigurationError) as info:
+            Settings.from_env({"KMSG_BULK_WORKER_NICE": bad})
+        assert info.value.variable == "KMSG_BULK_WORKER_NICE"
