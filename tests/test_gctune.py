@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -11,19 +12,23 @@ from kmsg_worker.gctune import raised_threshold, release_memory, tune_worker
 from kmsg_worker.settings import Settings
 
 
-def test_raised_threshold_is_restored_and_never_lowers() -> None:
+@pytest.fixture
+def set_first_threshold() -> Iterator[Callable[[int], None]]:
+    """Set the collector's first threshold for a test; the process's own thresholds come back after."""
     before = gc.get_threshold()
-    try:
-        gc.set_threshold(700, before[1], before[2])
-        with raised_threshold(50_000):
-            assert gc.get_threshold()[0] == 50_000
-        assert gc.get_threshold()[0] == 700
-        gc.set_threshold(90_000, before[1], before[2])
-        with raised_threshold(50_000):
-            assert gc.get_threshold()[0] == 90_000  # a caller's higher setting is kept
-        assert gc.get_threshold()[0] == 90_000
-    finally:
-        gc.set_threshold(*before)
+    yield lambda first: gc.set_threshold(first, before[1], before[2])
+    gc.set_threshold(*before)
+
+
+def test_raised_threshold_is_restored_and_never_lowers(set_first_threshold: Callable[[int], None]) -> None:
+    set_first_threshold(700)
+    with raised_threshold(50_000):
+        assert gc.get_threshold()[0] == 50_000
+    assert gc.get_threshold()[0] == 700
+    set_first_threshold(90_000)
+    with raised_threshold(50_000):
+        assert gc.get_threshold()[0] == 90_000  # a caller's higher setting is kept
+    assert gc.get_threshold()[0] == 90_000
 
 
 def test_tune_worker_zero_leaves_the_defaults() -> None:
@@ -96,14 +101,16 @@ def test_release_memory_gives_freed_memory_back() -> None:
     assert probe["after"] < probe["before"] + (probe["peak"] - probe["before"]) / 2
 
 
-def test_overlapping_blocks_restore_the_callers_settings_once_the_last_ends() -> None:
+def test_overlapping_blocks_restore_the_callers_settings_once_the_last_ends(
+    set_first_threshold: Callable[[int], None],
+) -> None:
     # Two intakes in two threads: the first ends while the second still runs, then the second ends.
     import sys
     import threading
 
     from kmsg_worker.gctune import lowered_switch_interval
 
-    before_threshold, before_interval = gc.get_threshold(), sys.getswitchinterval()
+    before_interval = sys.getswitchinterval()
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
     during: list[tuple[int, float]] = []
 
@@ -122,7 +129,7 @@ def test_overlapping_blocks_restore_the_callers_settings_once_the_last_ends() ->
             during.append((gc.get_threshold()[0], sys.getswitchinterval()))
 
     try:
-        gc.set_threshold(700, before_threshold[1], before_threshold[2])
+        set_first_threshold(700)
         sys.setswitchinterval(0.005)
         threads = [threading.Thread(target=first), threading.Thread(target=second)]
         for t in threads:
@@ -133,16 +140,11 @@ def test_overlapping_blocks_restore_the_callers_settings_once_the_last_ends() ->
         assert during == [(50_000, pytest.approx(0.0005, rel=0.05))]
         assert gc.get_threshold()[0] == 700 and sys.getswitchinterval() == pytest.approx(0.005, rel=0.05)
     finally:
-        gc.set_threshold(*before_threshold)
         sys.setswitchinterval(before_interval)
 
 
-def test_a_switched_off_collector_stays_off() -> None:
-    before = gc.get_threshold()
-    try:
-        gc.set_threshold(0, before[1], before[2])
-        with raised_threshold(50_000):
-            assert gc.get_threshold()[0] == 0
+def test_a_switched_off_collector_stays_off(set_first_threshold: Callable[[int], None]) -> None:
+    set_first_threshold(0)
+    with raised_threshold(50_000):
         assert gc.get_threshold()[0] == 0
-    finally:
-        gc.set_threshold(*before)
+    assert gc.get_threshold()[0] == 0
