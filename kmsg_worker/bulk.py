@@ -896,18 +896,12 @@ class _Row:
         return self.route[self.route_index]
 
     @classmethod
-    def load(cls, values: Sequence[Any]) -> _Row:
-        """A row read with :data:`_ROW_COLUMNS` (``content`` and ``route`` arrive as JSON text)."""
-        return cls(
-            values[0], Message.from_content_owned(orjson.loads(values[1])), orjson.loads(values[2]), *values[3:10]
-        )
-
-    @classmethod
     def load_all(cls, rows: Iterable[Sequence[Any]]) -> list[_Row]:
-        """:meth:`load` for a chunk's rows as the driver returns them.
+        """Rows read with :data:`_ROW_COLUMNS` (``content`` and ``route`` arrive as JSON text).
 
         A chunk's rows share one route and, from one intake, one ``created_at``: each distinct value
         is parsed (or converted to UTC) once and the rows share the result, which is never changed.
+        Columns after the first ten are ignored.
         """
         routes: dict[str, list[str]] = {}
         times: dict[datetime, datetime] = {}
@@ -1026,7 +1020,7 @@ def _load_chunk_rows(s: Session, batch_id: str, chunk: int, due: datetime | None
     )
     # On the session's connection: plain rows, without the ORM's per-row loading machinery; all at
     # once (one fetchall), not a driver fetchone per row as iterating the result does.
-    return [_Row.load(r) for r in s.connection().execute(stmt).all()]
+    return _Row.load_all(s.connection().execute(stmt).all())
 
 
 def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime, *, completed: bool = True) -> None:
@@ -1640,7 +1634,8 @@ def _load_sending(rt: Runtime, ids: Sequence[str]) -> list[tuple[_Row, str | Non
                 MessageRow.id.in_(list(ids)), MessageRow.status == S.SENDING
             )
         )
-        return [(_Row.load(r), r[10], r[11]) for r in result]
+        found = result.all()
+        return list(zip(_Row.load_all(found), (r[10] for r in found), (r[11] for r in found), strict=True))
 
 
 def reconcile_expired(rt: Runtime, ids: Sequence[str]) -> LeaseReport:
