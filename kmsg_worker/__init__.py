@@ -10,6 +10,7 @@ The public surface::
 """
 
 from kmsg_worker.errors import (
+    AcceptanceUnknownError,
     BatchValidationError,
     ConfigurationError,
     ErrorCode,
@@ -32,6 +33,7 @@ from kmsg_worker.status import MessageStatus
 
 __all__ = [
     "BatchReceipt",
+    "AcceptanceUnknownError",
     "BatchValidationError",
     "ConfigurationError",
     "ErrorCode",

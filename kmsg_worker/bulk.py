@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, Text, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Table, Text, bindparam, func, insert, or_, select, text, update
 from sqlalchemy import cast as cast_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
+    AcceptanceUnknownError,
     BatchPartiallyStoredError,
     BatchValidationError,
     ErrorCode,
@@ -70,7 +71,7 @@ from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.retry import Action, decide
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
-from kmsg_worker.storage.db import json_dumps
+from kmsg_worker.storage.db import backend_pid, json_dumps, settle_lost_commit
 from kmsg_worker.storage.models import (
     NEW_MESSAGE_STATE,
     SEND_STATE_COLUMNS,
@@ -496,16 +497,43 @@ def _write(
     extra: list[Any],
     leases: Sequence[ChunkLease] = (),
     session: Session | None = None,
+    *,
+    stood: Callable[[int], bool] | None = None,
 ) -> None:
     """Write one slice of rows, any extra ORM objects, and new chunks' leases.
 
-    In ``session``'s open transaction (an atomic intake), or in a transaction of its own.
+    In ``session``'s open transaction (an atomic intake), or in a transaction of its own. For the
+    latter, ``stood(pid)`` is asked when the connection breaks at the commit: if it says the commit
+    took effect anyway, the slice counts as written (see :func:`_commit_in_doubt`).
     """
-    if session is None:
+    if session is not None:
+        _write_in(session, data, extra, leases)
+        return
+    pid = None
+    try:
         with rt.store.sessions.begin() as s:
             _write_in(s, data, extra, leases)
-    else:
-        _write_in(session, data, extra, leases)
+            pid = backend_pid(s)  # set only once everything but the commit has succeeded
+    except OperationalError:
+        if pid is None or stood is None or not stood(pid):
+            raise
+
+
+def _commit_in_doubt(rt: Runtime, pid: int, written: Callable[[Connection], bool], doubt: str, batch_id: str) -> bool:
+    """A batch's commit lost its connection: True if it took effect, False if not.
+
+    Raises:
+        AcceptanceUnknownError: The database could not be asked (``doubt`` says what may be stored).
+    """
+    stood = settle_lost_commit(rt.engine, pid, written)
+    if stood is None:
+        raise AcceptanceUnknownError(
+            f"the database connection was lost while batch {batch_id} was being committed, and the database "
+            f"could not be asked afterwards: {doubt} (what is stored will be sent); check with "
+            f"`kmsg batch status {batch_id}` before sending again",
+            batch_id=batch_id,
+        )
+    return stood
 
 
 def _driver_cursor(session: Session) -> Any:
@@ -572,7 +600,7 @@ class _SliceWriter:
         try:
             if self.atomic and self.session is None:
                 self.session = self.rt.store.sessions()
-            _write(self.rt, data, extra, leases, self.session)
+            _write(self.rt, data, extra, leases, self.session, stood=lambda pid: self._slice_stood(pid, data.count))
         except BaseException:
             self.failed = True
             raise
@@ -592,13 +620,34 @@ class _SliceWriter:
         while self.jobs:
             self.jobs.popleft().result()
 
+    def _slice_stood(self, pid: int, count: int) -> bool:
+        """A streamed slice's commit lost its connection: did its ``count`` rows get stored?"""
+        batch_rows = select(func.count()).select_from(MessageRow).where(MessageRow.batch_id == self.batch_id)
+        doubt = f"the first {self.stored} rows are stored and the next {count} may be"
+        # Slices commit in order, each all or nothing: the batch has the earlier slices' rows, and this one's or not.
+        return _commit_in_doubt(
+            self.rt, pid, lambda conn: conn.execute(batch_rows).scalar_one() > self.stored, doubt, self.batch_id
+        )
+
     def _commit(self, totals: dict[str, Any], key: IdempotencyKey | None, ready: list[int]) -> None:
         session = self.session
         assert session is not None, "an atomic intake writes at least the batch row before it commits"
         session.execute(update(Batch).where(Batch.id == self.batch_id).values(**totals))
         if key is not None:
             session.add(key)
-        session.commit()
+            session.flush()
+        pid = backend_pid(session)
+        try:
+            session.commit()
+        except OperationalError:
+            # The reply to COMMIT was lost, not necessarily the commit: ask before saying "nothing was stored".
+            batch_row = select(Batch.id).where(Batch.id == self.batch_id)
+
+            def stored(conn: Connection) -> bool:
+                return conn.execute(batch_row).first() is not None
+
+            if pid is None or not _commit_in_doubt(self.rt, pid, stored, "all of it may be", self.batch_id):
+                raise
         _publish_chunks(self.rt, self.batch_id, ready)
 
     def commit(self, totals: dict[str, Any], key: IdempotencyKey | None, ready: list[int]) -> None:

@@ -190,7 +190,12 @@ class InvalidStateError(KmsgError):
 
 
 class StorageUnavailableError(KmsgError):
-    """The database could not be reached; the request was *not* accepted."""
+    """The database could not be reached; the request was *not* accepted.
+
+    Two subclasses say otherwise, and say what was stored: :class:`BatchPartiallyStoredError` (part
+    of a streamed batch was) and :class:`AcceptanceUnknownError` (the connection was lost while the
+    request was being committed, and the database could not be asked afterwards).
+    """
 
 
 class BatchPartiallyStoredError(StorageUnavailableError):
@@ -210,6 +215,26 @@ class BatchPartiallyStoredError(StorageUnavailableError):
         )
         self.batch_id = batch_id
         self.stored = stored
+
+
+class AcceptanceUnknownError(StorageUnavailableError):
+    """The connection was lost while the request was committing, and whether it was stored is unknown.
+
+    A commit whose reply never arrives may have taken effect. The producer then waits for the server
+    session that ran it to end (ending it if need be) and looks for what it wrote; this error means
+    that look-up failed too (the database stayed unreachable). If the request was stored it will be
+    sent like any other: look it up (``kmsg status ID``, ``kmsg batch status ID``) before sending it
+    again, or send it again with the same idempotency key, which makes the repeat safe.
+
+    Attributes:
+        message_id: The single message in doubt, or ``None``.
+        batch_id: The batch in doubt, or ``None``.
+    """
+
+    def __init__(self, detail: str, *, message_id: str | None = None, batch_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.message_id = message_id
+        self.batch_id = batch_id
 
 
 class ProviderError(KmsgError):

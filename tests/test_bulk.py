@@ -66,7 +66,7 @@ class SliceWrites:
         monkeypatch.setattr(bulk, "SLICE", slice_size)
         monkeypatch.setattr(bulk, "_write", self)
 
-    def __call__(self, rt: Runtime, data: Any, *args: Any) -> None:
+    def __call__(self, rt: Runtime, data: Any, *args: Any, **kwargs: Any) -> None:
         if self.before is not None:
             self.before(data.count)
         self.sizes.append(data.count)
@@ -74,7 +74,7 @@ class SliceWrites:
             from sqlalchemy.exc import OperationalError
 
             raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        self.original(rt, data, *args)
+        self.original(rt, data, *args, **kwargs)
 
     def heal(self) -> None:
         self.monkeypatch.setattr(self.bulk, "_write", self.original)
@@ -561,7 +561,7 @@ def test_a_database_lost_before_any_slice_stores_nothing(
     import kmsg_worker.bulk as bulk
     from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
-    def down(*args: Any) -> None:
+    def down(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("COPY", {}, Exception("connection refused"))
 
     monkeypatch.setattr(bulk, "_write", down)

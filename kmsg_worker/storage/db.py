@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kmsg_worker.errors import StorageUnavailableError
+from kmsg_worker.logging import get_logger
 from kmsg_worker.storage.models import Base
 
 __all__ = [
+    "backend_pid",
     "create_schema",
     "dispose_after_fork",
     "json_dumps",
     "make_engine",
     "make_sessionmaker",
+    "settle_lost_commit",
     "storage_errors",
 ]
+
+log = get_logger("kmsg.storage")
 
 
 def json_dumps(value: Any) -> str:
@@ -145,3 +151,76 @@ class storage_errors:  # noqa: N801 - used as a context manager, reads like one
                 f"the database is unavailable; nothing was accepted ({type(exc.orig).__name__})"
             ) from exc
         return False
+
+
+#: How long :func:`settle_lost_commit` waits for the server session of a lost commit to end.
+SETTLE_SECONDS = 10.0
+
+
+def backend_pid(conn: Connection | Session) -> int | None:
+    """The PostgreSQL server process of ``conn``'s connection (``None`` on SQLite).
+
+    libpq learns it when the connection opens, so asking costs no round trip: it is taken before a
+    commit for :func:`settle_lost_commit`, on every single send.
+    """
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    info = getattr(connection.connection.driver_connection, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def settle_lost_commit(
+    engine: Engine, pid: int, written: Callable[[Connection], bool], *, timeout: float = SETTLE_SECONDS
+) -> bool | None:
+    """Whether a commit whose connection was lost before its reply took effect (``None``: cannot tell).
+
+    A commit (or an autocommitted statement) sent just before the connection broke may have been
+    applied: the reply was lost, not necessarily the work. Looking for its rows at once is not
+    enough: the server session ``pid`` that received it may still be running it (waiting on a lock,
+    flushing WAL) and not yet know its client is gone, so the rows could appear after the look-up
+    said they were missing. Its transaction is settled only once that session has ended: this
+    asks the server to end it (``pg_terminate_backend``; before its commit point that aborts it,
+    after it the commit stands), waits until it is gone from ``pg_stat_activity``, and only then
+    calls ``written`` on a new connection.
+
+    Behind a pooler in transaction mode the pid libpq reports is not a server process: the wait then
+    finds nothing to wait for, and the look-up is only as good as the pooler's own handling.
+
+    Args:
+        engine: The engine the lost connection came from (a new connection is opened).
+        pid: :func:`backend_pid` of the lost connection, taken before the commit.
+        written: Looks for what the commit wrote; True if it is there.
+        timeout: Seconds to wait for the server session to end.
+
+    Returns:
+        ``True`` (committed), ``False`` (not committed), ``None`` (the database could not be reached,
+        or the session did not end in time).
+    """
+    started = time.monotonic()
+    outcome = _settle(engine, pid, written, started + timeout)
+    log.warning(
+        "storage.commit_settled",
+        pid=pid,
+        outcome={True: "committed", False: "not_committed", None: "unknown"}[outcome],
+        waited_ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return outcome
+
+
+def _settle(engine: Engine, pid: int, written: Callable[[Connection], bool], deadline: float) -> bool | None:
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            gone = text("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = :pid)")
+            if not conn.execute(gone, {"pid": pid}).scalar_one():
+                try:
+                    conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                except DBAPIError:
+                    # Not allowed to (another role's session): it ends by itself once it answers.
+                    pass
+                while not conn.execute(gone, {"pid": pid}).scalar_one():
+                    if time.monotonic() > deadline:
+                        return None
+                    time.sleep(0.02)
+            return written(conn)
+    except DBAPIError:
+        return None

@@ -27,12 +27,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kmsg_worker.errors import IdempotencyConflictError
+from kmsg_worker.errors import AcceptanceUnknownError, IdempotencyConflictError
 from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
-from kmsg_worker.storage.db import make_sessionmaker
+from kmsg_worker.storage.db import backend_pid, make_sessionmaker, settle_lost_commit
 from kmsg_worker.storage.models import SEND_STATE_COLUMNS, SENT_CLEARS, Attempt, DeadLetter, IdempotencyKey, MessageRow
 
 __all__ = ["Claim", "Store"]
@@ -184,8 +184,15 @@ class Store:
             # The common single send: one INSERT is its own transaction (no BEGIN/COMMIT round
             # trips, no ORM unit of work), on every single send's critical path.
             # One parameter set, not a list of one: a list takes SQLAlchemy's executemany path.
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(_INSERT_MESSAGE, rows[0])
+            pid = None
+            try:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    pid = backend_pid(conn)
+                    conn.execute(_INSERT_MESSAGE, rows[0])
+            except OperationalError:
+                # Connected, then lost: the INSERT may have committed without its reply arriving.
+                if pid is None or not self._lost_insert_stood(pid, rows[0]["id"]):
+                    raise
             return None
         for _ in range(3):
             try:
@@ -203,6 +210,22 @@ class Store:
                 # A concurrent producer inserted the same key first: read it on the next round.
                 continue
         raise IdempotencyConflictError(idempotency[1] if idempotency else "?")
+
+    def _lost_insert_stood(self, pid: int, message_id: str) -> bool:
+        """After the connection broke under an autocommitted INSERT: was the row stored?"""
+        stood = settle_lost_commit(
+            self.engine,
+            pid,
+            lambda conn: conn.execute(select(MessageRow.id).where(MessageRow.id == message_id)).first() is not None,
+        )
+        if stood is None:
+            raise AcceptanceUnknownError(
+                f"the database connection was lost while message {message_id} was being stored, and the "
+                "database could not be asked afterwards: it may have been accepted (and would then be sent); "
+                f"check with `kmsg status {message_id}` before sending it again",
+                message_id=message_id,
+            )
+        return stood
 
     def _check_idempotency(
         self, s: Session, idem: tuple[str, str, str, timedelta], now: datetime, ids: list[str]

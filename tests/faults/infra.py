@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["PrivateRedis", "TcpProxy", "free_port"]
@@ -25,8 +26,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class _LostReply:
+    marker: bytes
+    forward: bool
+    refuse: bool
+    settle: float
+
+
 class TcpProxy:
     """Forward 127.0.0.1:<port> to a target; :meth:`cut` drops every connection and refuses new ones.
+
+    :meth:`lose_reply_to` breaks one connection at a chosen request (a COMMIT, an INSERT), the way a
+    network failure between the request and its reply does.
 
     Args:
         target_port: Port of the real server on 127.0.0.1.
@@ -42,6 +54,8 @@ class TcpProxy:
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._lost: _LostReply | None = None
+        self.lost_replies = 0
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
 
@@ -63,15 +77,28 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns.extend([client, upstream])
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            muted = threading.Event()
+            for a, b, outbound in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, outbound, muted), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool, muted: threading.Event) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
+                    break
+                lost = self._take_lost(data) if outbound else None
+                if lost is not None:
+                    muted.set()  # first: the server's reply must not get through
+                    if lost.refuse:
+                        self._open.clear()  # before the client can notice and reconnect
+                    if lost.forward:
+                        dst.sendall(data)
+                        time.sleep(lost.settle)  # the server receives it and acts on it
+                    if lost.refuse:
+                        self.cut()
+                    break  # both ends close: the client never sees the reply
+                if muted.is_set():
                     break
                 dst.sendall(data)
         except OSError:
@@ -82,6 +109,28 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+    def _take_lost(self, data: bytes) -> _LostReply | None:
+        with self._lock:
+            lost = self._lost
+            if lost is None or lost.marker not in data:
+                return None
+            self._lost = None
+            self.lost_replies += 1
+            return lost
+
+    def lose_reply_to(self, marker: bytes, *, forward: bool = True, refuse: bool = False, settle: float = 0.3) -> None:
+        """Once: break the connection whose client next sends bytes containing ``marker``.
+
+        Args:
+            marker: What to look for in the client's bytes (e.g. ``b"COMMIT"``).
+            forward: Pass those bytes on first (the server acts on the request; only the reply is lost),
+                or drop them (the server never sees the request).
+            refuse: Then drop every connection and refuse new ones (:meth:`cut`) until :meth:`restore`.
+            settle: Seconds between forwarding the request and breaking the connection.
+        """
+        with self._lock:
+            self._lost = _LostReply(marker, forward, refuse, settle)
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones (the server looks unreachable)."""

@@ -1,0 +1,227 @@
+"""A connection lost between a commit and its reply (real PostgreSQL behind a breakable TCP proxy).
+
+The reply to a COMMIT (or to an autocommitted INSERT) can be lost after the server applied it. A
+producer that then said "nothing was accepted" would invite the caller to send everything again:
+every message of the batch twice. These tests break the connection exactly there and check that
+what the producer answers matches what the database holds once everything has settled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+
+from kmsg_worker.errors import AcceptanceUnknownError, BatchPartiallyStoredError, StorageUnavailableError
+from kmsg_worker.producer import KMsg
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.storage.db import make_engine
+from kmsg_worker.storage.models import Base, Batch, MessageRow
+from tests.conftest import RecordingDispatcher, scratch_pg_database
+from tests.faults.infra import TcpProxy
+
+DEFAULTS = {"text": "#{name}님, 주문하신 상품이 발송되었습니다", "sender": "0212345678"}
+
+
+def rows(n: int) -> list[dict[str, Any]]:
+    return [{"to": f"010{7000_0000 + i}", "variables": {"name": f"고객{i}"}} for i in range(n)]
+
+
+@pytest.fixture
+def db_url() -> Iterator[str]:
+    """A database of its own: some tests add a trigger that slows every commit down."""
+    with scratch_pg_database("kmsg_lost") as url:
+        engine = make_engine(url)
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    p = TcpProxy(5432)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def producer(db_url: str, proxy: TcpProxy, settings_factory: Any, dispatcher: RecordingDispatcher) -> Iterator[KMsg]:
+    """A producer whose database connections all pass through ``proxy``."""
+    url = make_url(db_url).set(port=proxy.port).render_as_string(hide_password=False)
+    rt = Runtime(settings_factory(url), dispatcher=dispatcher)
+    yield KMsg(runtime=rt)
+    rt.close()
+
+
+def stored(db_url: str) -> tuple[int, int]:
+    """``(batches, messages)`` in the database, read directly (not through the proxy)."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            batches = conn.execute(select(func.count()).select_from(Batch)).scalar_one()
+            messages = conn.execute(select(func.count()).select_from(MessageRow)).scalar_one()
+        return batches, messages
+    finally:
+        engine.dispose()
+
+
+def slow_commits(db_url: str, table: str, seconds: float) -> None:
+    """Every transaction that wrote to ``table`` spends ``seconds`` in its COMMIT, before the commit point."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION kmsg_test_slow() RETURNS trigger LANGUAGE plpgsql AS "
+                f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                f"CREATE CONSTRAINT TRIGGER kmsg_test_slow AFTER INSERT ON {table} "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION kmsg_test_slow()"
+            )
+        )
+    engine.dispose()
+
+
+def test_an_atomic_batch_whose_commit_reply_is_lost_is_accepted_once(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    # Given the connection breaks after the server received the batch's COMMIT, before its reply
+    proxy.lose_reply_to(b"COMMIT")
+    receipt = producer.send_many(rows(30), defaults=DEFAULTS)
+    # Then the producer found the commit had taken effect: the batch is accepted, stored and queued
+    assert proxy.lost_replies == 1
+    assert len(receipt.message_ids) == 30
+    assert stored(db_url) == (1, 30)
+    assert [(b, c) for b, c, _ in dispatcher.chunks] == [(receipt.batch_id, 0)]
+    assert producer.batch_summary(receipt.batch_id).total == 30
+
+
+def test_an_atomic_batch_whose_commit_never_reached_the_server_is_not_accepted(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    # Given the connection breaks as the COMMIT is sent, before the server gets it
+    proxy.lose_reply_to(b"COMMIT", forward=False)
+    with pytest.raises(StorageUnavailableError) as info:
+        producer.send_many(rows(30), defaults=DEFAULTS)
+    # Then "nothing was accepted" is the truth: nothing stored, nothing queued
+    assert not isinstance(info.value, (AcceptanceUnknownError, BatchPartiallyStoredError))
+    assert proxy.lost_replies == 1
+    assert stored(db_url) == (0, 0)
+    assert dispatcher.chunks == []
+
+
+def test_a_commit_still_running_when_its_connection_broke_is_settled_before_the_answer(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    # Given a COMMIT that takes 2 s on the server (a deferred trigger), cut off 0.3 s into it: the
+    # server session is still inside it, and does not know its client is gone
+    slow_commits(db_url, "kmsg_batches", 2.0)
+    proxy.lose_reply_to(b"COMMIT", settle=0.3)
+    try:
+        producer.send_many(rows(20), defaults=DEFAULTS)
+        answered_accepted = True
+    except StorageUnavailableError as exc:
+        assert not isinstance(exc, AcceptanceUnknownError)
+        answered_accepted = False
+    # Then, once that commit has had every chance to finish, the database agrees with the answer
+    # (looking for the rows at once, without settling the server session first, says "not
+    # stored" and the commit lands 1.7 s later)
+    time.sleep(2.5)
+    assert stored(db_url) == ((1, 20) if answered_accepted else (0, 0))
+    assert (dispatcher.chunks != []) == answered_accepted
+
+
+def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown(
+    producer: KMsg, proxy: TcpProxy, db_url: str
+) -> None:
+    # Given the COMMIT reaches the server, then every connection drops and new ones are refused
+    proxy.lose_reply_to(b"COMMIT", refuse=True)
+    with pytest.raises(AcceptanceUnknownError) as info:
+        producer.send_many(rows(30), defaults=DEFAULTS)
+    # Then the error says it may have been stored, names the batch and how to look it up ...
+    error = info.value
+    assert isinstance(error, StorageUnavailableError)
+    assert error.batch_id is not None and f"kmsg batch status {error.batch_id}" in str(error)
+    # ... and it was: the batch the error names is the one in the database
+    proxy.restore()
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(Batch.id)).scalars().all() == [error.batch_id]
+    engine.dispose()
+
+
+def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_batch_goes_on(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    # Given a streamed batch (each slice commits on its own) whose first slice's COMMIT reply is lost
+    proxy.lose_reply_to(b"COMMIT")
+    receipt = producer.send_many(rows(35), defaults=DEFAULTS, on_invalid="skip", chunk_size=10)
+    # Then the slice counted as stored, the intake went on over a new connection, and every row
+    # is stored once, with its chunk queued once
+    assert proxy.lost_replies == 1
+    assert len(receipt.message_ids) == 35
+    assert stored(db_url) == (1, 35)
+    assert sorted(c for _, c, _ in dispatcher.chunks) == [0, 1, 2, 3]
+    assert producer.batch_summary(receipt.batch_id).total == 35
+
+
+def test_a_single_send_whose_insert_reply_is_lost_is_accepted_once(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    # Given the connection breaks after the server received the (autocommitted) INSERT
+    proxy.lose_reply_to(b"INSERT INTO kmsg_messages")
+    receipt = producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
+    # Then the producer found it stored: accepted and queued, once
+    assert proxy.lost_replies == 1
+    assert stored(db_url) == (0, 1)
+    assert dispatcher.ids == [receipt.message_id]
+
+
+def test_a_single_send_whose_insert_never_reached_the_server_is_not_accepted(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    proxy.lose_reply_to(b"INSERT INTO kmsg_messages", forward=False)
+    with pytest.raises(StorageUnavailableError) as info:
+        producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
+    assert not isinstance(info.value, AcceptanceUnknownError)
+    assert stored(db_url) == (0, 0)
+    assert dispatcher.sends == []
+
+
+def test_a_single_send_insert_still_committing_when_cut_off_is_settled_before_the_answer(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    slow_commits(db_url, "kmsg_messages", 2.0)
+    proxy.lose_reply_to(b"INSERT INTO kmsg_messages", settle=0.3)
+    try:
+        producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
+        answered_accepted = True
+    except StorageUnavailableError as exc:
+        assert not isinstance(exc, AcceptanceUnknownError)
+        answered_accepted = False
+    time.sleep(2.5)
+    assert stored(db_url) == ((0, 1) if answered_accepted else (0, 0))
+    assert (dispatcher.sends != []) == answered_accepted
+
+
+def test_a_single_send_cut_off_with_the_database_then_unreachable_is_reported_as_unknown(
+    producer: KMsg, proxy: TcpProxy, db_url: str
+) -> None:
+    proxy.lose_reply_to(b"INSERT INTO kmsg_messages", refuse=True)
+    with pytest.raises(AcceptanceUnknownError) as info:
+        producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
+    assert info.value.message_id is not None and f"kmsg status {info.value.message_id}" in str(info.value)
+    proxy.restore()
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(MessageRow.id)).scalars().all() == [info.value.message_id]
+    engine.dispose()
