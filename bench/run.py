@@ -468,7 +468,18 @@ def bench_single_light(env: Env, count: int) -> dict[str, Any]:
     return result
 
 
-STAGES = ("naive", "bulk_0ms", "bulk_0ms_streamed", "bulk_20ms", "single_light", "single_during_bulk", "bulk_1m")
+STAGES = (
+    "naive",
+    "bulk_0ms",
+    "bulk_0ms_streamed",
+    "bulk_20ms",
+    "bulk_20ms_streamed",
+    "single_light",
+    "single_during_bulk",
+    "bulk_1m",
+)
+#: The 100,000-message runs checked against the 25,000/s target.
+BULK_STAGES = ("bulk_0ms", "bulk_0ms_streamed", "bulk_20ms", "bulk_20ms_streamed")
 
 
 def check_targets(results: dict[str, Any]) -> dict[str, bool]:
@@ -477,7 +488,7 @@ def check_targets(results: dict[str, Any]) -> dict[str, bool]:
     if "naive" in results and "bulk_0ms" in results:
         results["ratio_bulk_vs_naive"] = round(results["bulk_0ms"]["msgs_per_s"] / results["naive"]["msgs_per_s"], 1)
         targets["bulk >= 30x naive"] = results["ratio_bulk_vs_naive"] >= 30
-    for stage in ("bulk_0ms", "bulk_0ms_streamed", "bulk_20ms"):
+    for stage in BULK_STAGES:
         if stage in results:
             targets[f"{stage} >= 25000/s"] = results[stage]["msgs_per_s"] >= 25_000
     if "single_light" in results:
@@ -485,9 +496,7 @@ def check_targets(results: dict[str, Any]) -> dict[str, bool]:
         targets["single p99 <= 50 ms (light)"] = results["single_light"]["p99_ms"] <= 50
     if "single_during_bulk" in results:
         targets["single p99 <= 100 ms (during bulk)"] = results["single_during_bulk"].get("single_p99_ms", 1e9) <= 100
-    bulk_runs = [
-        k for k in ("bulk_0ms", "bulk_0ms_streamed", "bulk_20ms", "single_during_bulk", "bulk_1m") if k in results
-    ]
+    bulk_runs = [k for k in (*BULK_STAGES, "single_during_bulk", "bulk_1m") if k in results]
     if bulk_runs:
         targets["no message accepted twice"] = all(results[k]["fake_duplicated_messages"] == 0 for k in bulk_runs)
     if "bulk_1m" in results:
@@ -520,6 +529,7 @@ def main() -> None:
                 "bulk_0ms": lambda: bench_bulk(env, args.bulk, 0),
                 "bulk_0ms_streamed": lambda: bench_bulk(env, args.bulk, 0, on_invalid="skip"),
                 "bulk_20ms": lambda: bench_bulk(env, args.bulk, 20),
+                "bulk_20ms_streamed": lambda: bench_bulk(env, args.bulk, 20, on_invalid="skip"),
                 "single_light": lambda: bench_single_light(env, args.singles),
                 "single_during_bulk": lambda: bench_bulk(env, args.bulk, 0, single_sends=args.singles),
                 "bulk_1m": lambda: bench_bulk(env, 1_000_000, 0),
