@@ -174,6 +174,22 @@ def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_bat
     assert producer.batch_summary(receipt.batch_id).total == 35
 
 
+def test_a_streamed_batch_whose_totals_commit_reply_is_lost_is_complete(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.bulk as bulk
+
+    monkeypatch.setattr(bulk, "SLICE", 10)
+    # Given a streamed batch of four slices whose last write, the batch's totals, loses its COMMIT's reply
+    proxy.lose_reply_to(b"COMMIT", skip=4)
+    receipt = producer.send_many(rows(35), defaults=DEFAULTS, on_invalid="skip", chunk_size=10)
+    # Then the totals were found stored: the batch is accepted whole, not reported partly stored
+    assert proxy.lost_replies == 1
+    assert len(receipt.message_ids) == 35
+    assert stored(db_url) == (1, 35)
+    assert producer.batch_summary(receipt.batch_id).total == 35
+
+
 def test_a_single_send_whose_insert_reply_is_lost_is_accepted_once(
     producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
 ) -> None:

@@ -32,6 +32,7 @@ class _LostReply:
     forward: bool
     refuse: bool
     settle: float
+    skip: int
 
 
 class TcpProxy:
@@ -115,12 +116,17 @@ class TcpProxy:
             lost = self._lost
             if lost is None or lost.marker not in data:
                 return None
+            if lost.skip:
+                lost.skip -= 1
+                return None
             self._lost = None
             self.lost_replies += 1
             return lost
 
-    def lose_reply_to(self, marker: bytes, *, forward: bool = True, refuse: bool = False, settle: float = 0.3) -> None:
-        """Once: break the connection whose client next sends bytes containing ``marker``.
+    def lose_reply_to(
+        self, marker: bytes, *, forward: bool = True, refuse: bool = False, settle: float = 0.3, skip: int = 0
+    ) -> None:
+        """Once: break the connection whose client next sends bytes containing ``marker`` (after ``skip``).
 
         Args:
             marker: What to look for in the client's bytes (e.g. ``b"COMMIT"``).
@@ -128,9 +134,10 @@ class TcpProxy:
                 or drop them (the server never sees the request).
             refuse: Then drop every connection and refuse new ones (:meth:`cut`) until :meth:`restore`.
             settle: Seconds between forwarding the request and breaking the connection.
+            skip: Let this many matching requests through first.
         """
         with self._lock:
-            self._lost = _LostReply(marker, forward, refuse, settle)
+            self._lost = _LostReply(marker, forward, refuse, settle, skip)
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones (the server looks unreachable)."""
