@@ -223,6 +223,10 @@ class KMsg:
             ValidationError: Invalid input (nothing stored, nothing queued).
             IdempotencyConflictError: The key was used for a different request.
             StorageUnavailableError: The database is down; nothing was accepted.
+            AcceptanceUnknownError: The connection broke while the row was being stored and the database
+                could not be asked afterwards: the message may have been accepted (look it up by its
+                ``message_id`` before sending again). A lost reply that the database *can* be asked
+                about is settled here: the send succeeds or raises ``StorageUnavailableError``.
         """
         msg = self.validate(message, **fields)
         route = self.runtime.router.route(msg)
@@ -311,6 +315,9 @@ class KMsg:
                 part-way: the first ``stored`` rows were accepted (batch ``batch_id``) and will be
                 sent; send only the rest again.
             StorageUnavailableError: The database is down; nothing was accepted.
+            AcceptanceUnknownError: The connection broke while the batch (or a streamed slice) was
+                being committed and the database could not be asked afterwards: look the batch up by
+                its ``batch_id`` before sending again.
         """
         from kmsg_worker.bulk import intake
 
