@@ -202,6 +202,25 @@ def test_a_single_send_whose_insert_reply_is_lost_is_accepted_once(
     assert dispatcher.ids == [receipt.message_id]
 
 
+def test_a_keyed_single_send_whose_commit_reply_is_lost_is_accepted_once(
+    producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
+) -> None:
+    # Given a send with an idempotency key (row and key in one transaction) whose COMMIT reply is lost
+    proxy.lose_reply_to(b"COMMIT")
+    message = {"to": "01070000001", "text": "[주문] 발송되었습니다", "sender": "0212345678"}
+    message["idempotency_key"] = "order-77"
+    receipt = producer.send(message)
+    # Then it was found stored: accepted (not as a duplicate) and queued once
+    assert proxy.lost_replies == 1
+    assert not receipt.duplicate
+    assert stored(db_url) == (0, 1)
+    assert dispatcher.ids == [receipt.message_id]
+    # and the same request again is answered as the repeat it is
+    again = producer.send(message)
+    assert again.duplicate and again.message_id == receipt.message_id
+    assert dispatcher.ids == [receipt.message_id]
+
+
 def test_a_single_send_whose_insert_never_reached_the_server_is_not_accepted(
     producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher
 ) -> None:

@@ -195,6 +195,7 @@ class Store:
                     raise
             return None
         for _ in range(3):
+            pid = None
             try:
                 with self.sessions.begin() as s:
                     if idempotency is not None:
@@ -203,12 +204,18 @@ class Store:
                             return existing
                     if rows:
                         s.execute(insert(MessageRow), list(rows))
+                        pid = backend_pid(s)  # only the COMMIT is left
                 return None
             except IntegrityError:
                 if idempotency is None:
                     raise
                 # A concurrent producer inserted the same key first: read it on the next round.
                 continue
+            except OperationalError:
+                # The rows (and the key) commit together: the first row tells whether the commit stood.
+                if pid is None or not self._lost_insert_stood(pid, rows[0]["id"]):
+                    raise
+                return None
         raise IdempotencyConflictError(idempotency[1] if idempotency else "?")
 
     def _lost_insert_stood(self, pid: int, message_id: str) -> bool:
