@@ -86,13 +86,20 @@ def scratch_pg_database(prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
-    with scratch_pg_database("kmsg_test") as url:
+@contextmanager
+def scratch_pg_schema(prefix: str) -> Iterator[str]:
+    """Like :func:`scratch_pg_database`, with every table created."""
+    with scratch_pg_database(prefix) as url:
         engine = make_engine(url)
         Base.metadata.create_all(engine)
         engine.dispose()
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with scratch_pg_schema("kmsg_test") as url:
         yield url
 
 

@@ -9,7 +9,7 @@ what the producer answers matches what the database holds once everything has se
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,8 +20,8 @@ from kmsg_worker.errors import AcceptanceUnknownError, BatchPartiallyStoredError
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.storage.db import make_engine
-from kmsg_worker.storage.models import Base, Batch, MessageRow
-from tests.conftest import RecordingDispatcher, scratch_pg_database
+from kmsg_worker.storage.models import Batch, MessageRow
+from tests.conftest import RecordingDispatcher, scratch_pg_schema
 from tests.faults.infra import TcpProxy
 
 DEFAULTS = {"text": "#{name}님, 주문하신 상품이 발송되었습니다", "sender": "0212345678"}
@@ -34,10 +34,7 @@ def rows(n: int) -> list[dict[str, Any]]:
 @pytest.fixture
 def db_url() -> Iterator[str]:
     """A database of its own: some tests add a trigger that slows every commit down."""
-    with scratch_pg_database("kmsg_lost") as url:
-        engine = make_engine(url)
-        Base.metadata.create_all(engine)
-        engine.dispose()
+    with scratch_pg_schema("kmsg_lost") as url:
         yield url
 
 
@@ -67,6 +64,26 @@ def stored(db_url: str) -> tuple[int, int]:
         return batches, messages
     finally:
         engine.dispose()
+
+
+def ids_in(db_url: str, column: Any) -> list[str]:
+    """Every value of ``column`` (a batch or message id column), read directly."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(column)).scalars())
+    finally:
+        engine.dispose()
+
+
+def answered_accepted(call: Callable[[], object]) -> bool:
+    """Whether ``call`` reported its request accepted; a lost commit must never be left unknown here."""
+    try:
+        call()
+    except StorageUnavailableError as exc:
+        assert not isinstance(exc, AcceptanceUnknownError)
+        return False
+    return True
 
 
 def slow_commits(db_url: str, table: str, seconds: float) -> None:
@@ -123,18 +140,13 @@ def test_a_commit_still_running_when_its_connection_broke_is_settled_before_the_
     # server session is still inside it, and does not know its client is gone
     slow_commits(db_url, "kmsg_batches", 2.0)
     proxy.lose_reply_to(b"COMMIT", settle=0.3)
-    try:
-        producer.send_many(rows(20), defaults=DEFAULTS)
-        answered_accepted = True
-    except StorageUnavailableError as exc:
-        assert not isinstance(exc, AcceptanceUnknownError)
-        answered_accepted = False
+    accepted = answered_accepted(lambda: producer.send_many(rows(20), defaults=DEFAULTS))
     # Then, once that commit has had every chance to finish, the database agrees with the answer
     # (looking for the rows at once, without settling the server session first, says "not
     # stored" and the commit lands 1.7 s later)
     time.sleep(2.5)
-    assert stored(db_url) == ((1, 20) if answered_accepted else (0, 0))
-    assert (dispatcher.chunks != []) == answered_accepted
+    assert stored(db_url) == ((1, 20) if accepted else (0, 0))
+    assert (dispatcher.chunks != []) == accepted
 
 
 def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown(
@@ -150,10 +162,7 @@ def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown
     assert error.batch_id is not None and f"kmsg batch status {error.batch_id}" in str(error)
     # ... and it was: the batch the error names is the one in the database
     proxy.restore()
-    engine = make_engine(db_url)
-    with engine.connect() as conn:
-        assert conn.execute(select(Batch.id)).scalars().all() == [error.batch_id]
-    engine.dispose()
+    assert ids_in(db_url, Batch.id) == [error.batch_id]
 
 
 def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_batch_goes_on(
@@ -237,15 +246,12 @@ def test_a_single_send_insert_still_committing_when_cut_off_is_settled_before_th
 ) -> None:
     slow_commits(db_url, "kmsg_messages", 2.0)
     proxy.lose_reply_to(b"INSERT INTO kmsg_messages", settle=0.3)
-    try:
-        producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
-        answered_accepted = True
-    except StorageUnavailableError as exc:
-        assert not isinstance(exc, AcceptanceUnknownError)
-        answered_accepted = False
+    accepted = answered_accepted(
+        lambda: producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
+    )
     time.sleep(2.5)
-    assert stored(db_url) == ((0, 1) if answered_accepted else (0, 0))
-    assert (dispatcher.sends != []) == answered_accepted
+    assert stored(db_url) == ((0, 1) if accepted else (0, 0))
+    assert (dispatcher.sends != []) == accepted
 
 
 def test_a_single_send_cut_off_with_the_database_then_unreachable_is_reported_as_unknown(
@@ -256,7 +262,4 @@ def test_a_single_send_cut_off_with_the_database_then_unreachable_is_reported_as
         producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
     assert info.value.message_id is not None and f"kmsg status {info.value.message_id}" in str(info.value)
     proxy.restore()
-    engine = make_engine(db_url)
-    with engine.connect() as conn:
-        assert conn.execute(select(MessageRow.id)).scalars().all() == [info.value.message_id]
-    engine.dispose()
+    assert ids_in(db_url, MessageRow.id) == [info.value.message_id]
