@@ -32,8 +32,8 @@ from kmsg_worker.settings import Settings
 from kmsg_worker.status import MessageStatus
 
 __all__ = [
-    "BatchReceipt",
     "AcceptanceUnknownError",
+    "BatchReceipt",
     "BatchValidationError",
     "ConfigurationError",
     "ErrorCode",

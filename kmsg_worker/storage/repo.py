@@ -219,7 +219,7 @@ class Store:
         raise IdempotencyConflictError(idempotency[1] if idempotency else "?")
 
     def _lost_insert_stood(self, pid: int, message_id: str) -> bool:
-        """After the connection broke under an autocommitted INSERT: was the row stored?"""
+        """The connection broke before the reply to the commit (or autocommitted INSERT) of ``message_id``: stored?"""
         stood = settle_lost_commit(
             self.engine,
             pid,
