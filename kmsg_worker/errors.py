@@ -223,7 +223,7 @@ class AcceptanceUnknownError(StorageUnavailableError):
     A commit whose reply never arrives may have taken effect. The producer then waits for the server
     session that ran it to end (ending it if need be) and looks for what it wrote; this error means
     that look-up failed too (the database stayed unreachable). If the request was stored it will be
-    sent like any other: look it up (``kmsg status ID``, ``kmsg batch status ID``) before sending it
+    sent like any other: look it up (``kmsg get ID``, ``kmsg batch status ID``) before sending it
     again, or send it again with the same idempotency key, which makes the repeat safe.
 
     Attributes:

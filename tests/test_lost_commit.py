@@ -8,14 +8,20 @@ what the producer answers matches what the database holds once everything has se
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
+from kmsg_worker.cli import main as cli_main
 from kmsg_worker.errors import AcceptanceUnknownError, BatchPartiallyStoredError, StorageUnavailableError
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
@@ -74,6 +80,21 @@ def ids_in(db_url: str, column: Any) -> list[str]:
             return list(conn.execute(select(column)).scalars())
     finally:
         engine.dispose()
+
+
+def run_advice(error: str, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the ``kmsg ...`` command an error message tells the caller to run; return what it prints."""
+    command = re.search(r"`kmsg ([^`]+)`", error)
+    assert command is not None, error
+    for key in list(os.environ):
+        if key.startswith("KMSG_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("KMSG_DATABASE_URL", db_url)
+    monkeypatch.setenv("KMSG_VAR_DIR", str(tmp_path / "cli"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(command.group(1).split()) == 0
+    return out.getvalue()
 
 
 def answered_accepted(call: Callable[[], object]) -> bool:
@@ -150,7 +171,7 @@ def test_a_commit_still_running_when_its_connection_broke_is_settled_before_the_
 
 
 def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown(
-    producer: KMsg, proxy: TcpProxy, db_url: str
+    producer: KMsg, proxy: TcpProxy, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given the COMMIT reaches the server, then every connection drops and new ones are refused
     proxy.lose_reply_to(b"COMMIT", refuse=True)
@@ -163,6 +184,8 @@ def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown
     # ... and it was: the batch the error names is the one in the database
     proxy.restore()
     assert ids_in(db_url, Batch.id) == [error.batch_id]
+    # and the command it names shows it
+    assert "] 30 accepted | 0 sent" in run_advice(str(error), db_url, tmp_path, monkeypatch)
 
 
 def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_batch_goes_on(
@@ -255,11 +278,12 @@ def test_a_single_send_insert_still_committing_when_cut_off_is_settled_before_th
 
 
 def test_a_single_send_cut_off_with_the_database_then_unreachable_is_reported_as_unknown(
-    producer: KMsg, proxy: TcpProxy, db_url: str
+    producer: KMsg, proxy: TcpProxy, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proxy.lose_reply_to(b"INSERT INTO kmsg_messages", refuse=True)
     with pytest.raises(AcceptanceUnknownError) as info:
         producer.send(to="01070000001", text="[주문] 발송되었습니다", sender="0212345678")
-    assert info.value.message_id is not None and f"kmsg status {info.value.message_id}" in str(info.value)
+    assert info.value.message_id is not None and f"kmsg get {info.value.message_id}" in str(info.value)
     proxy.restore()
     assert ids_in(db_url, MessageRow.id) == [info.value.message_id]
+    assert '"status": "queued"' in run_advice(str(info.value), db_url, tmp_path, monkeypatch)

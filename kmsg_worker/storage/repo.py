@@ -229,7 +229,7 @@ class Store:
             raise AcceptanceUnknownError(
                 f"the database connection was lost while message {message_id} was being stored, and the "
                 "database could not be asked afterwards: it may have been accepted (and would then be sent); "
-                f"check with `kmsg status {message_id}` before sending it again",
+                f"check with `kmsg get {message_id}` before sending it again",
                 message_id=message_id,
             )
         return stood
