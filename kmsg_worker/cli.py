@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsg_worker.dispatch import QUEUES
-from kmsg_worker.errors import ConfigurationError, KmsgError, ValidationError
+from kmsg_worker.errors import ConfigurationError, KmsgError, MessageNotFoundError, ValidationError
 from kmsg_worker.logging import configure_logging, mask_phone
 
 __all__ = ["main"]
@@ -252,12 +252,23 @@ def cmd_send(ns: argparse.Namespace) -> int:
 
 
 def cmd_get(ns: argparse.Namespace) -> int:
-    """Show one message (the number masked)."""
+    """Show one message (the number masked), by our id or by the provider's (``--provider-id``)."""
+    if (ns.message_id is None) == (ns.provider_id is None):
+        raise ValidationError("message_id", "required", "give a message id or --provider-id, not both")
+    if ns.provider and ns.provider_id is None:
+        raise ValidationError("provider", "requires", "--provider narrows --provider-id")
     with _producer() as kmsg:
-        info = kmsg.get(ns.message_id)
-    data = asdict(info)
-    data["to"] = mask_phone(info.to)
-    print(json.dumps(data, ensure_ascii=False, default=str, indent=2))
+        if ns.message_id is not None:
+            found = [kmsg.get(ns.message_id)]
+        else:
+            found = kmsg.find_by_provider_id(ns.provider_id, provider=ns.provider)
+            if not found:
+                where = ns.provider or "any configured provider"
+                raise MessageNotFoundError(f"no message known to {where} as {ns.provider_id!r}")
+    for info in found:
+        data = asdict(info)
+        data["to"] = mask_phone(info.to)
+        print(json.dumps(data, ensure_ascii=False, default=str, indent=2))
     return 0
 
 
@@ -486,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("batch_id")
     batch.set_defaults(func=cmd_batch)
 
-    get = sub.add_parser("get", help="show a message")
-    get.add_argument("message_id")
+    get = sub.add_parser("get", help="show a message (by our id, or by the provider's with --provider-id)")
+    get.add_argument("message_id", nargs="?")
+    get.add_argument("--provider-id", help="the provider's message id (Solapi messageId, IWINV/Aligo mid)")
+    get.add_argument("--provider", help="with --provider-id: only this provider's messages")
     get.set_defaults(func=cmd_get)
 
     cancel = sub.add_parser("cancel", help="cancel a message not yet dispatched")

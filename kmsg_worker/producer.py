@@ -355,10 +355,28 @@ class KMsg:
         Raises:
             MessageNotFoundError: No such message.
         """
-        store = self.runtime.store
-        row = store.get(message_id)
+        row = self.runtime.store.get(message_id)
         if row is None:
             raise MessageNotFoundError(f"no message with id {message_id!r}")
+        return self._info_of(row)
+
+    def find_by_provider_id(self, provider_message_id: str, *, provider: str | None = None) -> list[MessageInfo]:
+        """The messages a provider knows by its own id (as its console, a report or a carrier shows it).
+
+        Args:
+            provider_message_id: The provider's message id (Solapi ``messageId``, IWINV's or Aligo's ``mid``).
+            provider: Look only among this provider's messages; default: every configured provider.
+
+        Returns:
+            Each match, as :meth:`get` shows it, oldest first (usually one; ids of different providers
+            may coincide).
+        """
+        providers = [provider] if provider else list(self.runtime.settings.providers)
+        return [self._info_of(row) for row in self.runtime.store.find_by_provider_id(provider_message_id, providers)]
+
+    def _info_of(self, row: MessageRow) -> MessageInfo:
+        store = self.runtime.store
+        message_id = row.id
         attempts = [
             AttemptInfo(
                 a.attempt_no,

@@ -78,6 +78,48 @@ def test_deliver_sends_once_and_a_second_run_is_a_no_op(kmsg: KMsg, runtime: Run
     assert [a.outcome for a in info.attempts] == ["accepted"]
 
 
+def test_a_message_is_found_by_the_provider_s_own_id(
+    kmsg: KMsg,
+    runtime: Runtime,
+    clock: Clock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    import json
+    import os
+
+    from kmsg_worker.cli import main
+
+    first = kmsg.send(to="01012345678", text="hello")
+    other = kmsg.send(to="01087654321", text="hello")
+    for receipt in (first, other):
+        deliver(runtime, receipt.message_id)
+    pmid = kmsg.get(first.message_id).provider_message_id
+    assert pmid
+    # By the provider's id: exactly that message, as get() shows it
+    found = kmsg.find_by_provider_id(pmid)
+    assert [(i.id, i.provider_message_id) for i in found] == [(first.message_id, pmid)]
+    assert found[0] == kmsg.get(first.message_id)
+    assert kmsg.find_by_provider_id(pmid, provider="mock") == found
+    # another provider's id space, or an id nobody gave: nothing
+    assert kmsg.find_by_provider_id(pmid, provider="mock_b") == []
+    assert kmsg.find_by_provider_id("no-such-id") == []
+    # and from the command line
+    for key in list(os.environ):
+        if key.startswith("KMSG_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("KMSG_DATABASE_URL", runtime.settings.database_url)
+    monkeypatch.setenv("KMSG_VAR_DIR", str(tmp_path / "cli"))
+    assert main(["get", "--provider-id", pmid, "--provider", "mock"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == first.message_id and shown["to"] == "010****5678"
+    assert main(["get", "--provider-id", "no-such-id"]) == 3
+    assert "no message known to any configured provider as 'no-such-id'" in capsys.readouterr().err
+    assert main(["get", first.message_id, "--provider-id", pmid]) == 2
+    assert main(["get", first.message_id, "--provider", "mock"]) == 2
+
+
 def test_mark_sent_writes_the_row_and_its_attempt_together_only_from_sending(
     kmsg: KMsg, runtime: Runtime, clock: Clock
 ) -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from bench.tracking_index import explain, seed
 from kmsg_worker.storage.db import make_engine
@@ -62,6 +62,28 @@ def test_each_claim_uses_its_partial_index(seeded: Store, claim: str) -> None:
     assert any(re.search(rf"(Index Scan using|Bitmap Index Scan on) {name}\b", plan) for name in allowed), plan
     assert "Seq Scan" not in plan, plan
     assert "LockRows" in plan, plan  # FOR UPDATE SKIP LOCKED: two sweeps never take the same row
+
+
+def test_a_look_up_by_provider_id_uses_its_index(seeded: Store) -> None:
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        sent.append((statement, parameters))
+
+    event.listen(seeded.engine, "before_cursor_execute", capture)
+    try:
+        found = seeded.find_by_provider_id("pm-4242", ["mock", "solapi", "iwinv"])
+    finally:
+        event.remove(seeded.engine, "before_cursor_execute", capture)
+    assert [row.id for row in found] == ["old-4242"]
+    # the statement the store sent, planned on 60,600 rows with fresh statistics
+    [(statement, parameters)] = sent
+    with seeded.engine.connect() as conn:
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) {statement}", parameters).scalars())
+    assert re.search(r"(Index Scan using|Bitmap Index Scan on) ix_kmsg_messages_provider_pmid\b", plan), plan
+    assert "Seq Scan" not in plan, plan
+    # a probe per provider (the index leads with it), not a walk of the whole index for the id
+    assert re.search(r"Index Cond: \(+provider\)::text = ANY", plan), plan
 
 
 def test_explaining_a_claim_changes_nothing(seeded: Store) -> None:

@@ -149,6 +149,7 @@ class MessageRow(Base):
         # Every index costs about 3 us per row written, and a bulk message is written at least twice
         # (intake, result): columns that are mostly NULL are indexed only where they are set,
         # and there is no index on ``status`` alone (each state that is looked up has its partial one).
+        # Look-ups by the provider's own id (Store.find_by_provider_id, `kmsg get --provider-id`).
         _partial(
             "ix_kmsg_messages_provider_pmid", "provider", "provider_message_id", where="provider_message_id IS NOT NULL"
         ),

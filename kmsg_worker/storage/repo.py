@@ -272,6 +272,20 @@ class Store:
         with self.sessions() as s:
             return s.get(MessageRow, message_id)
 
+    def find_by_provider_id(self, provider_message_id: str, providers: Sequence[str]) -> list[MessageRow]:
+        """Messages that one of ``providers`` knows as ``provider_message_id``, oldest first.
+
+        Served by ``ix_kmsg_messages_provider_pmid`` (one probe per provider name), whatever the
+        size of the table: the providers must be named, as the index leads with them.
+        """
+        stmt = (
+            select(MessageRow)
+            .where(MessageRow.provider.in_(list(providers)), MessageRow.provider_message_id == provider_message_id)
+            .order_by(MessageRow.created_at, MessageRow.id)
+        )
+        with self.sessions() as s:
+            return list(s.scalars(stmt))
+
     def attempts(self, message_id: str) -> list[Attempt]:
         """All attempt rows of a message, oldest first."""
         with self.sessions() as s:
