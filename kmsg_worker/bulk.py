@@ -509,19 +509,7 @@ def _write(
     if session is not None:
         _write_in(session, data, extra, leases)
     else:
-        _in_own_transaction(rt, lambda s: _write_in(s, data, extra, leases), stood)
-
-
-def _in_own_transaction(rt: Runtime, work: Callable[[Session], object], stood: Callable[[int], bool] | None) -> None:
-    """Run ``work`` in a transaction of its own; a commit whose reply was lost counts if ``stood(pid)`` says so."""
-    pid = None
-    try:
-        with rt.store.sessions.begin() as s:
-            work(s)
-            pid = backend_pid(s)  # set only once everything but the commit has succeeded
-    except OperationalError:
-        if pid is None or stood is None or not stood(pid):
-            raise
+        rt.store.in_own_transaction(lambda s: _write_in(s, data, extra, leases), stood)
 
 
 def _commit_in_doubt(rt: Runtime, pid: int, written: Callable[[Connection], bool], doubt: str, batch_id: str) -> bool:
@@ -820,6 +808,7 @@ def intake(
 
 def _store_totals(rt: Runtime, batch_id: str, totals: dict[str, Any]) -> None:
     """A streamed batch's last write: its totals, which mark the intake complete."""
+    store = update(Batch).where(Batch.id == batch_id).values(**totals)
     batch_total = select(Batch.total).where(Batch.id == batch_id)
 
     def stood(pid: int) -> bool:
@@ -829,7 +818,7 @@ def _store_totals(rt: Runtime, batch_id: str, totals: dict[str, Any]) -> None:
         )
 
     try:
-        _in_own_transaction(rt, lambda s: s.execute(update(Batch).where(Batch.id == batch_id).values(**totals)), stood)
+        rt.store.in_own_transaction(lambda s: s.execute(store), stood)
     except OperationalError as exc:
         # Every row is stored and its chunk published: not "nothing was accepted".
         raise BatchPartiallyStoredError(batch_id, totals["total"], type(exc.orig).__name__) from exc

@@ -8,10 +8,10 @@ deliveries, duplicate beats and overlapping sweeps harmless. Claims use ``UPDATE
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -36,6 +36,8 @@ from kmsg_worker.storage.db import backend_pid, make_sessionmaker, settle_lost_c
 from kmsg_worker.storage.models import SEND_STATE_COLUMNS, SENT_CLEARS, Attempt, DeadLetter, IdempotencyKey, MessageRow
 
 __all__ = ["Claim", "Store"]
+
+_T = TypeVar("_T")
 
 S = MessageStatus
 
@@ -194,29 +196,44 @@ class Store:
                 if pid is None or not self._lost_insert_stood(pid, rows[0]["id"]):
                     raise
             return None
+
+        def write(s: Session) -> list[str] | None:
+            if idempotency is not None:
+                existing = self._check_idempotency(s, idempotency, now, [r["id"] for r in rows])
+                if existing is not None:
+                    return existing
+            if rows:
+                s.execute(insert(MessageRow), list(rows))
+            return None
+
         for _ in range(3):
-            pid = None
             try:
-                with self.sessions.begin() as s:
-                    if idempotency is not None:
-                        existing = self._check_idempotency(s, idempotency, now, [r["id"] for r in rows])
-                        if existing is not None:
-                            return existing
-                    if rows:
-                        s.execute(insert(MessageRow), list(rows))
-                        pid = backend_pid(s)  # only the COMMIT is left
-                return None
+                # The rows (and the key) commit together: the first row tells whether a lost commit stood.
+                return self.in_own_transaction(
+                    write, (lambda pid: self._lost_insert_stood(pid, rows[0]["id"])) if rows else None
+                )
             except IntegrityError:
                 if idempotency is None:
                     raise
                 # A concurrent producer inserted the same key first: read it on the next round.
                 continue
-            except OperationalError:
-                # The rows (and the key) commit together: the first row tells whether the commit stood.
-                if pid is None or not self._lost_insert_stood(pid, rows[0]["id"]):
-                    raise
-                return None
         raise IdempotencyConflictError(idempotency[1] if idempotency else "?")
+
+    def in_own_transaction(self, work: Callable[[Session], _T], stood: Callable[[int], bool] | None) -> _T:
+        """``work`` in a transaction of its own; a commit whose reply was lost counts if ``stood(pid)`` says so.
+
+        ``stood`` gets the PostgreSQL server process that received the COMMIT (:func:`settle_lost_commit`
+        is how it should find out); without it, or on SQLite, a lost commit raises as any error does.
+        """
+        pid = None
+        try:
+            with self.sessions.begin() as s:
+                result = work(s)
+                pid = backend_pid(s)  # set only once everything but the commit has succeeded
+        except OperationalError:
+            if pid is None or stood is None or not stood(pid):
+                raise
+        return result
 
     def _lost_insert_stood(self, pid: int, message_id: str) -> bool:
         """The connection broke before the reply to the commit (or autocommitted INSERT) of ``message_id``: stored?"""
