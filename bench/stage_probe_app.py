@@ -3,7 +3,7 @@
 Loaded as ``celery -A bench.stage_probe_app worker``: it is ``config.celery``'s app, plus a line of
 JSON per stage (``received`` in the worker's main process, ``prerun`` in the pool child as the task
 starts, ``claimed``, ``admitted``, ``answered``) appended to ``$KMSG_BENCH_STAGES_LOG``. Never used
-outside the benchmark: it wraps functions of the pipeline in place.
+outside the benchmark: it wraps functions of the delivery engine in place.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from celery.signals import task_prerun, task_received
 
-import kmsg_worker.pipeline as pipeline
+import kmsg_worker.delivery.call as call
+import kmsg_worker.delivery.single as single
 from config.celery import app
 from kmsg_worker.storage.repo import Store
 
@@ -41,7 +42,7 @@ def _prerun(kwargs: Any = None, **_: Any) -> None:
     _mark("prerun", (kwargs or {}).get("message_id"))
 
 
-_claim, _admit, _record = Store.claim_for_send, pipeline._admit, pipeline.record_outcome
+_claim, _admit, _decide = Store.claim_for_send, single.admit_circuits, call.decide_outcomes
 
 
 def _claimed(self: Store, message_id: str, **kw: Any) -> Any:
@@ -50,17 +51,19 @@ def _claimed(self: Store, message_id: str, **kw: Any) -> Any:
     return claim
 
 
-def _admitted(rt: Any, claim: Any, message: Any, now: Any) -> Any:
-    result = _admit(rt, claim, message, now)
-    _mark("admitted", claim.id)
+def _admitted(rt: Any, rows: Any, **kw: Any) -> Any:
+    result = _admit(rt, rows, **kw)
+    for row in rows:
+        _mark("admitted", row.id)
     return result
 
 
-def _answered(rt: Any, claim: Any, *args: Any, **kw: Any) -> Any:
-    _mark("answered", claim.id)
-    return _record(rt, claim, *args, **kw)
+def _answered(rows: Any, *args: Any, **kw: Any) -> Any:
+    for row in rows:
+        _mark("answered", row.id)
+    return _decide(rows, *args, **kw)
 
 
 Store.claim_for_send = _claimed  # type: ignore[method-assign]
-pipeline._admit = _admitted
-pipeline.record_outcome = _answered
+single.admit_circuits = _admitted
+call.decide_outcomes = _answered

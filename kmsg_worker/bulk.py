@@ -20,34 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from datetime import datetime
+from typing import Any
 
-import orjson
-from sqlalchemy import Connection, Table, Text, bindparam, func, insert, or_, select, text, update
-from sqlalchemy import cast as cast_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from kmsg_worker import circuit, ratelimit
 from kmsg_worker.errors import (
     AcceptanceUnknownError,
     BatchPartiallyStoredError,
     BatchValidationError,
-    ErrorCode,
     MessageNotFoundError,
-    ProviderError,
-    ProviderRejected,
-    ProviderTimeout,
     RowError,
     ValidationError,
 )
@@ -67,34 +57,26 @@ from kmsg_worker.message import (
     normalize,
     normalize_phone,
 )
-from kmsg_worker.providers.base import SendOutcome
-from kmsg_worker.retry import Action, decide
+from kmsg_worker.pricing import unit_prices
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import FINAL, MessageStatus
-from kmsg_worker.storage.db import backend_pid, json_dumps, settle_lost_commit
+from kmsg_worker.storage.chunks import IDLE_LEASE, in_flight_chunks
+from kmsg_worker.storage.copy import copy_payload, copy_rows
+from kmsg_worker.storage.db import backend_pid, settle_lost_commit
 from kmsg_worker.storage.models import (
-    NEW_MESSAGE_STATE,
-    SEND_STATE_COLUMNS,
-    SENT_CLEARS,
-    Attempt,
     Batch,
     ChunkLease,
     IdempotencyKey,
     MessageRow,
 )
+from kmsg_worker.storage.rows import new_message_columns, shared_columns
 
 __all__ = [
     "BatchSummary",
-    "ChunkResult",
-    "LeaseReport",
     "batch_summary",
     "cancel_batch",
     "cancel_batch_message",
     "intake",
-    "process_chunk",
-    "reconcile_expired",
-    "recover_chunks",
-    "RecoveryReport",
 ]
 
 S = MessageStatus
@@ -107,23 +89,6 @@ _FAST_KEYS = frozenset({"to", "variables", "id", "custom_fields"})
 #: Names a caller's message id may be given under.
 _ID_KEYS = ("id", "message_id", "messageId")
 _MAX_REPORTED_ERRORS = 1000
-#: Estimated unit prices in KRW (list prices vary by contract: an estimate, not an invoice).
-UNIT_PRICE_KRW: dict[str, float] = {
-    "SMS": 9.9,
-    "LMS": 30.0,
-    "MMS": 60.0,
-    "ALIMTALK": 8.0,
-    "FRIENDTALK": 15.0,
-    "NSA": 8.0,
-    "VOICE": 50.0,
-    "FAX": 50.0,
-    "RCS_SMS": 9.0,
-    "RCS_LMS": 27.0,
-    "RCS_MMS": 55.0,
-    "RCS_TPL": 9.0,
-    "RCS_ITPL": 40.0,
-    "RCS_LTPL": 27.0,
-}
 
 # -- intake -----------------------------------------------------------------------------------------
 
@@ -394,82 +359,27 @@ def _without_stored_ids(
 
 def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
     """The columns every stored row of a batch shares (see :func:`_db_row` for the others)."""
-    return {"batch_id": batch_id, **NEW_MESSAGE_STATE, "created_at": now, "updated_at": now}
+    return shared_columns(now, batch_id=batch_id)
 
 
 def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, Any]:
     """The columns of one stored row that may differ from its batch's other rows.
 
-    The shared ones (:func:`_batch_columns`) are not repeated in every row: built into each of
-    100,000 rows, then scanned again to find they never vary, they took 0.33 instead of 0.25 s to
-    build and 0.38 instead of 0.33 s to render as COPY text (process time, three runs each).
+    The shared ones (:func:`_batch_columns`) are not repeated in every row: rendered once per
+    slice, not once per row.
     """
     scheduled_raw = content.get("scheduled_at")
     scheduled = datetime.fromisoformat(scheduled_raw) if scheduled_raw else None
-    waiting = scheduled is not None and scheduled > now
-    chunk.due |= not waiting
-    return {
-        "id": content["id"],
-        "tenant": content.get("tenant") or "default",
-        "chunk": chunk.number,
-        "type": content["type"],
-        "recipient": content["to"],
-        "status": S.SCHEDULED.value if waiting else S.QUEUED.value,
-        "priority": content.get("priority") or "bulk",
-        "route": chunk.route,
-        "scheduled_at": scheduled,
-        "content": content,
-        "queued_at": None if waiting else now,
-    }
-
-
-def _copy_text(value: Any) -> str:
-    """One value in PostgreSQL COPY text format."""
-    if type(value) is str:
-        # Most values of a bulk row (ids, numbers): straight to the escape check.
-        text_value = value
-    elif value is None:
-        return "\\N"
-    elif isinstance(value, bool):
-        return "t" if value else "f"
-    elif isinstance(value, datetime):
-        return value.isoformat()
-    elif isinstance(value, (dict, list)):
-        text_value = json_dumps(value)
-    else:
-        text_value = str(value)
-    # orjson never emits raw tabs or newlines; backslashes are the only characters to escape.
-    if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
-        text_value = text_value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return text_value
-
-
-def _copy_payload(rows: Sequence[Mapping[str, Any]], shared: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """``(column list, data)`` for ``COPY ... FROM STDIN`` of ``rows`` (text format).
-
-    ``shared``: columns that are the same for every row, given once rather than in each row.
-    Columns of ``rows`` holding the same value in every row (often the status, the chunk and the type)
-    are found and treated alike: rendered once and appended to each line; only the others are
-    rendered per row.
-    """
-    first = rows[0]
-    last = rows[-1]
-    # A column that differs between the first and last rows varies (ids, numbers, contents): no
-    # scan. The others are counted over a list of their values, in C: a Python-level all() over
-    # every row and column took a tenth of a bulk intake's producer CPU (py-spy, 100,000 rows).
-    same = [c for c in first if first[c] == last[c] and [r[c] for r in rows].count(first[c]) == len(rows)]
-    varying = [c for c in first if c not in same]
-    constant = {c: first[c] for c in same}
-    if shared:
-        constant.update((c, v) for c, v in shared.items() if c not in first)
-    same = list(constant)
-    end = "".join("\t" + _copy_text(value) for value in constant.values()) + "\n"
-    if not varying:
-        return ", ".join(same), end[1:] * len(rows)
-    # Column by column (map over a list, in C) rather than row by row through a generator.
-    columns = [list(map(_copy_text, [r[c] for r in rows])) for c in varying]
-    lines = ["\t".join(values) for values in zip(*columns, strict=True)]
-    return ", ".join((*varying, *same)), end.join(lines) + end
+    row = new_message_columns(
+        content,
+        chunk.route,
+        now,
+        priority=content.get("priority") or "bulk",
+        scheduled_at=scheduled,
+        chunk=chunk.number,
+    )
+    chunk.due |= row["queued_at"] is not None
+    return row
 
 
 @dataclass
@@ -487,7 +397,7 @@ def _slice_data(rt: Runtime, rows: list[dict[str, Any]], shared: Mapping[str, An
     if not rows:
         return _SliceData(0)
     if rt.store.is_postgres:
-        return _SliceData(len(rows), copy=_copy_payload(rows, shared))
+        return _SliceData(len(rows), copy=copy_payload(rows, shared))
     return _SliceData(len(rows), rows=[{**shared, **row} for row in rows])
 
 
@@ -529,20 +439,13 @@ def _commit_in_doubt(rt: Runtime, pid: int, written: Callable[[Connection], bool
     return stood
 
 
-def _driver_cursor(session: Session) -> Any:
-    """A cursor of the driver (psycopg) itself, on the session's connection and in its transaction."""
-    return cast(Any, session.connection().connection.driver_connection).cursor()
-
-
 def _write_in(session: Session, data: _SliceData, extra: list[Any], leases: Sequence[ChunkLease]) -> None:
     for obj in extra:
         session.merge(obj)
     session.add_all(leases)
     session.flush()
     if data.copy is not None:
-        cols, text_data = data.copy
-        with _driver_cursor(session) as cur, cur.copy(f"COPY kmsg_messages ({cols}) FROM STDIN") as copy:
-            copy.write(text_data)
+        copy_rows(session, "kmsg_messages", data.copy)
     elif data.rows:
         session.execute(insert(MessageRow), data.rows)
 
@@ -707,7 +610,8 @@ class _Slicer:
         self.first = False
         # Every chunk gets its lease row with its first rows, so a cancel can always lock it.
         leases = [
-            ChunkLease(batch_id=self.batch.id, chunk=n, **_IDLE) for n in range(self.leased_upto, chunker.next_number)
+            ChunkLease(batch_id=self.batch.id, chunk=n, **IDLE_LEASE)
+            for n in range(self.leased_upto, chunker.next_number)
         ]
         self.leased_upto = chunker.next_number
         rows = self.pending.copy()
@@ -900,901 +804,7 @@ def _publish_chunks(rt: Runtime, batch_id: str, chunks: Sequence[int]) -> None:
         log.warning("batch.enqueue_failed", batch_id=batch_id, chunks=len(chunks), error=type(exc).__name__)
 
 
-# -- chunk processing -------------------------------------------------------------------------------
-
-
-@dataclass
-class ChunkResult:
-    """What one chunk run did."""
-
-    claimed: int = 0
-    sent: int = 0
-    retrying: int = 0
-    failed: int = 0
-    unknown: int = 0
-    failed_over: int = 0
-    dead: int = 0
-    requests: int = 0
-    throttled: int = 0
-    #: Countdowns (seconds; 0 = now) at which the chunk must run again, published after its lease is released.
-    republish: list[float] = field(default_factory=list)
-
-    def again(self, delay: float) -> None:
-        """Run the chunk again after ``delay`` seconds (once this run has let go of the lease)."""
-        if delay not in self.republish:
-            self.republish.append(delay)
-
-
-@dataclass
-class _Row:
-    id: str
-    #: Built as the row is read: the parsed JSON is handed to the message, not kept beside it
-    #: (a 10,000-row chunk held both, ~6 MB more at its peak, and a chunk's peak is what a worker
-    #: process keeps as resident memory afterwards).
-    message: Message
-    route: list[str]
-    route_index: int
-    attempts: int
-    provider_attempts: int
-    deliveries: int
-    created_at: datetime
-    outcome_unknown: bool
-    priority: str
-
-    @property
-    def provider(self) -> str:
-        return self.route[self.route_index]
-
-    @classmethod
-    def load_all(cls, rows: Iterable[Sequence[Any]]) -> list[_Row]:
-        """Rows read with :data:`_ROW_COLUMNS` (``content`` and ``route`` arrive as JSON text).
-
-        A chunk's rows share one route and, from one intake, one ``created_at``: each distinct value
-        is parsed (or converted to UTC) once and the rows share the result, which is never changed.
-        Columns after the first ten are ignored.
-        """
-        routes: dict[str, list[str]] = {}
-        times: dict[datetime, datetime] = {}
-        loaded: list[_Row] = []
-        for values in rows:
-            route = routes.get(values[2])
-            if route is None:
-                route = routes[values[2]] = orjson.loads(values[2])
-            created = times.get(values[7])
-            if created is None:
-                created = times[values[7]] = values[7].astimezone(UTC)
-            loaded.append(
-                cls(
-                    values[0],
-                    Message.from_content_owned(orjson.loads(values[1])),
-                    route,
-                    values[3],
-                    values[4],
-                    values[5],
-                    values[6],
-                    created,
-                    values[8],
-                    values[9],
-                )
-            )
-        return loaded
-
-
-#: Columns of :class:`_Row`, in field order (claims and lease reconciliation read the same shape).
-#: The JSON columns are read as text and parsed with orjson: the driver's own JSONB decoding cost
-#: about 8 us per row, a third of a whole chunk claim.
-_ROW_COLUMNS = (
-    MessageRow.id,
-    cast_(MessageRow.content, Text),
-    cast_(MessageRow.route, Text),
-    *SEND_STATE_COLUMNS,
-    MessageRow.priority,
-)
-
-
-#: A chunk lease at rest: no claim holds it.
-_IDLE: dict[str, Any] = {"lease_until": None, "in_flight": False, "deliveries": 0}
-#: States a row of a claimed chunk is in while its request is in flight (the chunk holds the lease).
-_HELD = (S.QUEUED, S.RETRYING)
-
-
-@dataclass
-class _Claim:
-    rows: list[_Row]
-    #: Claims since the last completed run (this one included).
-    deliveries: int
-    cancelled: bool
-
-
-def _claim_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime) -> _Claim | None:
-    """Take the chunk's lease (one row) and read its sendable rows; ``None`` if a claim holds it.
-
-    The rows themselves are not written: they stay ``queued`` (or due ``retrying``) while the lease
-    is held, and only the chunk's task sends them (the sweeps re-publish the chunk, never the rows).
-    A chunk still in flight from a claim whose worker died is not taken here, even once its lease ran
-    out: :func:`recover_chunks` (the maintenance sweep) settles it first.
-    """
-    lease = now + timedelta(seconds=rt.settings.lease_seconds)
-    insert_ = pg_insert if rt.store.is_postgres else sqlite_insert
-    take = (
-        insert_(ChunkLease)
-        .values(batch_id=batch_id, chunk=chunk, lease_until=lease, in_flight=True, deliveries=1, updated_at=now)
-        .on_conflict_do_update(
-            index_elements=[ChunkLease.batch_id, ChunkLease.chunk],
-            set_={
-                "lease_until": lease,
-                "in_flight": True,
-                "deliveries": ChunkLease.deliveries + 1,
-                "updated_at": now,
-            },
-            where=ChunkLease.in_flight.is_(False),
-        )
-        .returning(ChunkLease.deliveries)
-    )
-    with rt.store.sessions.begin() as s:
-        taken = s.execute(take).first()
-        if taken is None:
-            return None
-        # Read after the lease is ours: a cancel that locked the lease first has committed by now.
-        cancelled = s.scalar(select(Batch.status).where(Batch.id == batch_id)) == "cancelled"
-        rows = _load_chunk_rows(s, batch_id, chunk, now + timedelta(seconds=1))
-    return _Claim(rows, int(taken[0]), cancelled)
-
-
-#: :data:`_ROW_COLUMNS` as SQL, for the driver's own cursor (PostgreSQL).
-_ROW_SQL = ", ".join(["id", "content::text", "route::text", *(c.key for c in SEND_STATE_COLUMNS), "priority"])
-#: A chunk's sendable rows on PostgreSQL: ``queued``, or ``retrying`` and due by ``%(due)s`` (NULL: every
-#: ``retrying`` row, for a take-over that must settle them all).
-_CHUNK_ROWS_PG = (
-    f"SELECT {_ROW_SQL} FROM kmsg_messages WHERE batch_id = %(batch_id)s AND chunk = %(chunk)s "
-    "AND (status = 'queued' OR (status = 'retrying' "
-    "AND (CAST(%(due)s AS timestamptz) IS NULL OR next_attempt_at <= %(due)s)))"
-)
-
-
-def _load_chunk_rows(s: Session, batch_id: str, chunk: int, due: datetime | None) -> list[_Row]:
-    """The chunk's ``queued`` rows and its ``retrying`` ones due by ``due`` (``None``: all of them)."""
-    if s.get_bind().dialect.name == "postgresql":
-        # The driver's cursor on the session's connection (same transaction): plain tuples, without
-        # SQLAlchemy's row objects and per-value result processing (created_at is made UTC once per
-        # distinct value in load_all instead). Reading and loading a 5,000-row chunk: 58.5 -> 48.8 ms
-        # of CPU (best of 25 alternated runs; the medians 107.7 -> 93.7 ms on a noisy machine).
-        with _driver_cursor(s) as cur:
-            cur.execute(_CHUNK_ROWS_PG, {"batch_id": batch_id, "chunk": chunk, "due": due})
-            return _Row.load_all(cur.fetchall())
-    retrying = MessageRow.status == S.RETRYING
-    if due is not None:
-        retrying = retrying & (MessageRow.next_attempt_at <= due)
-    stmt = select(*_ROW_COLUMNS).where(
-        MessageRow.batch_id == batch_id, MessageRow.chunk == chunk, (MessageRow.status == S.QUEUED) | retrying
-    )
-    # On the session's connection: plain rows, without the ORM's per-row loading machinery; all at
-    # once (one fetchall), not a driver fetchone per row as iterating the result does.
-    return _Row.load_all(s.connection().execute(stmt).all())
-
-
-def _release_chunk(rt: Runtime, batch_id: str, chunk: int, now: datetime, *, completed: bool = True) -> None:
-    """Free the lease. ``completed``: the run recorded every outcome (the poison count starts over)."""
-    values: dict[str, Any] = dict(_IDLE) if completed else {"lease_until": None, "in_flight": False}
-    with rt.store.sessions.begin() as s:
-        s.execute(
-            update(ChunkLease)
-            .where(ChunkLease.batch_id == batch_id, ChunkLease.chunk == chunk)
-            .values(updated_at=now, **values)
-            .execution_options(synchronize_session=False)
-        )
-
-
-@dataclass
-class RecoveryReport:
-    """What :func:`recover_chunks` did."""
-
-    chunks: int = 0
-    reconciled_sent: int = 0
-    deferred: int = 0
-    unknown: int = 0
-
-
-def recover_chunks(rt: Runtime, *, now: datetime | None = None, limit: int = 100) -> RecoveryReport:
-    """Take over chunks whose worker died with their request in flight (lease expired, still in flight).
-
-    Each is held for another lease while every row it did not record is looked up at the provider
-    (by our ids): the ones the provider has are recorded ``sent`` and never sent again; the rest
-    stay sendable. Then the chunk is freed and published again. The maintenance sweep runs this under
-    its own time limit, so a slow look-up (Solapi lists recent messages page by page) cannot turn a
-    chunk into poison. A provider that cannot be asked leaves those rows ``unknown``.
-    """
-    now = now or rt.now()
-    report = RecoveryReport()
-    hold = now + timedelta(seconds=rt.settings.lease_seconds)
-    with rt.store.sessions() as s:
-        expired = s.execute(
-            select(ChunkLease.batch_id, ChunkLease.chunk)
-            .where(ChunkLease.in_flight.is_(True), ChunkLease.lease_until <= now)
-            .order_by(ChunkLease.lease_until)
-            .limit(limit)
-        ).all()
-    for batch_id, chunk in expired:
-        with rt.store.sessions.begin() as s:
-            # Conditional: a concurrent sweep that took it first has moved the lease on.
-            taken: Any = s.execute(
-                update(ChunkLease)
-                .where(
-                    ChunkLease.batch_id == batch_id,
-                    ChunkLease.chunk == chunk,
-                    ChunkLease.in_flight.is_(True),
-                    ChunkLease.lease_until <= now,
-                )
-                .values(lease_until=hold, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            taken = bool(taken.rowcount)
-            rows = _load_chunk_rows(s, batch_id, chunk, None) if taken else []
-        if not taken:
-            continue
-        report.chunks += 1
-        result = ChunkResult()
-        by_provider: dict[str, list[_Row]] = defaultdict(list)
-        for row in rows:
-            row.outcome_unknown = True  # the dead run may have sent any of them
-            by_provider[row.provider].append(row)
-        for group in by_provider.values():
-            _reconcile_rows(rt, (batch_id, chunk), group, now, result)
-        report.reconciled_sent += result.sent
-        report.deferred += result.retrying
-        report.unknown += result.unknown
-        # Not a completed run: the poison count stands until a run of the chunk finishes.
-        _release_chunk(rt, batch_id, chunk, rt.now(), completed=False)
-        log.warning(
-            "batch.chunk_recovered",
-            batch_id=batch_id,
-            chunk=chunk,
-            rows=len(rows),
-            reconciled_sent=result.sent,
-            deferred=result.retrying,
-            unknown=result.unknown,
-        )
-        rt.dispatcher.chunk(batch_id, [chunk])
-    return report
-
-
-def _attempt_rows(
-    rows: Sequence[_Row], provider: str, outcome: str, now: datetime, **extra: Any
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "message_id": r.id,
-            "attempt_no": r.attempts + 1,
-            "provider": provider,
-            "outcome": outcome,
-            "error_code": extra.get("error_code"),
-            "provider_code": extra.get("provider_code"),
-            "http_status": extra.get("http_status"),
-            "latency_ms": extra.get("latency_ms"),
-            "detail": extra.get("detail"),
-            "created_at": now,
-        }
-        for r in rows
-    ]
-
-
-def _record_sent(
-    rt: Runtime,
-    rows: Sequence[_Row],
-    outcomes: Mapping[str, SendOutcome],
-    now: datetime,
-    latency_ms: float,
-    attempt_outcome: str = "accepted",
-    expect: Sequence[MessageStatus] = _HELD,
-    chunk: tuple[str, int] | None = None,
-) -> None:
-    """One UPDATE for every accepted recipient, plus their attempt rows, in one transaction.
-
-    ``expect``: the states the rows are in (``queued``/``retrying`` under a chunk lease, ``sending``
-    for single messages whose own lease expired). ``chunk``: the ``(batch_id, chunk)`` every row
-    belongs to, which bounds the UPDATE's read of the table to that chunk (see :func:`_sent_update_pg`).
-    """
-    if not rows:
-        return
-    expected = [str(st) for st in expect]
-    first_check = now + timedelta(seconds=rt.settings.tracking.first_check)
-    store = rt.store
-    with store.sessions.begin() as s:
-        if store.is_postgres:
-            s.execute(_JOIN_BY_HASH)
-            s.execute(*_sent_update_pg(rows, outcomes, now, first_check, expected, chunk))
-        else:
-            # Core table, not the ORM entity: an executemany UPDATE keyed by a bound id.
-            table = cast(Table, MessageRow.__table__)
-            s.execute(
-                update(table)
-                # OR of equalities: an expanding IN cannot be used with executemany.
-                .where(table.c.id == bindparam("b_id"), or_(*(table.c.status == st for st in expected)))
-                .values(
-                    status=S.SENT,
-                    provider=bindparam("b_provider"),
-                    provider_message_id=bindparam("b_pmid"),
-                    sent_at=now,
-                    updated_at=now,
-                    attempts=table.c.attempts + 1,
-                    provider_attempts=table.c.provider_attempts + 1,
-                    next_check_at=first_check,
-                    native_fallback=bindparam("b_native"),
-                    warnings=bindparam("b_warnings"),
-                    **SENT_CLEARS,
-                ),
-                [
-                    {
-                        "b_id": r.id,
-                        "b_provider": r.provider,
-                        "b_pmid": outcomes[r.id].provider_message_id,
-                        "b_native": outcomes[r.id].native_fallback,
-                        "b_warnings": _warnings_list(outcomes[r.id]),
-                    }
-                    for r in rows
-                ],
-            )
-        _insert_attempts(rt, s, _attempt_rows(rows, rows[0].provider, attempt_outcome, now, latency_ms=latency_ms))
-
-
-_SENT_SET = (
-    "UPDATE kmsg_messages AS m SET status = 'sent', provider_message_id = v.pmid, sent_at = :now, "
-    "updated_at = :now, attempts = m.attempts + 1, provider_attempts = m.provider_attempts + 1, "
-    "next_check_at = :first_check, "
-    # SENT_CLEARS as SQL literals (0, NULL, false)
-    + "".join(
-        f"{column} = {'NULL' if value is None else str(value).lower()}, " for column, value in SENT_CLEARS.items()
-    )
-)
-_SENT_WHERE = "WHERE m.id = v.id AND m.status = ANY(CAST(:expected AS text[]))"
-_SENT_IN_CHUNK = " AND m.batch_id = :batch_id AND m.chunk = :chunk"
-#: For the rest of the transaction: plan the UPDATE with its real parameters, never as a nested loop.
-#: psycopg prepares a statement run five times on a connection, and PostgreSQL then switches to a
-#: generic plan that guesses 10 elements for an array parameter: it joined a chunk's 5,000 ids to its
-#: 5,000 rows by a nested loop, comparing 25 million pairs (5-8 s per chunk, seen in a 1,000,000-row
-#: run). The ids now arrive as a JSON array, whose row count is guessed too (100): the same guard
-#: holds. Both settings end with the transaction.
-_JOIN_BY_HASH = text(
-    "SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('enable_nestloop', 'off', true)"
-)
-
-
-def _json_column(param: str) -> str:
-    """One column of a ``ROWS FROM``: the elements of a JSON array parameter, as text."""
-    return f"json_array_elements_text(CAST(:{param} AS json))"
-
-
-def _sent_update_pg(
-    rows: Sequence[_Row],
-    outcomes: Mapping[str, SendOutcome],
-    now: datetime,
-    first_check: datetime,
-    expected: list[str],
-    chunk: tuple[str, int] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """One ``UPDATE ... FROM ROWS FROM (JSON arrays)`` for the whole group: the statement and its parameters.
-
-    A group is one provider's, and warnings or native fallbacks are rare: then only ids and
-    provider ids travel (each as one JSON array, see below).
-
-    With ``chunk`` the rows are also matched on ``(batch_id, chunk)``. Without it, and without
-    fresh statistics (a table just filled by an intake, before autovacuum's ANALYZE), PostgreSQL
-    joined the ids by hashing a sequential scan of the *whole* table, once per chunk: measured on a
-    5,000-row chunk of an 80,000-row table, 95 ms of a 275 ms UPDATE, growing with the table. The
-    chunk's index bounds that read to the chunk's own rows, whatever the statistics say.
-    """
-    ids = [r.id for r in rows]
-    results = [outcomes[i] for i in ids]
-    # Columns travel as JSON arrays, zipped back into rows by ROWS FROM: psycopg dumps a Python list
-    # as text[] element by element in Python (18.7 ms for 5,000 ids, timeit), orjson in 0.1 ms and
-    # PostgreSQL splits it in C. A NULL element arrives as SQL NULL (json_array_elements_text).
-    params: dict[str, Any] = {
-        "expected": expected,
-        "now": now,
-        "first_check": first_check,
-        "ids": json_dumps(ids),
-        "pmids": json_dumps([o.provider_message_id for o in results]),
-    }
-    providers = {r.provider for r in rows}
-    if len(providers) == 1 and not any(o.native_fallback or o.warnings for o in results):
-        params["provider"] = providers.pop()
-        sql = (
-            _SENT_SET + "provider = :provider, native_fallback = false, warnings = NULL "
-            "FROM ROWS FROM (" + _json_column("ids") + ", " + _json_column("pmids") + ") AS v(id, pmid) " + _SENT_WHERE
-        )
-    else:
-        params.update(
-            providers=json_dumps([r.provider for r in rows]),
-            natives=json_dumps([o.native_fallback for o in results]),
-            warnings=json_dumps([_warnings_json(o) for o in results]),
-        )
-        columns = ", ".join(_json_column(name) for name in ("ids", "pmids", "providers", "natives", "warnings"))
-        sql = (
-            _SENT_SET + "provider = v.provider, native_fallback = CAST(v.native AS boolean), "
-            "warnings = CAST(v.warnings AS jsonb) "
-            "FROM ROWS FROM (" + columns + ") AS v(id, pmid, provider, native, warnings) " + _SENT_WHERE
-        )
-    if chunk is not None:
-        params["batch_id"], params["chunk"] = chunk
-        sql += _SENT_IN_CHUNK
-    return text(sql), params
-
-
-def _warnings_list(outcome: SendOutcome) -> list[dict[str, Any]] | None:
-    if not outcome.warnings:
-        return None
-    return [{"code": w.code, "message": w.message, "details": dict(w.details)} for w in outcome.warnings]
-
-
-def _warnings_json(outcome: SendOutcome) -> str | None:
-    warnings = _warnings_list(outcome)
-    return None if warnings is None else json_dumps(warnings)
-
-
-def _insert_attempts(rt: Runtime, s: Any, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    if rt.store.is_postgres:
-        # Most columns are the same for a whole request (provider, outcome, latency, time).
-        cols, data = _copy_payload(rows)
-        with _driver_cursor(s) as cur, cur.copy(f"COPY kmsg_attempts ({cols}) FROM STDIN") as copy:
-            copy.write(data)
-    else:
-        s.execute(insert(Attempt), rows)
-
-
-def _bulk_transition(
-    rt: Runtime,
-    rows: Sequence[_Row],
-    target: MessageStatus,
-    now: datetime,
-    expect: Sequence[MessageStatus] = _HELD,
-    **values: Any,
-) -> None:
-    if rows:
-        rt.store.transition([r.id for r in rows], target, now=now, expect=expect, **values)
-
-
-def _apply_errors(
-    rt: Runtime,
-    batch_id: str,
-    chunk: int,
-    failures: list[tuple[_Row, ProviderError]],
-    now: datetime,
-    whole_request: bool,
-    result: ChunkResult,
-) -> None:
-    """Decide per recipient: retry, fail over, reconcile or fail; group the writes by decision."""
-    by_action: dict[Action, list[tuple[_Row, ProviderError, float]]] = defaultdict(list)
-    for row, error in failures:
-        decision = decide(
-            error,
-            provider_attempts=row.provider_attempts + 1,
-            age_seconds=(now - row.created_at).total_seconds(),
-            has_next_provider=row.route_index + 1 < len(row.route),
-            policy=rt.settings.retry,
-        )
-        action = decision.action
-        if action is Action.RECONCILE and not rt.provider(row.provider).capabilities.lookup_by_reference:
-            action = Action.FAIL
-            error = ProviderTimeout(str(error), provider=error.provider, code=ErrorCode.OUTCOME_UNKNOWN)
-        by_action[action].append((row, error, decision.delay))
-    attempts: list[dict[str, Any]] = []
-    for action, items in by_action.items():
-        for row, error, _ in items:
-            attempts.extend(
-                _attempt_rows(
-                    [row],
-                    row.provider,
-                    {Action.RECONCILE: "timeout", Action.RETRY: "retryable"}.get(
-                        action, "retryable" if error.retryable else "rejected"
-                    ),
-                    now,
-                    error_code=error.code.value,
-                    provider_code=error.provider_code,
-                    http_status=error.status_code,
-                    detail=str(error)[:500],
-                )
-            )
-    with rt.store.sessions.begin() as s:
-        _insert_attempts(rt, s, attempts)
-    republish_delay: float | None = None
-    # One UPDATE per distinct decision (a whole-request failure: one for the whole chunk), not one per
-    # recipient; the per-row counters move with column expressions (the chunk's lease keeps every
-    # other writer away from these rows).
-    # Rows retried together wait for the longest of their jittered delays: they go out together
-    # anyway, in the chunk's next request.
-    groups: dict[tuple[Action, str, str, str], tuple[list[str], list[float]]] = {}
-    for action, items in by_action.items():
-        for row, error, delay in items:
-            ids, waits = groups.setdefault((action, error.code.value, str(error)[:1000], row.provider), ([], []))
-            ids.append(row.id)
-            waits.append(2.0 if action is Action.RECONCILE else delay)
-    with rt.store.sessions.begin() as s:
-        for (action, code, message, provider), (ids, waits) in groups.items():
-            wait = max(waits)
-            common: dict[str, Any] = {
-                "attempts": MessageRow.attempts + 1,
-                "error_code": code,
-                "error_message": message,
-            }
-            if action in (Action.RETRY, Action.RECONCILE):
-                # A whole-request failure re-runs the chunk (one request again); a partial one is
-                # left to the sweep, which re-publishes the chunk when they are due (then only
-                # they are sent, in one request).
-                rt.store.transition(
-                    ids,
-                    S.RETRYING,
-                    now=now,
-                    expect=_HELD,
-                    session=s,
-                    provider_attempts=MessageRow.provider_attempts + 1,
-                    next_attempt_at=now + timedelta(seconds=wait),
-                    retry_task_published=whole_request,
-                    outcome_unknown=action is Action.RECONCILE,
-                    **common,
-                )
-                result.retrying += len(ids)
-                if whole_request:
-                    republish_delay = max(republish_delay or 0.0, wait)
-            elif action is Action.FAILOVER:
-                rt.store.transition(
-                    ids,
-                    S.QUEUED,
-                    now=now,
-                    expect=_HELD,
-                    session=s,
-                    route_index=MessageRow.route_index + 1,
-                    provider_attempts=0,
-                    queued_at=now,
-                    **common,
-                )
-                result.failed_over += len(ids)
-                republish_delay = republish_delay if republish_delay is not None else 0.0
-            else:
-                status = S.UNKNOWN if code == ErrorCode.OUTCOME_UNKNOWN.value else S.FAILED
-                rt.store.transition(ids, status, now=now, expect=_HELD, session=s, provider=provider, **common)
-                if status is S.UNKNOWN:
-                    result.unknown += len(ids)
-                else:
-                    result.failed += len(ids)
-    if republish_delay is not None:
-        result.again(min(republish_delay, rt.settings.retry.max_countdown))
-
-
-def _reconcile_rows(
-    rt: Runtime, chunk: tuple[str, int], rows: list[_Row], now: datetime, result: ChunkResult
-) -> list[_Row]:
-    """Rows whose last request timed out (or whose worker died): ask the provider first; return those it never got."""
-    unknown = [r for r in rows if r.outcome_unknown]
-    if not unknown:
-        return rows
-    provider = rt.provider(unknown[0].provider)
-    if not provider.capabilities.lookup_by_reference:
-        # Nobody can tell whether they went out: final "unknown" rather than a possible duplicate.
-        _bulk_transition(
-            rt,
-            unknown,
-            S.UNKNOWN,
-            now,
-            provider=provider.name,
-            error_code=ErrorCode.OUTCOME_UNKNOWN.value,
-            error_message=f"worker lost while sending; {provider.name} cannot be asked whether it got the message",
-        )
-        result.unknown += len(unknown)
-        return [r for r in rows if not r.outcome_unknown]
-    try:
-        found = provider.lookup([r.id for r in unknown])
-    except ProviderError:
-        found = None
-    if found is None:
-        # Cannot tell yet: give them back for a later attempt instead of risking a duplicate (and
-        # keep them marked, so the next run asks again before sending).
-        _bulk_transition(rt, unknown, S.RETRYING, now, next_attempt_at=now + timedelta(seconds=5), outcome_unknown=True)
-        result.retrying += len(unknown)
-        return [r for r in rows if not r.outcome_unknown]
-    hits = [r for r in unknown if r.id in found]
-    _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent", chunk=chunk)
-    result.sent += len(hits)
-    return [r for r in rows if not r.outcome_unknown or r.id not in found]
-
-
-def _throttled(
-    rt: Runtime,
-    batch_id: str,
-    chunk: int,
-    provider: str,
-    rows: Sequence[_Row],
-    now: datetime,
-    wait: float,
-    result: ChunkResult,
-) -> None:
-    """Rate limited: give the rows back untouched (no attempt, no retry used) and re-run the chunk later."""
-    _bulk_transition(rt, rows, S.QUEUED, now, queued_at=now)
-    result.throttled += len(rows)
-    log.info(
-        "ratelimit.throttled",
-        provider=provider,
-        source="bulk",
-        batch_id=batch_id,
-        chunk=chunk,
-        count=len(rows),
-        wait=round(wait, 3),
-    )
-    result.again(min(wait, rt.settings.retry.max_countdown))
-
-
-def _circuit_open(
-    rt: Runtime, batch_id: str, chunk: int, rows: Sequence[_Row], name: str, now: datetime, result: ChunkResult
-) -> None:
-    """The provider's circuit is open: move on to the next provider of the route, or wait for a probe."""
-    onward = [r for r in rows if r.route_index + 1 < len(r.route)]
-    stuck = [r for r in rows if r.route_index + 1 >= len(r.route)]
-    with rt.store.sessions.begin() as s:
-        for row in onward:
-            rt.store.transition(
-                row.id,
-                S.QUEUED,
-                now=now,
-                expect=_HELD,
-                session=s,
-                route_index=row.route_index + 1,
-                provider_attempts=0,
-                queued_at=now,
-            )
-    result.failed_over += len(onward)
-    wait = max(1.0, circuit.retry_in(rt, [name]))
-    if stuck:
-        _bulk_transition(
-            rt,
-            stuck,
-            S.RETRYING,
-            now,
-            next_attempt_at=now + timedelta(seconds=wait),
-            retry_task_published=True,
-        )
-        result.retrying += len(stuck)
-    log.info(
-        "batch.circuit_open", batch_id=batch_id, chunk=chunk, provider=name, onward=len(onward), waiting=len(stuck)
-    )
-    if onward:
-        result.again(0.0)
-    if stuck:
-        result.again(min(wait, rt.settings.retry.max_countdown))
-
-
-def process_chunk(rt: Runtime, batch_id: str, chunk: int) -> ChunkResult:
-    """Claim and send one chunk of a batch (the body of ``kmsg.send_chunk``).
-
-    Running it twice is harmless: the second run finds the lease held, or the rows already sent.
-    """
-    now = rt.now()
-    claim = _claim_chunk(rt, batch_id, chunk, now)
-    if claim is None:
-        return ChunkResult()
-    result = ChunkResult(claimed=len(claim.rows))
-    if claim.deliveries > rt.settings.max_deliveries:
-        _bulk_transition(
-            rt, claim.rows, S.DEAD, now, error_code=ErrorCode.POISON_MESSAGE.value, error_message="claimed too often"
-        )
-        result.dead = len(claim.rows)
-    elif claim.cancelled:
-        _cancel_claimed(rt, (batch_id, chunk), claim.rows, now, result)
-    elif claim.rows:
-        _send_claimed(rt, batch_id, chunk, claim.rows, now, result)
-    # Every outcome is recorded: free the lease, then ask for the runs this one decided on (a run
-    # published before the release would find the lease held and do nothing).
-    _release_chunk(rt, batch_id, chunk, rt.now())
-    for delay in result.republish:
-        rt.dispatcher.chunk(batch_id, [chunk], countdown=delay or None)
-    return result
-
-
-def _cancel_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[_Row], now: datetime, result: ChunkResult) -> None:
-    """The batch was cancelled while this chunk was in flight or waiting: settle and cancel its rows."""
-    by_provider: dict[str, list[_Row]] = defaultdict(list)
-    for row in rows:
-        by_provider[row.provider].append(row)
-    for group in by_provider.values():
-        # Rows whose last request has an unknown outcome are looked up first: what was sent stays sent.
-        rest = _reconcile_rows(rt, chunk, group, now, result)
-        _bulk_transition(rt, rest, S.CANCELLED, now, error_code="CANCELLED")
-
-
-def _send_claimed(rt: Runtime, batch_id: str, chunk: int, rows: list[_Row], now: datetime, result: ChunkResult) -> None:
-    """One bulk request per provider (split further only by the provider's own limit)."""
-    by_provider: dict[str, list[_Row]] = defaultdict(list)
-    for row in rows:
-        by_provider[row.provider].append(row)
-    for name, group in by_provider.items():
-        provider = rt.provider(name)
-        if not circuit.allow(rt, name):
-            _circuit_open(rt, batch_id, chunk, group, name, now, result)
-            continue
-        group = _reconcile_rows(rt, (batch_id, chunk), group, now, result)
-        limit = provider.batch_limit
-        for start in range(0, len(group), limit):
-            piece = group[start : start + limit]
-            messages = [r.message for r in piece]
-            # One token request for the whole bulk call (cost = the parts of every message).
-            wait = ratelimit.acquire(rt, name, messages, max_wait=rt.settings.rate_limit_inline_wait)
-            if wait > 0:
-                _throttled(rt, batch_id, chunk, name, group[start:], now, wait, result)
-                break
-            started = time.perf_counter()
-            try:
-                outcomes = provider.send_batch(messages)
-                whole = False
-                circuit.observe(rt, name, None)
-            except ProviderError as exc:
-                circuit.observe(rt, name, exc)
-                outcomes = [SendOutcome(m.id, False, error=exc) for m in messages]
-                whole = True
-            result.requests += 1
-            latency_ms = (time.perf_counter() - started) * 1000
-            now = rt.now()
-            by_id = {o.message_id: o for o in outcomes}
-            accepted = [r for r in piece if by_id[r.id].accepted]
-            _record_sent(rt, accepted, by_id, now, latency_ms, chunk=(batch_id, chunk))
-            result.sent += len(accepted)
-            failures = [
-                (r, by_id[r.id].error or ProviderRejected("refused without a reason", provider=name))
-                for r in piece
-                if not by_id[r.id].accepted
-            ]
-            if failures:
-                before = (result.retrying, result.failed)
-                _apply_errors(rt, batch_id, chunk, failures, now, whole and not accepted, result)
-            else:
-                before = (result.retrying, result.failed)
-            # One event per provider request, labelled for metrics (provider, type, tenant, latency).
-            log.info(
-                "batch.chunk_sent",
-                batch_id=batch_id,
-                chunk=chunk,
-                provider=name,
-                type=piece[0].message.type.value,
-                tenant=piece[0].message.tenant,
-                claimed=len(piece),
-                sent=len(accepted),
-                retrying=result.retrying - before[0],
-                failed=result.failed - before[1],
-                requests=1,
-                latency_ms=round(latency_ms, 2),
-            )
-
-
-# -- expired leases ---------------------------------------------------------------------------------
-
-
-@dataclass
-class LeaseReport:
-    """What :func:`reconcile_expired` did."""
-
-    reconciled_sent: int = 0
-    requeued: int = 0
-    unknown: int = 0
-    deferred: int = 0
-
-
-def _load_sending(rt: Runtime, ids: Sequence[str]) -> list[tuple[_Row, str | None, int | None]]:
-    with rt.store.sessions() as s:
-        result = s.execute(
-            select(*_ROW_COLUMNS, MessageRow.batch_id, MessageRow.chunk).where(
-                MessageRow.id.in_(list(ids)), MessageRow.status == S.SENDING
-            )
-        )
-        found = result.all()
-        return list(zip(_Row.load_all(found), (r[10] for r in found), (r[11] for r in found), strict=True))
-
-
-def reconcile_expired(rt: Runtime, ids: Sequence[str]) -> LeaseReport:
-    """Settle messages whose worker died while ``sending`` (lease expired), many at a time.
-
-    The outcome of the interrupted call is unknown, so each provider is asked once for all of its
-    messages (by our ids); a message is sent again only if the provider never got it. A provider
-    that cannot be asked leaves its messages ``unknown`` rather than risking duplicates.
-    """
-    report = LeaseReport()
-    now = rt.now()
-    loaded = _load_sending(rt, ids)
-    by_provider: dict[str, list[tuple[_Row, str | None, int | None]]] = defaultdict(list)
-    for item in loaded:
-        by_provider[item[0].provider].append(item)
-    for name, items in by_provider.items():
-        provider = rt.provider(name)
-        rows = [row for row, _, _ in items]
-        if not provider.capabilities.lookup_by_reference:
-            _bulk_transition(
-                rt,
-                rows,
-                S.UNKNOWN,
-                now,
-                (S.SENDING,),
-                error_code=ErrorCode.OUTCOME_UNKNOWN.value,
-                error_message=f"worker lost while sending; {name} cannot be asked whether it got the message",
-            )
-            report.unknown += len(rows)
-            continue
-        found: dict[str, SendOutcome] = {}
-        try:
-            for start in range(0, len(rows), 1000):
-                found.update(provider.lookup([r.id for r in rows[start : start + 1000]]))
-        except ProviderError as exc:
-            # Cannot tell yet: keep them (the lease was extended); the next sweep asks again.
-            log.warning("lease.reconcile_deferred", provider=name, count=len(rows), error_code=exc.code.value)
-            report.deferred += len(rows)
-            continue
-        hits = [r for r in rows if r.id in found and found[r.id].accepted]
-        _record_sent(rt, hits, found, now, latency_ms=0.0, attempt_outcome="reconciled_sent", expect=(S.SENDING,))
-        report.reconciled_sent += len(hits)
-        hit_ids = {r.id for r in hits}
-        missing = [(r, b, c) for r, b, c in items if r.id not in hit_ids]
-        _requeue_missing(rt, missing, name, now)
-        report.requeued += len(missing)
-    if ids:
-        log.info(
-            "lease.reconciled",
-            expired=len(ids),
-            reconciled_sent=report.reconciled_sent,
-            requeued=report.requeued,
-            unknown=report.unknown,
-            deferred=report.deferred,
-        )
-    return report
-
-
-def _requeue_missing(
-    rt: Runtime, items: list[tuple[_Row, str | None, int | None]], provider: str, now: datetime
-) -> None:
-    """The provider never got these: back to ``queued`` (with an audit row) and published again."""
-    if not items:
-        return
-    rows = [r for r, _, _ in items]
-    with rt.store.sessions.begin() as s:
-        for row in rows:
-            rt.store.transition(
-                row.id,
-                S.QUEUED,
-                now=now,
-                expect=[S.SENDING],
-                session=s,
-                queued_at=now,
-                lease_until=None,
-                attempts=row.attempts + 1,
-            )
-        _insert_attempts(
-            rt,
-            s,
-            _attempt_rows(rows, provider, "reconciled_missing", now, detail="worker lost; provider never got it"),
-        )
-    singles: dict[str, list[str]] = defaultdict(list)
-    chunks: dict[str, set[int]] = defaultdict(set)
-    for row, batch_id, chunk in items:
-        if batch_id is not None and chunk is not None:
-            chunks[batch_id].add(chunk)
-        else:
-            singles[row.priority].append(row.id)
-    for priority, ids in singles.items():
-        rt.dispatcher.send(ids, priority=priority)
-    for batch_id, numbers in chunks.items():
-        rt.dispatcher.chunk(batch_id, sorted(numbers))
-
-
 # -- control and reporting --------------------------------------------------------------------------
-
-
-def _in_flight_chunks(s: Any, batch_id: str, chunks: Sequence[int] | None = None) -> set[int]:
-    """Lock the batch's chunk leases (all, or ``chunks``) and return those a claim holds.
-
-    A chunk claim takes the same row lock, so a cancel and a claim never interleave: either the
-    claim committed first (its chunk is in flight and left alone) or it waits for the cancel and
-    then finds its rows cancelled.
-    """
-    stmt = select(ChunkLease.chunk, ChunkLease.in_flight).where(ChunkLease.batch_id == batch_id)
-    if chunks is not None:
-        stmt = stmt.where(ChunkLease.chunk.in_(list(chunks)))
-    return {n for n, in_flight in s.execute(stmt.with_for_update()) if in_flight}
 
 
 def cancel_batch(rt: Runtime, batch_id: str) -> int:
@@ -1808,7 +818,7 @@ def cancel_batch(rt: Runtime, batch_id: str) -> int:
         batch = s.get(Batch, batch_id)
         if batch is None:
             raise MessageNotFoundError(f"no batch with id {batch_id!r}")
-        busy = _in_flight_chunks(s, batch_id)
+        busy = in_flight_chunks(s, batch_id)
         where = [MessageRow.batch_id == batch_id, MessageRow.status.in_([S.SCHEDULED, S.QUEUED, S.RETRYING])]
         if busy:
             where.append(MessageRow.chunk.not_in(sorted(busy)))
@@ -1829,7 +839,7 @@ def cancel_batch_message(rt: Runtime, message_id: str, batch_id: str, chunk: int
     """Cancel one message of a batch unless its chunk is in flight; returns 1 if it was cancelled."""
     now = rt.now()
     with rt.store.sessions.begin() as s:
-        if _in_flight_chunks(s, batch_id, [chunk]):
+        if in_flight_chunks(s, batch_id, [chunk]):
             return 0
         return rt.store.transition(message_id, S.CANCELLED, now=now, session=s, error_code="CANCELLED")
 
@@ -1895,6 +905,7 @@ def batch_summary(rt: Runtime, batch_id: str) -> BatchSummary:
     first_sent = conv.process_result_value(first_sent, rt.engine.dialect) if isinstance(first_sent, datetime) else None
     last_sent = conv.process_result_value(last_sent, rt.engine.dialect) if isinstance(last_sent, datetime) else None
     last_final = conv.process_result_value(last_final, rt.engine.dialect) if isinstance(last_final, datetime) else None
+    prices = unit_prices(rt.settings.unit_prices)
     summary = BatchSummary(
         batch_id=batch_id,
         status=batch.status,
@@ -1904,7 +915,7 @@ def batch_summary(rt: Runtime, batch_id: str) -> BatchSummary:
         by_provider=by_provider,
         by_type=by_type,
         by_error_code=by_error,
-        cost_estimate_krw=round(sum(UNIT_PRICE_KRW.get(t, 0.0) * n for t, n in billed.items()), 1),
+        cost_estimate_krw=round(sum(prices.get(t, 0.0) * n for t, n in billed.items()), 1),
         created_at=batch.created_at,
         first_sent_at=first_sent,
         last_sent_at=last_sent,

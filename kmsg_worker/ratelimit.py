@@ -17,7 +17,7 @@ by its sender's bucket does not use up provider capacity (D.2 of ``celery-produc
   leaves it in debt, so the long-run rate still holds and nothing waits forever;
 * a refusal takes nothing and returns the seconds until the tokens will be there.
 
-What the pipeline does with a refusal (:func:`kmsg_worker.pipeline.deliver`): it waits in the
+What the pipeline does with a refusal (:func:`kmsg_worker.delivery.deliver`): it waits in the
 worker when the wait is short (``KMSG_RATE_LIMIT_INLINE_WAIT_SECONDS``), otherwise it puts the
 message back to ``retrying`` with ``next_attempt_at`` = now + wait and re-enqueues it with that
 countdown. No attempt is recorded and no retry is used up: a throttled message was never sent.

@@ -39,6 +39,7 @@ from sqlalchemy import ColumnElement, Engine, and_, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
+from kmsg_worker.pricing import DEFAULT_UNIT_PRICES, unit_prices
 from kmsg_worker.storage.models import Attempt, MessageRow
 
 __all__ = [
@@ -53,14 +54,6 @@ __all__ = [
     "render_text",
 ]
 
-#: KRW per message, **estimates** of typical list prices; override with ``KMSG_UNIT_PRICES``.
-DEFAULT_UNIT_PRICES: dict[str, float] = {
-    "SMS": 9.9,
-    "LMS": 30.0,
-    "MMS": 60.0,
-    "ALIMTALK": 8.0,
-    "FRIENDTALK": 15.0,
-}
 #: A provider charges for what it accepted.
 BILLABLE = ("sent", "delivered")
 SETTLED = ("delivered", "failed", "unknown", "dead")
@@ -220,7 +213,7 @@ def build_report(
         until: Window end (aware, exclusive).
         prices: Unit prices (KRW) over :data:`DEFAULT_UNIT_PRICES`.
     """
-    table = {**DEFAULT_UNIT_PRICES, **{k.upper(): float(v) for k, v in (prices or {}).items()}}
+    table = unit_prices(prices)
     window = and_(M.created_at >= since, M.created_at < until)
     provider = func.coalesce(M.provider, NO_PROVIDER)
     counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ALLOWED", "FINAL", "MessageStatus", "can_transition"]
+__all__ = ["ALLOWED", "FINAL", "AttemptOutcome", "DeliveryAction", "MessageStatus", "can_transition"]
 
 
 class MessageStatus(StrEnum):
@@ -74,3 +74,35 @@ ALLOWED: dict[MessageStatus, frozenset[MessageStatus]] = {
 def can_transition(current: MessageStatus, target: MessageStatus) -> bool:
     """Whether ``current -> target`` is allowed."""
     return current in ALLOWED[target]
+
+
+class DeliveryAction(StrEnum):
+    """What one run of the delivery engine did with a message (a single send or a chunk's row)."""
+
+    NOT_CLAIMED = "not_claimed"  #: Another run holds it, or it is not due: nothing done.
+    SKIPPED = "skipped"  #: Nothing to settle (it moved on meanwhile).
+    SENT = "sent"  #: The provider accepted it.
+    RECONCILED_SENT = "reconciled_sent"  #: A lookup found the provider already had it: recorded, not resent.
+    REQUEUED = "requeued"  #: A lookup found the provider never got it: queued to be sent again.
+    RETRY = "retry"  #: A retryable error: it waits as ``retrying`` for its next try on the same provider.
+    RECONCILE = "reconcile"  #: The outcome is unknown: it waits, and is looked up before any resend.
+    RECONCILE_DEFERRED = "reconcile_deferred"  #: The lookup could not answer yet: asked again later.
+    FAILOVER = "failover"  #: Moved on to the next provider of its route.
+    FAILED = "failed"  #: Final failure (refused, or retries or age exhausted).
+    UNKNOWN = "unknown"  #: Final: nobody can tell whether it was sent.
+    DEAD = "dead"  #: Final: claimed too often without finishing (a poison message).
+    THROTTLED = "throttled"  #: A rate limit said wait; no retry spent.
+    CIRCUIT_OPEN = "circuit_open"  #: Every remaining provider's circuit is open; it waits, no retry spent.
+    CANCELLED = "cancelled"  #: Its batch was cancelled before it went out.
+
+
+class AttemptOutcome(StrEnum):
+    """The ``outcome`` column of an attempt row: what one provider call (or look-up) established."""
+
+    ACCEPTED = "accepted"  #: The provider accepted the message.
+    RETRYABLE = "retryable"  #: A transient refusal (5xx, 429, busy).
+    REJECTED = "rejected"  #: A permanent refusal.
+    TIMEOUT = "timeout"  #: No answer: the provider may or may not have it.
+    RECONCILED_SENT = "reconciled_sent"  #: A look-up after an unknown outcome found it at the provider.
+    RECONCILED_MISSING = "reconciled_missing"  #: A look-up after an unknown outcome did not find it.
+    CIRCUIT_OPEN = "circuit_open"  #: Skipped without a call: the provider's circuit was open.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from kmsg_worker.bulk import reconcile_expired, recover_chunks
+from kmsg_worker.delivery import reconcile_expired, recover_chunks
 from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.logging import get_logger
 from kmsg_worker.runtime import Runtime

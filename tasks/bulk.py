@@ -8,7 +8,7 @@ from celery import Task
 from celery.result import AsyncResult
 
 from config.celery import app
-from kmsg_worker.bulk import process_chunk
+from kmsg_worker.delivery import process_chunk
 from kmsg_worker.errors import ValidationError
 from kmsg_worker.gctune import release_memory
 from tasks.context import get_producer, get_runtime

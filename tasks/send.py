@@ -18,8 +18,8 @@ from celery import Task
 from celery.result import AsyncResult
 
 from config.celery import app
+from kmsg_worker.delivery import deliver
 from kmsg_worker.logging import get_logger
-from kmsg_worker.pipeline import deliver
 from tasks.context import get_producer, get_runtime
 
 __all__ = ["SendMessageTask", "send_message"]

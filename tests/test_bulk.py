@@ -11,7 +11,8 @@ from psycopg import sql
 from sqlalchemy import event, func, select
 
 from bench.tracking_index import explain
-from kmsg_worker.bulk import _Template, _TemplateText, process_chunk
+from kmsg_worker.bulk import _Template, _TemplateText
+from kmsg_worker.delivery import process_chunk
 from kmsg_worker.errors import BatchValidationError, ConfigurationError, InvalidStateError
 from kmsg_worker.message import count_bytes, interpolate, normalize
 from kmsg_worker.producer import KMsg
@@ -300,7 +301,7 @@ def test_awkward_text_round_trips_through_copy(kmsg: KMsg, runtime: Runtime, dis
 def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
     import psycopg
 
-    from kmsg_worker.bulk import _copy_payload
+    from kmsg_worker.storage.copy import copy_payload as _copy_payload
 
     # "b" equals in the first and last rows but not between them; "c" is the same everywhere;
     # "d" holds COPY's special characters in a plain text column, and None.
@@ -332,11 +333,12 @@ def test_copy_payload_round_trips_through_postgresql(pg_url: str) -> None:
 def test_a_chunks_results_keep_each_recipients_warnings_and_native_fallback(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
 ) -> None:
-    from kmsg_worker.bulk import _claim_chunk, _record_sent
     from kmsg_worker.providers.base import SendOutcome, SendWarning
+    from kmsg_worker.storage.chunks import claim_chunk
+    from kmsg_worker.storage.messages import record_sent
 
     receipt = kmsg.send_many(recipients(3), defaults=DEFAULTS)
-    claim = _claim_chunk(runtime, receipt.batch_id, 0, clock.now)
+    claim = claim_chunk(runtime.store, receipt.batch_id, 0, now=clock.now, lease=timedelta(seconds=60))
     assert claim is not None and len(claim.rows) == 3
     ids = [r.id for r in claim.rows]
     warning = SendWarning("FAILOVER_PARTIAL_PROVIDER", 'kept "as is"', {"n": 1})
@@ -345,7 +347,16 @@ def test_a_chunks_results_keep_each_recipients_warnings_and_native_fallback(
         ids[1]: SendOutcome(ids[1], True, "pm-1", native_fallback=True),
         ids[2]: SendOutcome(ids[2], True, None),
     }
-    _record_sent(runtime, claim.rows, outcomes, clock.now, 12.5, chunk=(receipt.batch_id, 0))
+    record_sent(
+        runtime.store,
+        claim.rows,
+        outcomes,
+        now=clock.now,
+        next_check_at=clock.now,
+        latency_ms=12.5,
+        expect=("queued", "retrying"),  # type: ignore[arg-type]
+        chunk=(receipt.batch_id, 0),
+    )
     stored = {i: runtime.store.get(i) for i in ids}
     got = {i: (r.status, r.provider_message_id, r.native_fallback, r.warnings) for i, r in stored.items() if r}
     assert got == {
@@ -370,11 +381,14 @@ def test_rate_limited_chunk_is_given_back_without_using_a_retry(
     monkeypatch.setattr(ratelimit, "acquire", lambda *a, **k: 2.5)
     result = process_chunk(runtime, receipt.batch_id, 0)
     assert result.throttled == 30 and result.requests == 0
-    assert runtime.store.count_by_status() == {"queued": 30}
-    assert dispatcher.chunks[-1] == (receipt.batch_id, 0, 2.5)
+    # The same rule as a single send's: the rows wait as retrying for the limiter's wait, spread a little.
+    assert runtime.store.count_by_status() == {"retrying": 30}
+    batch_id, chunk, countdown = dispatcher.chunks[-1]
+    assert (batch_id, chunk) == (receipt.batch_id, 0) and countdown is not None and 2.5 <= countdown <= 2.5 * 1.25
     row = runtime.store.get(receipt.message_ids[0])
     assert row is not None and row.attempts == 0 and runtime.store.attempts(row.id) == []
     monkeypatch.setattr(ratelimit, "acquire", lambda *a, **k: 0.0)
+    clock.advance(countdown)
     assert process_chunk(runtime, receipt.batch_id, 0).sent == 30
 
 
@@ -390,10 +404,12 @@ def test_open_circuit_moves_the_chunk_to_the_next_provider(
     receipt = kmsg.send_many(recipients(20), defaults=DEFAULTS)
     assert runtime.store.get(receipt.message_ids[0]).route == ["mock", "mock_b"]  # type: ignore[union-attr]
     monkeypatch.setattr(circuit, "allow", lambda rt, name: name != "mock")
+    # As for a single send: the rows move past the open circuit (one audit attempt row each, no
+    # call) and go to the next provider in the same run.
     first = process_chunk(runtime, receipt.batch_id, 0)
-    assert first.failed_over == 20 and first.requests == 0
-    second = process_chunk(runtime, receipt.batch_id, 0)
-    assert second.sent == 20
+    assert first.sent == 20 and first.requests == 1
+    assert [a.outcome for a in runtime.store.attempts(receipt.message_ids[0])] == ["circuit_open", "accepted"]
+    assert process_chunk(runtime, receipt.batch_id, 0).claimed == 0
     assert kmsg.batch_summary(receipt.batch_id).by_provider == {"mock_b": 20}
 
 
@@ -411,7 +427,7 @@ class WorkerDied(BaseException):
 def test_a_chunk_whose_worker_died_mid_request_is_reconciled_not_resent(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.delivery.record as record
 
     receipt = kmsg.send_many(recipients(40), defaults=DEFAULTS)
 
@@ -419,7 +435,7 @@ def test_a_chunk_whose_worker_died_mid_request_is_reconciled_not_resent(
         raise WorkerDied  # the provider accepted the request; the worker dies before recording it
 
     with monkeypatch.context() as patch:
-        patch.setattr(bulk, "_record_sent", die)
+        patch.setattr(record, "record_sent", die)
         with pytest.raises(WorkerDied):
             process_chunk(runtime, receipt.batch_id, 0)
     assert mock(runtime).requests == 1
@@ -504,7 +520,7 @@ def test_cancel_one_message_of_a_waiting_chunk(kmsg: KMsg, runtime: Runtime, dis
 def test_a_single_send_task_for_a_batch_row_does_nothing(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher
 ) -> None:
-    from kmsg_worker.pipeline import deliver
+    from kmsg_worker.delivery import deliver
 
     receipt = kmsg.send_many(recipients(3), defaults=DEFAULTS)
     # only the chunk's task, under the chunk's lease, sends batch rows
@@ -517,11 +533,12 @@ def test_a_single_send_task_for_a_batch_row_does_nothing(
 def test_a_chunk_claimed_too_often_without_finishing_is_dead(
     kmsg: KMsg, runtime: Runtime, clock: Clock, dispatcher: RecordingDispatcher
 ) -> None:
-    import kmsg_worker.bulk as bulk
+    from kmsg_worker.storage.chunks import claim_chunk
 
     receipt = kmsg.send_many(recipients(4), defaults=DEFAULTS)
+    lease = timedelta(seconds=lease_seconds(runtime))
     for _ in range(runtime.settings.max_deliveries):
-        assert bulk._claim_chunk(runtime, receipt.batch_id, 0, clock()) is not None  # each worker dies
+        assert claim_chunk(runtime.store, receipt.batch_id, 0, now=clock(), lease=lease) is not None  # each dies
         clock.advance(lease_seconds(runtime) + 1)
         assert sweep(runtime).chunks_recovered == 1  # the provider has none of them: freed again
     result = process_chunk(runtime, receipt.batch_id, 0)

@@ -33,7 +33,7 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
-from kmsg_worker.pipeline import deliver
+from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus as S

@@ -26,7 +26,7 @@ from kmsg_worker.metrics import (
     metrics_processor,
     use_metrics,
 )
-from kmsg_worker.pipeline import deliver
+from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider
 from kmsg_worker.runtime import Runtime

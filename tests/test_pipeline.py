@@ -15,7 +15,7 @@ from kmsg_worker.errors import (
     MessageNotFoundError,
     ValidationError,
 )
-from kmsg_worker.pipeline import deliver
+from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider
@@ -224,7 +224,7 @@ def test_lost_response_is_reconciled_not_resent(kmsg: KMsg, runtime: Runtime, cl
         to="01012345678", text="hi", provider_options={"mock": {"script": [{"outcome": "lost_response"}]}}
     )
     mid = receipt.message_id
-    assert deliver(runtime, mid).action == "retry"
+    assert deliver(runtime, mid).action == "reconcile"  # waits as retrying; looked up before any resend
     assert mock_of(runtime).calls_for(mid) == 1
     clock.advance(5)
     assert deliver(runtime, mid).action == "reconciled_sent"

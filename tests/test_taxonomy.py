@@ -26,7 +26,7 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
-from kmsg_worker.pipeline import deliver
+from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers import aligo, iwinv, solapi
 from kmsg_worker.providers.base import ProviderConfig

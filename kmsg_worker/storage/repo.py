@@ -9,7 +9,6 @@ deliveries, duplicate beats and overlapping sweeps harmless. Claims use ``UPDATE
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -31,11 +30,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kmsg_worker.errors import AcceptanceUnknownError, IdempotencyConflictError
+from kmsg_worker.message import Message
 from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
 from kmsg_worker.storage.db import backend_pid, make_sessionmaker, settle_lost_commit
 from kmsg_worker.storage.models import SEND_STATE_COLUMNS, SENT_CLEARS, Attempt, DeadLetter, IdempotencyKey, MessageRow
+from kmsg_worker.storage.rows import SendRow
 
-__all__ = ["Claim", "Store"]
+__all__ = ["Store"]
 
 _T = TypeVar("_T")
 
@@ -71,30 +72,10 @@ _CLAIM = (
         MessageRow.content,
         MessageRow.route,
         *SEND_STATE_COLUMNS,
+        MessageRow.priority,
         MessageRow.scheduled_at,
     )
 )
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A message a worker now holds (status ``sending``, leased)."""
-
-    id: str
-    content: dict[str, Any]
-    route: list[str]
-    route_index: int
-    attempts: int
-    provider_attempts: int
-    deliveries: int
-    created_at: datetime
-    outcome_unknown: bool
-    scheduled_at: datetime | None
-
-    @property
-    def provider(self) -> str:
-        """The provider this attempt goes to."""
-        return self.route[self.route_index]
 
 
 def _mark_sent_statements() -> tuple[Update, Any]:
@@ -323,7 +304,7 @@ class Store:
 
     # -- claims and transitions -------------------------------------------------------------------
 
-    def claim_for_send(self, message_id: str, *, now: datetime, lease: timedelta) -> Claim | None:
+    def claim_for_send(self, message_id: str, *, now: datetime, lease: timedelta) -> SendRow | None:
         """Move one message ``queued|due retrying -> sending``; ``None`` if someone else has it."""
         params = {
             "claim_id": message_id,
@@ -337,7 +318,7 @@ class Store:
             row = conn.execute(_CLAIM, params).first()
         if row is None:
             return None
-        return Claim(*row)
+        return SendRow(row[0], Message.from_content_owned(row[1]), *row[2:])
 
     def transition(
         self,
@@ -434,14 +415,29 @@ class Store:
             )
         return True
 
-    def update_fields(self, message_id: str, *, expect: MessageStatus, now: datetime, **values: Any) -> int:
-        """Set columns on a message only while it is in ``expect`` (no status change)."""
+    def update_fields(
+        self,
+        ids: str | Sequence[str],
+        *,
+        expect: MessageStatus | Sequence[MessageStatus],
+        now: datetime,
+        session: Session | None = None,
+        **values: Any,
+    ) -> int:
+        """Set columns on messages only while they are in ``expect`` (no status change)."""
+        id_list = [ids] if isinstance(ids, str) else list(ids)
+        states = [expect] if isinstance(expect, MessageStatus) else list(expect)
+        if not id_list:
+            return 0
+        by_id = MessageRow.id == id_list[0] if len(id_list) == 1 else MessageRow.id.in_(id_list)
         stmt = (
             update(MessageRow)
-            .where(MessageRow.id == message_id, MessageRow.status == expect)
+            .where(by_id, or_(*(MessageRow.status == st for st in states)))
             .values(updated_at=now, **values)
             .execution_options(synchronize_session=False)
         )
+        if session is not None:
+            return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
         with self.sessions.begin() as s:
             return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
