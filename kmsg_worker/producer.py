@@ -26,7 +26,8 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
-from kmsg_worker.storage.models import NEW_MESSAGE_STATE, MessageRow
+from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.rows import new_message_row
 
 __all__ = ["AttemptInfo", "BatchReceipt", "BatchSummary", "KMsg", "MessageInfo", "Receipt"]
 
@@ -189,27 +190,6 @@ class KMsg:
             default_sender=self.settings.default_sender,
         )
 
-    def _row(self, message: Message, route: list[str], now: datetime, batch_id: str | None = None) -> dict[str, Any]:
-        scheduled = message.scheduled_at is not None and message.scheduled_at > now
-        return {
-            "id": message.id,
-            "tenant": message.tenant,
-            "batch_id": batch_id,
-            "parent_id": None,
-            "type": message.type.value,
-            "recipient": message.to,
-            "status": S.SCHEDULED if scheduled else S.QUEUED,
-            "priority": message.priority.value,
-            "route": route,
-            **NEW_MESSAGE_STATE,
-            "scheduled_at": message.scheduled_at,
-            "content": message.content(),
-            "idempotency_key": message.idempotency_key,
-            "created_at": now,
-            "updated_at": now,
-            "queued_at": None if scheduled else now,
-        }
-
     def send(self, message: Mapping[str, Any] | None = None, /, **fields: Any) -> Receipt:
         """Validate, store and enqueue one message.
 
@@ -231,7 +211,7 @@ class KMsg:
         msg = self.validate(message, **fields)
         route = self.runtime.router.route(msg)
         now = self.runtime.now()
-        row = self._row(msg, route, now)
+        row = new_message_row(msg, route, now)
         idem = None
         if msg.idempotency_key:
             idem = (msg.tenant, msg.idempotency_key, _request_hash(msg), self.settings.idempotency_ttl)
@@ -254,7 +234,7 @@ class KMsg:
             self._publish([msg.id], msg.priority.value)
         # Logged after the publish: the worker can start while this line is rendered.
         log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
-        return Receipt(msg.id, str(row["status"].value), msg.type.value, tuple(route))
+        return Receipt(msg.id, str(row["status"]), msg.type.value, tuple(route))
 
     def schedule(self, message: Mapping[str, Any] | None = None, /, *, at: datetime | str, **fields: Any) -> Receipt:
         """Store a message to be sent at ``at`` (naive times are in ``KMSG_TIMEZONE``, Asia/Seoul).

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +47,7 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import TrackingPolicy
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.rows import new_message_row
 
 __all__ = ["NON_KAKAO_CODES", "PollReport", "fallback_message", "is_not_kakao_user", "poll_statuses"]
 
@@ -210,23 +211,7 @@ def _create_fallback(rt: Runtime, s: Session, row: MessageRow, now: datetime) ->
     child, route = built
     try:
         with s.begin_nested():
-            s.add(
-                MessageRow(
-                    id=child.id,
-                    tenant=child.tenant,
-                    parent_id=row.id,
-                    type=child.type.value,
-                    recipient=child.to,
-                    status=S.QUEUED,
-                    priority=child.priority.value,
-                    route=route,
-                    route_index=0,
-                    content=child.content(),
-                    created_at=now,
-                    updated_at=now,
-                    queued_at=now,
-                )
-            )
+            s.execute(insert(MessageRow), new_message_row(child, route, now, parent_id=row.id))
     except IntegrityError:
         return None  # created by someone else already: exactly once
     _set_fallback_state(s, row.id, "created")
