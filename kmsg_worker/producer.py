@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from kmsg_worker.bulk import BatchSummary, cancel_batch_message
+from kmsg_worker.batches import BatchSummary, cancel_batch_message
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError, ValidationError
 from kmsg_worker.gctune import raised_threshold
@@ -299,7 +299,7 @@ class KMsg:
                 being committed and the database could not be asked afterwards: look the batch up by
                 its ``batch_id`` before sending again.
         """
-        from kmsg_worker.bulk import intake
+        from kmsg_worker.intake import intake
 
         # Rare collections while the rows are validated and written (restored afterwards).
         with storage_errors(), raised_threshold(self.runtime.settings.gc_threshold):
@@ -316,13 +316,13 @@ class KMsg:
 
     def batch_summary(self, batch_id: str) -> BatchSummary:
         """The bulk result summary: counts by status, provider, type and error code, cost, throughput."""
-        from kmsg_worker.bulk import batch_summary
+        from kmsg_worker.batches import batch_summary
 
         return batch_summary(self.runtime, batch_id)
 
     def cancel_batch(self, batch_id: str) -> BatchSummary:
         """Stop a batch: chunks not sent yet are cancelled; what was sent stays sent."""
-        from kmsg_worker.bulk import batch_summary, cancel_batch
+        from kmsg_worker.batches import batch_summary, cancel_batch
 
         cancel_batch(self.runtime, batch_id)
         return batch_summary(self.runtime, batch_id)

@@ -11,9 +11,9 @@ from psycopg import sql
 from sqlalchemy import event, func, select
 
 from bench.tracking_index import explain
-from kmsg_worker.bulk import _Template, _TemplateText
 from kmsg_worker.delivery import process_chunk
 from kmsg_worker.errors import BatchValidationError, ConfigurationError, InvalidStateError
+from kmsg_worker.intake import _Template, _TemplateText
 from kmsg_worker.message import count_bytes, interpolate, normalize
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
@@ -57,17 +57,18 @@ class SliceWrites:
         fail_at: int | None = None,
         before: Any = None,
     ) -> None:
-        import kmsg_worker.bulk as bulk
+        import kmsg_worker.intake as intake
+        import kmsg_worker.storage.intake as writes
 
-        self.bulk, self.monkeypatch = bulk, monkeypatch
-        self.original = bulk._write
+        self.writes, self.monkeypatch = writes, monkeypatch
+        self.original = writes._write
         self.sizes: list[int] = []
         self.fail_at = fail_at
         self.before = before
-        monkeypatch.setattr(bulk, "SLICE", slice_size)
-        monkeypatch.setattr(bulk, "_write", self)
+        monkeypatch.setattr(intake, "SLICE", slice_size)
+        monkeypatch.setattr(writes, "_write", self)
 
-    def __call__(self, rt: Runtime, data: Any, *args: Any, **kwargs: Any) -> None:
+    def __call__(self, store: Any, data: Any, *args: Any, **kwargs: Any) -> None:
         if self.before is not None:
             self.before(data.count)
         self.sizes.append(data.count)
@@ -75,10 +76,10 @@ class SliceWrites:
             from sqlalchemy.exc import OperationalError
 
             raise OperationalError("COPY", {}, Exception("server closed the connection"))
-        self.original(rt, data, *args, **kwargs)
+        self.original(store, data, *args, **kwargs)
 
     def heal(self) -> None:
-        self.monkeypatch.setattr(self.bulk, "_write", self.original)
+        self.monkeypatch.setattr(self.writes, "_write", self.original)
 
 
 def test_batch_is_stored_in_chunks_and_each_chunk_is_one_request(
@@ -575,13 +576,13 @@ def test_a_database_lost_before_any_slice_stores_nothing(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.storage.intake as writes
     from kmsg_worker.errors import BatchPartiallyStoredError, StorageUnavailableError
 
     def down(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("COPY", {}, Exception("connection refused"))
 
-    monkeypatch.setattr(bulk, "_write", down)
+    monkeypatch.setattr(writes, "_write", down)
     with pytest.raises(StorageUnavailableError) as info:
         kmsg.send_many(recipients(5), defaults=DEFAULTS)
     assert not isinstance(info.value, BatchPartiallyStoredError)
@@ -698,18 +699,18 @@ def test_intake_streams_rows_instead_of_holding_the_batch(
 def test_the_same_key_stored_meanwhile_by_another_producer_is_answered_as_a_repeat(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.intake as intake
 
     first = kmsg.send_many(recipients(25), defaults=DEFAULTS, idempotency_key="campaign-race")
     # Given a second producer that looked the key up before the first one committed (it saw none)
-    real = bulk._stored_key
+    real = intake.stored_batch_key
     looks = {"n": 0}
 
     def not_yet(*args: Any) -> Any:
         looks["n"] += 1
         return None if looks["n"] == 1 else real(*args)
 
-    monkeypatch.setattr(bulk, "_stored_key", not_yet)
+    monkeypatch.setattr(intake, "stored_batch_key", not_yet)
     # When it commits the same batch, its key insert collides: it rolls back and answers as a repeat
     second = kmsg.send_many(recipients(25), defaults=DEFAULTS, idempotency_key="campaign-race")
     assert second.duplicate and second.batch_id == first.batch_id and looks["n"] == 2
@@ -728,7 +729,7 @@ def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.intake as intake
     from kmsg_worker.errors import BatchPartiallyStoredError
 
     sessions = runtime.store.sessions
@@ -741,7 +742,7 @@ def test_a_database_lost_after_the_last_slice_reports_every_row_stored(
             raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
         return real_begin()
 
-    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(intake, "SLICE", 10)
     monkeypatch.setattr(sessions, "begin", begin)
     with pytest.raises(BatchPartiallyStoredError) as info:
         kmsg.send_many(recipients(20), defaults=DEFAULTS, on_invalid="skip")  # streamed: slices commit

@@ -24,6 +24,7 @@ from kmsg_worker.circuit import (
     LocalCircuitBreaker,
     RedisCircuitBreaker,
 )
+from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import (
     ConfigurationError,
     ErrorCode,
@@ -33,7 +34,6 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus as S

@@ -191,9 +191,9 @@ def test_a_lost_commit_with_the_database_then_unreachable_is_reported_as_unknown
 def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_batch_goes_on(
     producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.intake as intake
 
-    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(intake, "SLICE", 10)
     # Given a streamed batch (each slice commits on its own) whose first slice's COMMIT reply is lost
     proxy.lose_reply_to(b"COMMIT")
     receipt = producer.send_many(rows(35), defaults=DEFAULTS, on_invalid="skip", chunk_size=10)
@@ -209,9 +209,9 @@ def test_a_streamed_slice_whose_commit_reply_is_lost_is_counted_once_and_the_bat
 def test_a_streamed_batch_whose_totals_commit_reply_is_lost_is_complete(
     producer: KMsg, proxy: TcpProxy, db_url: str, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kmsg_worker.bulk as bulk
+    import kmsg_worker.intake as intake
 
-    monkeypatch.setattr(bulk, "SLICE", 10)
+    monkeypatch.setattr(intake, "SLICE", 10)
     # Given a streamed batch of four slices whose last write, the batch's totals, loses its COMMIT's reply
     proxy.lose_reply_to(b"COMMIT", skip=4)
     receipt = producer.send_many(rows(35), defaults=DEFAULTS, on_invalid="skip", chunk_size=10)

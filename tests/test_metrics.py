@@ -17,6 +17,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from kmsg_worker.delivery import deliver
 from kmsg_worker.logging import configure_logging, get_logger
 from kmsg_worker.metrics import (
     BacklogCollector,
@@ -26,7 +27,6 @@ from kmsg_worker.metrics import (
     metrics_processor,
     use_metrics,
 )
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider
 from kmsg_worker.runtime import Runtime

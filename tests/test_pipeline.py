@@ -9,13 +9,13 @@ from typing import Any, ClassVar
 
 import pytest
 
+from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import (
     IdempotencyConflictError,
     InvalidStateError,
     MessageNotFoundError,
     ValidationError,
 )
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider

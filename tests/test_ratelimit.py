@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from kmsg_worker import ratelimit
+from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import Message, normalize
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.ratelimit import LocalRateLimiter, RedisRateLimiter, buckets_for, parse_rate_limits
 from kmsg_worker.runtime import Runtime

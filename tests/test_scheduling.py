@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from config.beat import beat_schedule
+from kmsg_worker.delivery import deliver
 from kmsg_worker.dispatch import QUEUES, TASK_NAMES, CeleryDispatcher
 from kmsg_worker.errors import InvalidStateError, ValidationError
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings

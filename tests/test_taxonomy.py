@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import (
     ConfigurationError,
     ErrorCode,
@@ -26,7 +27,6 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers import aligo, iwinv, solapi
 from kmsg_worker.providers.base import ProviderConfig

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import ErrorCode, ProviderTransientError, ValidationError
 from kmsg_worker.message import Failover, Message, MessageType, Priority, count_bytes
-from kmsg_worker.delivery import deliver
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.base import DeliveryState, StatusQuery, StatusReport
 from kmsg_worker.providers.mock import MockProvider

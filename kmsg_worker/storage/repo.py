@@ -51,7 +51,7 @@ _INSERT_MESSAGE = insert(MessageRow)
 _CLAIM = (
     update(MessageRow)
     # Batch rows are sent by their chunk's task only, under the chunk's lease
-    # (kmsg_worker.bulk): a stray single-send task for one of them does nothing.
+    # (kmsg_worker.delivery.chunk): a stray single-send task for one of them does nothing.
     .where(
         MessageRow.id == bindparam("claim_id"),
         MessageRow.batch_id.is_(None),
