@@ -29,6 +29,7 @@ from kmsg_worker import KMsg, ValidationError
 from kmsg_worker.dispatch import NullDispatcher
 from kmsg_worker.logging import get_logger, mask_phone
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.storage.rows import new_message_row
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
 from kmsg_worker.storage.repo import Store
@@ -231,7 +232,8 @@ def test_errors_and_reprs_hold_no_numbers_text_or_secrets(tmp_path: Path, pg_url
         errors: list[BaseException] = list(_producer_errors(kmsg))
         # A storage error: the database must not echo the row (number and text) in its message.
         receipt = kmsg.send(to=PHONES["single"], text=TEXT)
-        row = kmsg._row(kmsg.validate(to=PHONES["single"], text=TEXT, id=receipt.message_id), ["solapi"], rt.now())
+        message = kmsg.validate(to=PHONES["single"], text=TEXT, id=receipt.message_id)
+        row = new_message_row(message, ["solapi"], rt.now())
         with pytest.raises(Exception) as storage:
             rt.store.insert_messages([row], now=rt.now())
         errors.append(storage.value)
