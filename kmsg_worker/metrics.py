@@ -662,12 +662,11 @@ WAITING_STATES = ("scheduled", "queued", "sending", "retrying", "sent")
 
 def read_backlog(settings: Settings, engine: Engine, *, now: datetime | None = None) -> BacklogSnapshot:
     """Read queue lengths and database backlogs once (bounded: every query uses a status index)."""
-    from sqlalchemy import func, select
     from sqlalchemy.exc import SQLAlchemyError
 
     from kmsg_worker.dispatch import QUEUES, queue_for
     from kmsg_worker.heartbeat import read_heartbeats
-    from kmsg_worker.storage.models import MessageRow as M
+    from kmsg_worker.storage import queries
 
     now = now or datetime.now(UTC)
     errors: dict[str, str] = {}
@@ -688,29 +687,16 @@ def read_backlog(settings: Settings, engine: Engine, *, now: datetime | None = N
     heartbeats: dict[str, float] = {}
     try:
         with engine.connect() as conn:
-            # One count per state: each is answered from that state's partial index (there is no
-            # index on status alone; ``status IN (...) GROUP BY`` would read the whole table).
-            for status in WAITING_STATES:
-                count = conn.execute(select(func.count()).where(M.status == status)).scalar_one()
-                if count:
-                    states[status] = int(count)
-            for priority, first, count in conn.execute(
-                select(M.priority, func.min(M.queued_at), func.count()).where(M.status == "queued").group_by(M.priority)
-            ):
+            states = {s: n for s, n in queries.waiting_state_counts(conn, WAITING_STATES).items() if n}
+            for priority, first, count in queries.queued_by_priority(conn):
                 queue = queue_for(priority) if priority in ("high", "normal", "bulk") else QUEUES["send"]
-                queued[queue] = queued.get(queue, 0) + int(count)
+                queued[queue] = queued.get(queue, 0) + count
                 oldest[queue] = max(oldest.get(queue, 0.0), age(first))
-            count, first = conn.execute(
-                select(func.count(), func.min(M.next_check_at)).where(M.status == "sent", M.next_check_at <= now)
-            ).one()
-            tracking = (int(count), age(first))
-            count, first = conn.execute(
-                select(func.count(), func.min(M.scheduled_at)).where(M.status == "scheduled", M.scheduled_at <= now)
-            ).one()
-            scheduled = (int(count), age(first))
-            retries = int(
-                conn.execute(select(func.count()).where(M.status == "retrying", M.next_attempt_at <= now)).scalar_one()
-            )
+            count, first = queries.tracking_due(conn, now)
+            tracking = (count, age(first))
+            count, first = queries.scheduled_overdue(conn, now)
+            scheduled = (count, age(first))
+            retries = queries.retries_due(conn, now)
         heartbeats = {name: age(info.beat_at) for name, info in read_heartbeats(engine).items()}
     except SQLAlchemyError as exc:
         errors["database"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"[:300]
