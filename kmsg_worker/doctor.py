@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kmsg_worker.errors import ConfigurationError, ProviderError
 from kmsg_worker.heartbeat import read_heartbeats
+from kmsg_worker.observability.backlog import read_backlog
 from kmsg_worker.providers.base import Provider
 from kmsg_worker.providers.base_http import HttpProvider, make_http_client
 from kmsg_worker.providers.registry import provider_class
@@ -302,8 +303,6 @@ def _writable(folder: Path) -> bool:
 def _check_consumption(
     settings: Settings, engine: Engine, report: DoctorReport, options: DoctorOptions, broker_ok: bool
 ) -> None:
-    from kmsg_worker.metrics import read_backlog
-
     snap = read_backlog(settings, engine) if broker_ok else read_backlog(settings.with_overrides(broker_url=""), engine)
     if "database" in snap.errors:
         report.add("consumption", Status.SKIP, f"database unreadable: {snap.errors['database']}")

@@ -3,7 +3,8 @@
 Events are snake_case or dotted verbs (``message.sent``), never f-strings with data baked in. The
 :func:`mask_phone_numbers` processor masks anything that looks like a phone number in every value,
 so a number can only reach the logs masked (``010****5678``), even by mistake. Every event name,
-its fields and the metric it feeds are listed in ``docs/EVENTS.md``.
+its fields and the metric it feeds are listed in ``docs/EVENTS.md``; the metrics count the events
+through a processor the app's configuration adds (:func:`add_event_counter`).
 
 One correlation id follows a message from the producer into every task that handles it: the producer
 binds it (:func:`bind_correlation_id`, e.g. a web request id), the Celery publish hook copies it into
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
@@ -26,6 +27,7 @@ from kmsg_worker.pii import mask_phone, mask_phone_numbers
 
 __all__ = [
     "CORRELATION_HEADER",
+    "add_event_counter",
     "bind_correlation_id",
     "configure_logging",
     "correlation_for_publish",
@@ -40,7 +42,12 @@ __all__ = [
 CORRELATION_HEADER = "kmsg_correlation_id"
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
 
-_configured = False
+#: A structlog processor: ``(logger, method name, event dict) -> event dict``.
+Processor = Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]
+#: What :func:`add_event_counter` installed, in order.
+_counters: tuple[Processor, ...] = ()
+#: The arguments of the last :func:`configure_logging` (``None``: not configured yet).
+_configured_as: tuple[str, bool, bool] | None = None
 
 
 class _CurrentStderr:
@@ -66,41 +73,60 @@ def _drop_below(level: int) -> Any:
     return drop
 
 
-def configure_logging(level: str = "INFO", *, json_output: bool = True, metrics: bool = True) -> None:
+def add_event_counter(counter: Processor) -> None:
+    """Run ``counter`` on every event of this process, before the level filter.
+
+    The app's configuration installs the Prometheus counters this way (``config/observability.py``),
+    so this module never imports the metrics. Adding the same counter twice keeps one; a process
+    whose logging is already configured is configured again with the same level and output.
+
+    Args:
+        counter: A structlog processor that counts the event and returns it unchanged.
+    """
+    global _counters
+    if counter in _counters:
+        return
+    _counters = (*_counters, counter)
+    if _configured_as is not None:
+        level, json_output, counting = _configured_as
+        configure_logging(level, json_output=json_output, counters=counting)
+
+
+def configure_logging(level: str = "INFO", *, json_output: bool = True, counters: bool = True) -> None:
     """Configure structlog once per process.
 
     Args:
         level: The lowest level written.
         json_output: One JSON object per line (production), or the console renderer (a terminal).
-        metrics: Count events into the Prometheus metrics (:mod:`kmsg_worker.metrics`). Counting
-            happens before the level filter, so ``level="WARNING"`` quiets the logs but never a counter.
+        counters: Run the event counters added with :func:`add_event_counter` (the Prometheus
+            metrics, where the app installed them). Counting happens before the level filter, so
+            ``level="WARNING"`` quiets the logs but never a counter.
     """
-    global _configured
+    global _configured_as
     output_level = getattr(logging, level.upper(), logging.INFO)
-    processors: list[Any] = [
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         # Tracebacks become text first, so the masking below sees them.
         structlog.processors.format_exc_info,
         mask_phone_numbers,
     ]
-    if metrics:
-        from kmsg_worker.metrics import metrics_processor
-
-        processors.append(metrics_processor)
+    counting = counters and bool(_counters)
+    if counting:
+        processors.extend(_counters)
         if output_level > logging.INFO:
             processors.append(_drop_below(output_level))
     processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    # Metric events are INFO: let them reach the processors even when fewer are written.
-    min_level = min(output_level, logging.INFO) if metrics else output_level
+    # Counted events are INFO: let them reach the processors even when fewer are written.
+    min_level = min(output_level, logging.INFO) if counting else output_level
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(min_level),
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
-    _configured = True
+    _configured_as = (level, json_output, counters)
 
 
 def stdlib_formatter(*, json_output: bool = True) -> logging.Formatter:
@@ -129,7 +155,7 @@ def stdlib_formatter(*, json_output: bool = True) -> logging.Formatter:
 
 def get_logger(name: str | None = None) -> Any:
     """Return a structlog logger (configured with defaults on first use)."""
-    if not _configured:
+    if _configured_as is None:
         configure_logging()
     return structlog.get_logger(name)
 
