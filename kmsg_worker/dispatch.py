@@ -12,7 +12,11 @@ from typing import Any, Protocol
 
 from kmsg_worker.message import Priority
 
-__all__ = ["QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
+__all__ = ["CELERY_APP", "QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
+
+#: Import path of the project's Celery app, for ``celery -A`` and ``KMSG_DISPATCHER``. The library
+#: names it (to Celery's command line, in a child process) and never imports it.
+CELERY_APP = "config.celery"
 
 #: Celery queue names, one per kind of work so a campaign never delays an OTP.
 QUEUES = {

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import email.utils
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from kmsg_worker.dispatch import CELERY_APP
 from kmsg_worker.errors import ConfigurationError, ProviderError
 from kmsg_worker.heartbeat import read_heartbeats
 from kmsg_worker.observability.backlog import read_backlog
@@ -527,12 +530,28 @@ def run_doctor(
 
 
 def _celery_ping(timeout: float) -> list[str]:
-    import importlib
+    """The workers that answer ``celery inspect ping``, asked through Celery's own command line.
 
-    # kmsg_worker never imports the Celery app statically (layering); the CLI may, by name.
-    app = importlib.import_module("config.celery").app
-    replies = app.control.ping(timeout=timeout) or []
-    return [name for reply in replies for name in reply]
+    The library never imports the project's Celery app (``config``): like ``kmsg demo`` starting
+    workers, it names the app to ``celery -A`` in a child process.
+    """
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "inspect", "ping", "--json"]
+    result = subprocess.run(
+        [*command, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        # Celery's start-up (the app, its broker connection) comes on top of the ping's own wait.
+        timeout=timeout + 60,
+        check=False,
+    )
+    if result.returncode != 0:
+        if "No nodes replied" in result.stderr + result.stdout:
+            return []
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(lines[-1][:300] if lines else f"celery exited with {result.returncode}")
+    replies = json.loads(result.stdout.strip().splitlines()[-1])
+    return sorted(replies) if isinstance(replies, dict) else [name for reply in replies for name in reply]
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:
