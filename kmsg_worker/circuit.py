@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from kmsg_worker.errors import (
     ErrorCode,
@@ -48,9 +48,6 @@ from kmsg_worker.logging import get_logger
 # The policy is a settings value (``KMSG_CIRCUIT_*``), defined with the other settings so that
 # settings never import this module; re-exported here, where the breakers that follow it live.
 from kmsg_worker.settings import CircuitPolicy, Settings
-
-if TYPE_CHECKING:
-    from kmsg_worker.runtime import Runtime
 
 __all__ = [
     "CLOSED",
@@ -454,6 +451,21 @@ def health(error: ProviderError | None) -> tuple[bool, bool] | None:
         or error.code is ErrorCode.NETWORK_SERVICE_UNAVAILABLE
     )
     return False, down
+
+
+class Runtime(Protocol):
+    """What the functions below need of a process's runtime (:class:`kmsg_worker.runtime.Runtime` is one).
+
+    Structural, so this module never imports the runtime that builds its breakers (no import cycle).
+    """
+
+    @property
+    def circuits(self) -> CircuitBreaker:
+        """The process's breakers (shared through Redis or in-process)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings (the enabled providers)."""
 
 
 def allow(rt: Runtime, name: str) -> bool:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
@@ -38,6 +37,11 @@ __all__ = ["WAITING_STATES", "BacklogCollector", "BacklogSnapshot", "read_backlo
 def _broker_lengths(settings: Settings, queues: Iterable[str]) -> dict[str, int]:
     url = settings.broker_url
     if url.startswith(("redis://", "rediss://", "unix://")):
+        # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime), and
+        # every process that loads the app (config/observability.py) or the command line imports
+        # this module; a filesystem broker never needs it.
+        import redis
+
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         prefix = settings.broker_key_prefix  # kombu's global_keyprefix
         try:
