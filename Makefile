@@ -24,9 +24,10 @@ test: install  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1; CI=t
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
-lint: install
+lint: install  ## ruff, and import-linter's layer and no-cycle contracts (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 format: install
 	$(BIN)/ruff format .

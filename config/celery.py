@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from config import observability
 from config.beat import beat_schedule
 from config.celeryconfig import build_config
 from kmsg_worker.dispatch import CeleryDispatcher
@@ -25,8 +26,9 @@ app = Celery(
 app.config_from_object(build_config(settings))
 app.conf.beat_schedule = beat_schedule(settings)
 
-# Publish hook (correlation header) in every publishing process; metrics hooks in workers.
-import config.observability  # noqa: E402, F401
+# Event counters and the publish hook (correlation header) in every process that loads the app;
+# the metrics hooks in workers.
+observability.install(settings)
 
 
 def dispatcher() -> CeleryDispatcher:

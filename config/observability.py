@@ -1,7 +1,9 @@
-"""Celery wiring of the observability: the correlation header and the worker's Prometheus endpoint.
+"""Celery wiring of the observability: event counters, the correlation header and the worker's Prometheus endpoint.
 
-Imported by :mod:`config.celery`, so the publish hook is connected in every process that publishes
-(producers included), and the worker hooks in every worker.
+:func:`install` is called by :mod:`config.celery` with its settings, so in every process that loads
+the app (producers included) the log events are counted into the Prometheus metrics
+(:func:`kmsg_worker.logging.add_event_counter`) and the publish hook is connected, and in every
+worker the worker hooks. This module never imports :mod:`config.celery` (no import cycle).
 
 * ``before_task_publish``: adds the ``kmsg_correlation_id`` header (see
   :func:`kmsg_worker.logging.correlation_for_publish`); ``tasks.signals`` binds it in ``task_prerun``.
@@ -24,16 +26,36 @@ from typing import Any
 
 from celery import signals
 
-from kmsg_worker.logging import CORRELATION_HEADER, correlation_for_publish, get_logger
-from kmsg_worker.metrics import mark_process_dead, node_dir, prepare_multiprocess_dir, spawn_metrics_server
+from kmsg_worker.logging import CORRELATION_HEADER, add_event_counter, correlation_for_publish, get_logger
+from kmsg_worker.observability.events import metrics_processor
+from kmsg_worker.observability.multiprocess import mark_process_dead, node_dir, prepare_multiprocess_dir
+from kmsg_worker.observability.server import spawn_metrics_server
+from kmsg_worker.settings import Settings
 
-__all__: list[str] = []
+__all__ = ["install"]
 
 log = get_logger("kmsg.observability")
 _server: subprocess.Popen[bytes] | None = None
+#: The app's settings, given to :func:`install` (the worker hooks read the metrics port and folder).
+_settings: Settings | None = None
 
 
-@signals.before_task_publish.connect
+def install(settings: Settings) -> None:
+    """Count log events into the metrics and connect the publish and worker hooks (idempotent).
+
+    Args:
+        settings: The app's settings (:data:`config.celery.settings`).
+    """
+    global _settings
+    _settings = settings
+    add_event_counter(metrics_processor)
+    # Module-level receivers: Celery keeps weak references, and these live as long as the module.
+    signals.before_task_publish.connect(_add_correlation_header)
+    signals.worker_init.connect(_start_worker_metrics)
+    signals.worker_process_shutdown.connect(_child_exits)
+    signals.worker_shutdown.connect(_stop_worker_metrics)
+
+
 def _add_correlation_header(body: Any = None, headers: Any = None, **_: Any) -> None:
     if not isinstance(headers, dict) or headers.get(CORRELATION_HEADER):
         return
@@ -44,11 +66,11 @@ def _add_correlation_header(body: Any = None, headers: Any = None, **_: Any) -> 
         headers[CORRELATION_HEADER] = correlation
 
 
-@signals.worker_init.connect
 def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
     global _server
-    from config.celery import settings
-
+    settings = _settings
+    if settings is None:  # install() connects this hook, so it has run
+        return
     node = str(getattr(sender, "hostname", "") or f"worker-{os.getpid()}")
     explicit = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     folder = prepare_multiprocess_dir(Path(explicit) if explicit else node_dir(settings, node))
@@ -58,12 +80,10 @@ def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
         log.info("metrics.server_spawned", pid=_server.pid, port=settings.metrics_port, node=node, folder=str(folder))
 
 
-@signals.worker_process_shutdown.connect
 def _child_exits(pid: int | None = None, **_: Any) -> None:
     mark_process_dead(pid or os.getpid())
 
 
-@signals.worker_shutdown.connect
 def _stop_worker_metrics(**_: Any) -> None:
     global _server
     if _server is not None:

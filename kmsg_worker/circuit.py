@@ -28,14 +28,15 @@ default): same interface, same transitions, state per process.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from kmsg_worker.errors import (
-    ConfigurationError,
     ErrorCode,
     ProviderConnectionError,
     ProviderError,
@@ -44,8 +45,9 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.logging import get_logger
 
-if TYPE_CHECKING:
-    from kmsg_worker.runtime import Runtime
+# The policy is a settings value (``KMSG_CIRCUIT_*``), defined with the other settings so that
+# settings never import this module; re-exported here, where the breakers that follow it live.
+from kmsg_worker.settings import CircuitPolicy, Settings
 
 __all__ = [
     "CLOSED",
@@ -73,69 +75,6 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _BUCKETS = 10
 #: Keys live this long after their last change (an idle provider's circuit is closed anyway).
 _TTL_MS = 24 * 3600 * 1000
-
-
-@dataclass(frozen=True)
-class CircuitPolicy:
-    """Circuit breaker knobs (``KMSG_CIRCUIT_*``).
-
-    Attributes:
-        enabled: ``KMSG_CIRCUIT_ENABLED``.
-        window: Seconds of the sliding error-rate window (``KMSG_CIRCUIT_WINDOW_SECONDS``).
-        min_requests: Calls in the window before the error rate counts (``KMSG_CIRCUIT_MIN_REQUESTS``).
-        error_rate: Failure share that opens the circuit, in (0, 1] (``KMSG_CIRCUIT_ERROR_RATE``).
-        consecutive_failures: Timeouts/5xx in a row that open it (``KMSG_CIRCUIT_CONSECUTIVE_FAILURES``).
-        cooldown: Seconds open before probes go through (``KMSG_CIRCUIT_COOLDOWN_SECONDS``).
-        half_open_probes: Calls let through per cool-down while half-open (``KMSG_CIRCUIT_HALF_OPEN_PROBES``).
-    """
-
-    enabled: bool = True
-    window: float = 30.0
-    # Defaults chosen so that a degraded but working provider (a third of its calls failing) does
-    # not flap open on chance runs, while a dead one opens after ten calls: with a single provider
-    # an open circuit only delays messages, so opening on noise costs more than it saves.
-    min_requests: int = 20
-    error_rate: float = 0.5
-    consecutive_failures: int = 10
-    # Short: while open, messages with no other provider wait for it.
-    cooldown: float = 10.0
-    half_open_probes: int = 1
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> CircuitPolicy:
-        """Read ``KMSG_CIRCUIT_*``.
-
-        Raises:
-            ConfigurationError: A value is not a number in its range; the message names the variable.
-        """
-        default = cls()
-
-        def read(name: str, fallback: float, kind: Callable[[str], Any], low: float, high: float) -> Any:
-            raw = env.get(name)
-            if raw in (None, ""):
-                return fallback
-            try:
-                value = kind(raw)
-            except ValueError:
-                value = None
-            if value is None or not low <= value <= high:
-                raise ConfigurationError(f"{name}={raw!r} must be a number in [{low:g}, {high:g}]", variable=name)
-            return value
-
-        enabled_raw = (env.get("KMSG_CIRCUIT_ENABLED") or "true").strip().lower()
-        if enabled_raw not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            raise ConfigurationError("KMSG_CIRCUIT_ENABLED must be true or false", variable="KMSG_CIRCUIT_ENABLED")
-        return cls(
-            enabled=enabled_raw in {"1", "true", "yes", "on"},
-            window=read("KMSG_CIRCUIT_WINDOW_SECONDS", default.window, float, 0.1, 86400),
-            min_requests=read("KMSG_CIRCUIT_MIN_REQUESTS", default.min_requests, int, 1, 1_000_000),
-            error_rate=read("KMSG_CIRCUIT_ERROR_RATE", default.error_rate, float, 0.01, 1.0),
-            consecutive_failures=read(
-                "KMSG_CIRCUIT_CONSECUTIVE_FAILURES", default.consecutive_failures, int, 1, 1_000_000
-            ),
-            cooldown=read("KMSG_CIRCUIT_COOLDOWN_SECONDS", default.cooldown, float, 0.05, 86400),
-            half_open_probes=read("KMSG_CIRCUIT_HALF_OPEN_PROBES", default.half_open_probes, int, 1, 1000),
-        )
 
 
 @dataclass(frozen=True)
@@ -484,6 +423,8 @@ def make_breaker(policy: CircuitPolicy, client: Any | None, *, prefix: str = "km
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
+    # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime) and a process
+    # on the embedded default (no KMSG_REDIS_URL) never loads it.
     try:
         import redis
     except ImportError:  # pragma: no cover - redis is a dependency
@@ -510,6 +451,21 @@ def health(error: ProviderError | None) -> tuple[bool, bool] | None:
         or error.code is ErrorCode.NETWORK_SERVICE_UNAVAILABLE
     )
     return False, down
+
+
+class Runtime(Protocol):
+    """What the functions below need of a process's runtime (:class:`kmsg_worker.runtime.Runtime` is one).
+
+    Structural, so this module never imports the runtime that builds its breakers (no import cycle).
+    """
+
+    @property
+    def circuits(self) -> CircuitBreaker:
+        """The process's breakers (shared through Redis or in-process)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings (the enabled providers)."""
 
 
 def allow(rt: Runtime, name: str) -> bool:
@@ -565,16 +521,13 @@ def states(rt: Runtime, names: Sequence[str] | None = None) -> list[CircuitState
 
 def cmd_circuits(ns: Any) -> int:
     """``kmsg circuits``: print every enabled provider's circuit as the workers share it."""
-    import json as _json
-    from datetime import UTC, datetime
-
-    from kmsg_worker.settings import Settings
-
     settings = Settings.from_env()
     policy = settings.circuit
     if not settings.redis_url:
         print("no KMSG_REDIS_URL: each worker process keeps its own circuits in memory; nothing shared to show")
         return 0
+    # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime) and a process
+    # on the embedded default never loads it.
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -585,7 +538,7 @@ def cmd_circuits(ns: Any) -> int:
         client.close()
     if getattr(ns, "json", False):
         for snap in snaps:
-            print(_json.dumps(snap.__dict__))
+            print(json.dumps(snap.__dict__))
         return 0
     rows = [
         {

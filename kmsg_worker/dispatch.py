@@ -7,12 +7,17 @@ publishes on one producer connection. Tests and the benchmarks can pass their ow
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Final, Protocol
 
 from kmsg_worker.message import Priority
 
-__all__ = ["QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
+__all__ = ["CELERY_APP", "QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
+
+#: Import path of the project's Celery app, for ``celery -A`` and ``KMSG_DISPATCHER``. The library
+#: names it (to Celery's command line, in a child process) and never imports it.
+CELERY_APP = "config.celery"
 
 #: Celery queue names, one per kind of work so a campaign never delays an OTP.
 QUEUES = {
@@ -22,14 +27,19 @@ QUEUES = {
     "poll": "kmsg.poll",
     "maintenance": "kmsg.maintenance",
 }
-#: Registered task names (defined in the top-level ``tasks`` package).
-TASK_NAMES = {
-    "send": "kmsg.send_message",
-    "chunk": "kmsg.send_chunk",
-    "poll": "kmsg.poll_statuses",
-    "sweep": "kmsg.sweep",
-    "schedule": "kmsg.dispatch_scheduled",
-}
+#: Every registered task name: the one table. The ``tasks`` package registers its tasks under these
+#: names, and the library, the app's routes and the beat schedule publish by them without importing
+#: the task modules. A name here is a wire contract: messages already queued carry it.
+TASK_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "send": "kmsg.send_message",
+        "chunk": "kmsg.send_chunk",
+        "bulk": "kmsg.send_bulk",
+        "poll": "kmsg.poll_statuses",
+        "sweep": "kmsg.sweep",
+        "schedule": "kmsg.dispatch_scheduled",
+    }
+)
 
 
 def queue_for(priority: Priority | str) -> str:

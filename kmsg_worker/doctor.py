@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import email.utils
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,12 +39,22 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from kmsg_worker.dispatch import CELERY_APP
 from kmsg_worker.errors import ConfigurationError, ProviderError
+from kmsg_worker.heartbeat import read_heartbeats
+from kmsg_worker.observability.backlog import read_backlog
+from kmsg_worker.providers.base import Provider
+from kmsg_worker.providers.base_http import HttpProvider, make_http_client
+from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.settings import Settings
+from kmsg_worker.storage import queries
+from kmsg_worker.storage.db import make_engine
+from kmsg_worker.storage.migrate import head_revision
+from kmsg_worker.storage.models import Base
 
 __all__ = ["CheckResult", "DoctorOptions", "DoctorReport", "Status", "add_subcommand", "run_doctor", "safe_url"]
 
@@ -166,8 +178,6 @@ def safe_url(url: str) -> str:
 
 
 def _check_database(settings: Settings, report: DoctorReport, clocks: dict[str, float]) -> Engine | None:
-    from kmsg_worker.storage.db import make_engine
-
     url = settings.database_url
     parsed = make_url(url)
     shown = parsed.render_as_string(hide_password=True)
@@ -184,17 +194,10 @@ def _check_database(settings: Settings, report: DoctorReport, clocks: dict[str, 
     engine = make_engine(url, pool_size=1)
     started = time.perf_counter()
     try:
-        with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(text("SET statement_timeout = 5000"))
-                server_now = conn.execute(text("SELECT now()")).scalar_one()
-                local = datetime.now(UTC)
-                clocks["database"] = (local - server_now).total_seconds()
-                version = conn.execute(text("SHOW server_version")).scalar_one()
-                what = f"PostgreSQL {str(version).split()[0]}"
-            else:
-                conn.execute(text("SELECT 1"))
-                what = "SQLite"
+        probe = queries.probe_database(engine)
+        if probe.server_now is not None:
+            clocks["database"] = (probe.local_now - probe.server_now).total_seconds()
+        what = probe.product
     except SQLAlchemyError as exc:
         engine.dispose()
         reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:200]
@@ -210,11 +213,8 @@ def _check_database(settings: Settings, report: DoctorReport, clocks: dict[str, 
 
 
 def _check_migrations(engine: Engine, report: DoctorReport) -> None:
-    from kmsg_worker.storage.migrate import head_revision
-    from kmsg_worker.storage.models import Base
-
     try:
-        tables = set(inspect(engine).get_table_names())
+        tables = queries.table_names(engine)
         if engine.dialect.name == "sqlite":
             missing = sorted(set(Base.metadata.tables) - tables)
             if missing:
@@ -227,10 +227,7 @@ def _check_migrations(engine: Engine, report: DoctorReport) -> None:
             else:
                 report.add("migrations", Status.OK, f"embedded schema present ({len(Base.metadata.tables)} tables)")
             return
-        from alembic.runtime.migration import MigrationContext
-
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+        current = queries.schema_revision(engine)
     except SQLAlchemyError as exc:
         report.add("migrations", Status.FAIL, f"cannot read the schema: {type(exc).__name__}", "check database rights")
         return
@@ -247,6 +244,8 @@ def _check_broker(settings: Settings, report: DoctorReport, timeout: float) -> b
     url = settings.broker_url
     shown = safe_url(url)
     if url.startswith(("redis://", "rediss://", "unix://")):
+        # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime), and
+        # every `kmsg` command loads this module; only a Redis broker needs it.
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -285,6 +284,8 @@ def _check_broker(settings: Settings, report: DoctorReport, timeout: float) -> b
         )
         return False
     try:
+        # Imported here, a real cost: kombu's connection module takes ~75-120 ms to import
+        # (python -X importtime), and only a broker that is neither Redis nor the embedded one needs it.
         from kombu import Connection  # type: ignore[attr-defined,unused-ignore]
 
         with Connection(url, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call,unused-ignore]
@@ -309,8 +310,6 @@ def _writable(folder: Path) -> bool:
 def _check_consumption(
     settings: Settings, engine: Engine, report: DoctorReport, options: DoctorOptions, broker_ok: bool
 ) -> None:
-    from kmsg_worker.metrics import read_backlog
-
     snap = read_backlog(settings, engine) if broker_ok else read_backlog(settings.with_overrides(broker_url=""), engine)
     if "database" in snap.errors:
         report.add("consumption", Status.SKIP, f"database unreadable: {snap.errors['database']}")
@@ -352,8 +351,6 @@ def _check_consumption(
 
 
 def _check_beat(settings: Settings, engine: Engine, report: DoctorReport, options: DoctorOptions) -> None:
-    from kmsg_worker.heartbeat import read_heartbeats
-
     limit = options.heartbeat_max_age or max(30.0, 3 * settings.sweep_interval + 10)
     try:
         beats = read_heartbeats(engine)
@@ -416,10 +413,6 @@ def _date_skew(client: httpx.Client, url: str) -> float | None:
 def _check_providers(
     settings: Settings, report: DoctorReport, options: DoctorOptions, client: httpx.Client, clocks: dict[str, float]
 ) -> None:
-    from kmsg_worker.providers.base import Provider
-    from kmsg_worker.providers.base_http import HttpProvider
-    from kmsg_worker.providers.registry import provider_class
-
     for name in settings.providers:
         check = f"provider:{name}"
         try:
@@ -524,8 +517,6 @@ def run_doctor(
             report.add("beat", Status.SKIP, "database unreachable")
         if broker_ok:
             _check_ping(report, options)
-        from kmsg_worker.providers.base_http import make_http_client
-
         client = http_client or make_http_client(timeout=httpx.Timeout(options.timeout))
         try:
             _check_providers(settings, report, options, client, clocks)
@@ -543,12 +534,28 @@ def run_doctor(
 
 
 def _celery_ping(timeout: float) -> list[str]:
-    import importlib
+    """The workers that answer ``celery inspect ping``, asked through Celery's own command line.
 
-    # kmsg_worker never imports the Celery app statically (layering); the CLI may, by name.
-    app = importlib.import_module("config.celery").app
-    replies = app.control.ping(timeout=timeout) or []
-    return [name for reply in replies for name in reply]
+    The library never imports the project's Celery app (``config``): like ``kmsg demo`` starting
+    workers, it names the app to ``celery -A`` in a child process.
+    """
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "inspect", "ping", "--json"]
+    result = subprocess.run(
+        [*command, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        # Celery's start-up (the app, its broker connection) comes on top of the ping's own wait.
+        timeout=timeout + 60,
+        check=False,
+    )
+    if result.returncode != 0:
+        if "No nodes replied" in result.stderr + result.stdout:
+            return []
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(lines[-1][:300] if lines else f"celery exited with {result.returncode}")
+    replies = json.loads(result.stdout.strip().splitlines()[-1])
+    return sorted(replies) if isinstance(replies, dict) else [name for reply in replies for name in reply]
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:

@@ -9,15 +9,12 @@ read them.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, Executable, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine
 
-from kmsg_worker.storage.models import Heartbeat
+from kmsg_worker.storage import queries
 
 __all__ = ["HeartbeatInfo", "read_heartbeats", "record_heartbeat"]
 
@@ -41,21 +38,9 @@ class HeartbeatInfo:
 
 def record_heartbeat(engine: Engine, name: str, now: datetime) -> None:
     """Overwrite the heartbeat row ``name`` with ``now`` (one upsert, safe under concurrency)."""
-    values = {"name": name, "beat_at": now, "host": socket.gethostname()[:255], "pid": os.getpid()}
-    update = {"beat_at": now, "host": values["host"], "pid": values["pid"]}
-    stmt: Executable
-    if engine.dialect.name == "postgresql":
-        pg = postgresql.insert(Heartbeat).values(**values)
-        stmt = pg.on_conflict_do_update(index_elements=[Heartbeat.name], set_=update)
-    else:
-        lite = sqlite.insert(Heartbeat).values(**values)
-        stmt = lite.on_conflict_do_update(index_elements=[Heartbeat.name], set_=update)
-    with engine.begin() as conn:
-        conn.execute(stmt)
+    queries.upsert_heartbeat(engine, name, now)
 
 
 def read_heartbeats(engine: Engine) -> dict[str, HeartbeatInfo]:
     """Every recorded heartbeat by job name (empty when no periodic job ever ran)."""
-    with engine.connect() as conn:
-        rows = conn.execute(select(Heartbeat.name, Heartbeat.beat_at, Heartbeat.host, Heartbeat.pid)).all()
-    return {r.name: HeartbeatInfo(r.name, r.beat_at, r.host, r.pid) for r in rows}
+    return {r.name: HeartbeatInfo(r.name, r.beat_at, r.host, r.pid) for r in queries.heartbeat_rows(engine)}

@@ -3,7 +3,8 @@
 Events are snake_case or dotted verbs (``message.sent``), never f-strings with data baked in. The
 :func:`mask_phone_numbers` processor masks anything that looks like a phone number in every value,
 so a number can only reach the logs masked (``010****5678``), even by mistake. Every event name,
-its fields and the metric it feeds are listed in ``docs/EVENTS.md``.
+its fields and the metric it feeds are listed in ``docs/EVENTS.md``; the metrics count the events
+through a processor the app's configuration adds (:func:`add_event_counter`).
 
 One correlation id follows a message from the producer into every task that handles it: the producer
 binds it (:func:`bind_correlation_id`, e.g. a web request id), the Celery publish hook copies it into
@@ -14,16 +15,19 @@ binds it again in the worker, so every event of the task carries ``correlation_i
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import uuid
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
 
+# Re-exported: the masking lives in the leaf module kmsg_worker.pii; these names stay importable here.
+from kmsg_worker.pii import mask_phone, mask_phone_numbers
+
 __all__ = [
     "CORRELATION_HEADER",
+    "add_event_counter",
     "bind_correlation_id",
     "configure_logging",
     "correlation_for_publish",
@@ -38,57 +42,12 @@ __all__ = [
 CORRELATION_HEADER = "kmsg_correlation_id"
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
 
-# Korean numbers (with or without separators) and E.164 numbers. The prefix is lazy, so ``01012345678``
-# keeps ``010`` (not ``0101``) and ``0212345678`` keeps ``02``: only the prefix and the last four digits
-# survive, as with :func:`mask_phone`.
-#
-# Bounded by ASCII letters and digits only (not ``\w``): a number glued to Hangul (``수신번호01012345678``) or an
-# underscore is masked too, while the digit runs inside hex ids stay intact. ``(010) 1234-5678`` is covered.
-_PHONE_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])(\+?\d{2,4}?)[\s\-.()]{0,2}(\d{3,4})[\s\-.]?(\d{4})(?![0-9A-Za-z])")
-#: E.164 numbers too long for the pattern above (``+8201012345678``: up to 15 digits after the ``+``).
-_LONG_E164_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])(\+\d{3})(\d{4,8})(\d{4})(?![0-9A-Za-z])")
-#: Nesting that :func:`mask_phone_numbers` descends into (lists, tuples, mappings in event values).
-_MASK_DEPTH = 8
-_configured = False
-
-
-def mask_phone(number: str | None) -> str:
-    """Mask the middle of a phone number: ``01012345678`` -> ``010****5678``."""
-    if not number:
-        return ""
-    digits = number.strip()
-    if len(digits) <= 4:
-        return "*" * len(digits)
-    head = 4 if digits.startswith("+") else 3
-    return digits[:head] + "*" * (len(digits) - head - 4) + digits[-4:]
-
-
-def _mask_text(text: str) -> str:
-    text = _LONG_E164_IN_TEXT.sub(lambda m: m.group(1) + "*" * len(m.group(2)) + m.group(3), text)
-    return _PHONE_IN_TEXT.sub(lambda m: m.group(1) + "****" + m.group(3), text)
-
-
-def _mask_value(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return _mask_text(value)
-    if depth >= _MASK_DEPTH:
-        return value
-    if isinstance(value, Mapping):
-        return {k: _mask_value(v, depth + 1) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_mask_value(v, depth + 1) for v in value)
-    return value
-
-
-def mask_phone_numbers(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: mask phone-number-like substrings in every string value, nested ones too.
-
-    Runs after ``format_exc_info``, so a number in an exception's message or traceback is masked as well.
-    """
-    for key, value in event_dict.items():
-        if isinstance(value, (str, Mapping, list, tuple)):
-            event_dict[key] = _mask_value(value)
-    return event_dict
+#: A structlog processor: ``(logger, method name, event dict) -> event dict``.
+Processor = Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]
+#: What :func:`add_event_counter` installed, in order.
+_counters: tuple[Processor, ...] = ()
+#: The arguments of the last :func:`configure_logging` (``None``: not configured yet).
+_configured_as: tuple[str, bool, bool] | None = None
 
 
 class _CurrentStderr:
@@ -114,41 +73,60 @@ def _drop_below(level: int) -> Any:
     return drop
 
 
-def configure_logging(level: str = "INFO", *, json_output: bool = True, metrics: bool = True) -> None:
+def add_event_counter(counter: Processor) -> None:
+    """Run ``counter`` on every event of this process, before the level filter.
+
+    The app's configuration installs the Prometheus counters this way (``config/observability.py``),
+    so this module never imports the metrics. Adding the same counter twice keeps one; a process
+    whose logging is already configured is configured again with the same level and output.
+
+    Args:
+        counter: A structlog processor that counts the event and returns it unchanged.
+    """
+    global _counters
+    if counter in _counters:
+        return
+    _counters = (*_counters, counter)
+    if _configured_as is not None:
+        level, json_output, counting = _configured_as
+        configure_logging(level, json_output=json_output, counters=counting)
+
+
+def configure_logging(level: str = "INFO", *, json_output: bool = True, counters: bool = True) -> None:
     """Configure structlog once per process.
 
     Args:
         level: The lowest level written.
         json_output: One JSON object per line (production), or the console renderer (a terminal).
-        metrics: Count events into the Prometheus metrics (:mod:`kmsg_worker.metrics`). Counting
-            happens before the level filter, so ``level="WARNING"`` quiets the logs but never a counter.
+        counters: Run the event counters added with :func:`add_event_counter` (the Prometheus
+            metrics, where the app installed them). Counting happens before the level filter, so
+            ``level="WARNING"`` quiets the logs but never a counter.
     """
-    global _configured
+    global _configured_as
     output_level = getattr(logging, level.upper(), logging.INFO)
-    processors: list[Any] = [
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         # Tracebacks become text first, so the masking below sees them.
         structlog.processors.format_exc_info,
         mask_phone_numbers,
     ]
-    if metrics:
-        from kmsg_worker.metrics import metrics_processor
-
-        processors.append(metrics_processor)
+    counting = counters and bool(_counters)
+    if counting:
+        processors.extend(_counters)
         if output_level > logging.INFO:
             processors.append(_drop_below(output_level))
     processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    # Metric events are INFO: let them reach the processors even when fewer are written.
-    min_level = min(output_level, logging.INFO) if metrics else output_level
+    # Counted events are INFO: let them reach the processors even when fewer are written.
+    min_level = min(output_level, logging.INFO) if counting else output_level
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(min_level),
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
-    _configured = True
+    _configured_as = (level, json_output, counters)
 
 
 def stdlib_formatter(*, json_output: bool = True) -> logging.Formatter:
@@ -177,7 +155,7 @@ def stdlib_formatter(*, json_output: bool = True) -> logging.Formatter:
 
 def get_logger(name: str | None = None) -> Any:
     """Return a structlog logger (configured with defaults on first use)."""
-    if not _configured:
+    if _configured_as is None:
         configure_logging()
     return structlog.get_logger(name)
 

@@ -28,6 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from kmsg_worker.errors import ValidationError
+from kmsg_worker.pii import mask_phone
 
 __all__ = [
     "KAKAO_TYPES",
@@ -1017,6 +1018,4 @@ def normalize_phone_sender(value: object) -> str:
 
 def redact(message: Message) -> dict[str, Any]:
     """Return a loggable summary of a message: no text, the number masked."""
-    from kmsg_worker.logging import mask_phone
-
     return {"message_id": message.id, "type": message.type.value, "to": mask_phone(message.to)}

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from kmsg_worker.batches import BatchSummary, cancel_batch_message
-from kmsg_worker.dispatch import Dispatcher
+from kmsg_worker.dispatch import CELERY_APP, Dispatcher
 from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError, ValidationError
 from kmsg_worker.gctune import raised_threshold
 from kmsg_worker.logging import get_logger
@@ -136,7 +136,7 @@ class KMsg:
         settings: Defaults to :meth:`Settings.from_env`.
         runtime: An existing per-process runtime (shares its engine and dispatcher).
         dispatcher: Where to publish tasks; defaults to the Celery app named by ``KMSG_DISPATCHER``
-            (``config.celery:dispatcher``), resolved lazily so this module never imports Celery tasks.
+            (``<CELERY_APP>:dispatcher``), resolved lazily so this module never imports Celery tasks.
 
     Example::
 
@@ -437,7 +437,7 @@ def _default_dispatcher() -> Dispatcher:
     import importlib
     import os
 
-    target = os.environ.get("KMSG_DISPATCHER", "config.celery:dispatcher")
+    target = os.environ.get("KMSG_DISPATCHER", f"{CELERY_APP}:dispatcher")
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -33,14 +33,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message
-
-if TYPE_CHECKING:
-    from kmsg_worker.runtime import Runtime
 
 __all__ = [
     "LocalRateLimiter",
@@ -243,6 +240,29 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.RedisError,)
+
+
+class _LimitSettings(Protocol):
+    @property
+    def rate_limits(self) -> Mapping[str, float]: ...
+
+    @property
+    def default_sender(self) -> str | None: ...
+
+
+class Runtime(Protocol):
+    """What :func:`acquire` needs of a process's runtime (:class:`kmsg_worker.runtime.Runtime` is one).
+
+    Structural, so this module never imports the runtime that builds its limiter (no import cycle).
+    """
+
+    @property
+    def settings(self) -> _LimitSettings:
+        """The settings (the limits and the default sender)."""
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The process's token buckets."""
 
 
 def acquire(

@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Engine, and_, func, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import aliased
 
+from kmsg_worker.errors import StorageUnavailableError, ValidationError
 from kmsg_worker.pricing import DEFAULT_UNIT_PRICES, unit_prices
-from kmsg_worker.storage.models import Attempt, MessageRow
+from kmsg_worker.settings import Settings
+from kmsg_worker.storage import queries
+from kmsg_worker.storage.db import make_engine
 
 __all__ = [
     "DEFAULT_UNIT_PRICES",
@@ -59,7 +61,6 @@ BILLABLE = ("sent", "delivered")
 SETTLED = ("delivered", "failed", "unknown", "dead")
 IN_FLIGHT = ("scheduled", "queued", "sending", "retrying", "sent")
 NO_PROVIDER = "(none)"
-M = MessageRow
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -168,13 +169,6 @@ class DeliveryReport:
         }
 
 
-def _seconds_to_delivered(engine: Engine) -> ColumnElement[Any]:
-    if engine.dialect.name == "postgresql":
-        return func.extract("epoch", M.delivered_at - M.created_at)
-    # SQLite keeps UTC timestamps as ISO text; julianday() parses them (millisecond precision).
-    return (func.julianday(M.delivered_at) - func.julianday(M.created_at)) * 86400.0
-
-
 def _group(
     provider: str, mtype: str, by_status: Mapping[str, int], durations: list[float], price: float | None
 ) -> GroupStats:
@@ -214,70 +208,25 @@ def build_report(
         prices: Unit prices (KRW) over :data:`DEFAULT_UNIT_PRICES`.
     """
     table = unit_prices(prices)
-    window = and_(M.created_at >= since, M.created_at < until)
-    provider = func.coalesce(M.provider, NO_PROVIDER)
     counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    hops: Counter[tuple[str, str]] = Counter()
+    failover_messages: set[str] = set()
     with engine.connect() as conn:
-        for prov, mtype, status, n in conn.execute(
-            select(provider, M.type, M.status, func.count()).where(window).group_by(provider, M.type, M.status)
-        ):
-            counts[(prov, mtype)][status] += int(n)
-        seconds = _seconds_to_delivered(engine)
-        for prov, mtype, value in conn.execute(
-            select(provider, M.type, seconds).where(window, M.status == "delivered", M.delivered_at.is_not(None))
-        ):
+        for prov, mtype, status, n in queries.status_counts(conn, since, until, no_provider=NO_PROVIDER):
+            counts[(prov, mtype)][status] += n
+        for prov, mtype, value in queries.delivery_seconds(conn, since, until, no_provider=NO_PROVIDER):
             # A provider clock slightly behind ours must not yield a negative delivery time.
-            durations[(prov, mtype)].append(max(0.0, round(float(value), 3)))
-
-        multi = (
-            select(Attempt.message_id)
-            .join(M, M.id == Attempt.message_id)
-            .where(window)
-            .group_by(Attempt.message_id)
-            .having(func.count(func.distinct(Attempt.provider)) > 1)
-        )
-        hops: Counter[tuple[str, str]] = Counter()
-        failover_messages: set[str] = set()
+            durations[(prov, mtype)].append(max(0.0, round(value, 3)))
         previous: tuple[str, str] | None = None
-        for message_id, prov in conn.execute(
-            select(Attempt.message_id, Attempt.provider)
-            .where(Attempt.message_id.in_(multi.scalar_subquery()))
-            .order_by(Attempt.message_id, Attempt.attempt_no)
-        ):
+        for message_id, prov in queries.failover_attempts(conn, since, until):
             if previous is not None and previous[0] == message_id and previous[1] != prov:
                 hops[(previous[1], prov)] += 1
                 failover_messages.add(message_id)
             previous = (message_id, prov)
-
-        parent, child = aliased(MessageRow), aliased(MessageRow)
-        fallbacks = {
-            status: int(n)
-            for status, n in conn.execute(
-                select(child.status, func.count())
-                .select_from(child)
-                .join(parent, parent.id == child.parent_id)
-                .where(parent.created_at >= since, parent.created_at < until)
-                .group_by(child.status)
-            )
-        }
-        errors = {
-            str(code): int(n)
-            for code, n in conn.execute(
-                select(M.error_code, func.count())
-                .where(window, M.status.in_(("failed", "unknown", "dead")), M.error_code.is_not(None))
-                .group_by(M.error_code)
-            )
-        }
-        attempt_errors = {
-            (str(prov), str(code)): int(n)
-            for prov, code, n in conn.execute(
-                select(Attempt.provider, Attempt.error_code, func.count())
-                .join(M, M.id == Attempt.message_id)
-                .where(window, Attempt.error_code.is_not(None))
-                .group_by(Attempt.provider, Attempt.error_code)
-            )
-        }
+        fallbacks = queries.fallback_child_statuses(conn, since, until)
+        errors = queries.final_error_counts(conn, since, until)
+        attempt_errors = queries.attempt_error_counts(conn, since, until)
 
     groups = [
         _group(prov, mtype, by_status, durations.get((prov, mtype), []), table.get(mtype.upper()))
@@ -571,10 +520,6 @@ def parse_when(value: str, *, now: datetime, tz: str) -> datetime:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     """``kmsg report``: print the tables and write the HTML chart file."""
-    from kmsg_worker.errors import StorageUnavailableError, ValidationError
-    from kmsg_worker.settings import Settings
-    from kmsg_worker.storage.db import make_engine
-
     settings = Settings.from_env()
     now = datetime.now(UTC)
     try:

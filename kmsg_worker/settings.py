@@ -22,16 +22,15 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kmsg_worker.circuit import CircuitPolicy
 from kmsg_worker.errors import ConfigurationError
-from kmsg_worker.message import ValidationLimits
+from kmsg_worker.message import MessageType, Priority, ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
 from kmsg_worker.taxonomy import ErrorPolicy, parse_error_policy
 
-__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy"]
+__all__ = ["CircuitPolicy", "RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy"]
 
 T = TypeVar("T")
 
@@ -56,6 +55,69 @@ class RetryPolicy:
     jitter: float = 0.1
     max_countdown: float = 60.0
     max_age: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    """Circuit breaker knobs (``KMSG_CIRCUIT_*``).
+
+    Attributes:
+        enabled: ``KMSG_CIRCUIT_ENABLED``.
+        window: Seconds of the sliding error-rate window (``KMSG_CIRCUIT_WINDOW_SECONDS``).
+        min_requests: Calls in the window before the error rate counts (``KMSG_CIRCUIT_MIN_REQUESTS``).
+        error_rate: Failure share that opens the circuit, in (0, 1] (``KMSG_CIRCUIT_ERROR_RATE``).
+        consecutive_failures: Timeouts/5xx in a row that open it (``KMSG_CIRCUIT_CONSECUTIVE_FAILURES``).
+        cooldown: Seconds open before probes go through (``KMSG_CIRCUIT_COOLDOWN_SECONDS``).
+        half_open_probes: Calls let through per cool-down while half-open (``KMSG_CIRCUIT_HALF_OPEN_PROBES``).
+    """
+
+    enabled: bool = True
+    window: float = 30.0
+    # Defaults chosen so that a degraded but working provider (a third of its calls failing) does
+    # not flap open on chance runs, while a dead one opens after ten calls: with a single provider
+    # an open circuit only delays messages, so opening on noise costs more than it saves.
+    min_requests: int = 20
+    error_rate: float = 0.5
+    consecutive_failures: int = 10
+    # Short: while open, messages with no other provider wait for it.
+    cooldown: float = 10.0
+    half_open_probes: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> CircuitPolicy:
+        """Read ``KMSG_CIRCUIT_*``.
+
+        Raises:
+            ConfigurationError: A value is not a number in its range; the message names the variable.
+        """
+        default = cls()
+
+        def read(name: str, fallback: float, kind: Callable[[str], Any], low: float, high: float) -> Any:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return fallback
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = None
+            if value is None or not low <= value <= high:
+                raise ConfigurationError(f"{name}={raw!r} must be a number in [{low:g}, {high:g}]", variable=name)
+            return value
+
+        enabled_raw = (env.get("KMSG_CIRCUIT_ENABLED") or "true").strip().lower()
+        if enabled_raw not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            raise ConfigurationError("KMSG_CIRCUIT_ENABLED must be true or false", variable="KMSG_CIRCUIT_ENABLED")
+        return cls(
+            enabled=enabled_raw in {"1", "true", "yes", "on"},
+            window=read("KMSG_CIRCUIT_WINDOW_SECONDS", default.window, float, 0.1, 86400),
+            min_requests=read("KMSG_CIRCUIT_MIN_REQUESTS", default.min_requests, int, 1, 1_000_000),
+            error_rate=read("KMSG_CIRCUIT_ERROR_RATE", default.error_rate, float, 0.01, 1.0),
+            consecutive_failures=read(
+                "KMSG_CIRCUIT_CONSECUTIVE_FAILURES", default.consecutive_failures, int, 1, 1_000_000
+            ),
+            cooldown=read("KMSG_CIRCUIT_COOLDOWN_SECONDS", default.cooldown, float, 0.05, 86400),
+            half_open_probes=read("KMSG_CIRCUIT_HALF_OPEN_PROBES", default.half_open_probes, int, 1, 1000),
+        )
 
 
 @dataclass(frozen=True)
@@ -433,7 +495,6 @@ def _retry_overrides(
     raw: Any = _parse(env, name, None, json.loads)
     if raw is None:
         return dict(default)
-    from kmsg_worker.message import MessageType, Priority
 
     allowed = {t.value for t in MessageType} if name.endswith("TYPE") else {p.value for p in Priority}
     if not isinstance(raw, dict):

@@ -9,6 +9,7 @@ from celery.result import AsyncResult
 
 from config.celery import app
 from kmsg_worker.delivery import process_chunk
+from kmsg_worker.dispatch import TASK_NAMES
 from kmsg_worker.errors import ValidationError
 from kmsg_worker.gctune import release_memory
 from tasks.context import get_producer, get_runtime
@@ -17,7 +18,7 @@ from tasks.send import _dead_letter
 __all__ = ["SendBulkTask", "send_bulk", "send_chunk"]
 
 
-@app.task(name="kmsg.send_chunk", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_NAMES["chunk"], bind=True, acks_late=True, reject_on_worker_lost=True)
 def send_chunk(self: Task, *args: Any, **kwargs: Any) -> int:
     """Send chunk ``chunk`` of batch ``batch_id``; a malformed payload becomes a dead letter."""
     batch_id, chunk = kwargs.pop("batch_id", None), kwargs.pop("chunk", None)
@@ -48,7 +49,7 @@ class SendBulkTask(Task):  # type: ignore[misc]
         return result
 
 
-@app.task(name="kmsg.send_bulk", base=SendBulkTask, bind=True)
+@app.task(name=TASK_NAMES["bulk"], base=SendBulkTask, bind=True)
 def send_bulk(self: Task, *args: Any, **kwargs: Any) -> int:
     """Never runs in a worker: ``delay``/``apply_async`` store the batch in the caller's process.
 

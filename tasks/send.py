@@ -19,6 +19,7 @@ from celery.result import AsyncResult
 
 from config.celery import app
 from kmsg_worker.delivery import deliver
+from kmsg_worker.dispatch import TASK_NAMES
 from kmsg_worker.logging import get_logger
 from tasks.context import get_producer, get_runtime
 
@@ -76,7 +77,7 @@ def _dead_letter(task: Task, reason: str, payload: Any, message_id: str | None =
     log.error("task.dead_lettered", task=task.name, reason=reason, message_id=message_id)
 
 
-@app.task(name="kmsg.send_message", base=SendMessageTask, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_NAMES["send"], base=SendMessageTask, bind=True, acks_late=True, reject_on_worker_lost=True)
 def send_message(self: Task, *args: Any, **kwargs: Any) -> str:
     """Send one stored message by id (``kwargs={"message_id": ...}``).
 

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from kmsg_worker.cli import main
-from kmsg_worker.doctor import DoctorOptions, DoctorReport, Status, _check_clock, run_doctor
+from kmsg_worker.doctor import DoctorOptions, DoctorReport, Status, _celery_ping, _check_clock, _check_ping, run_doctor
 from kmsg_worker.heartbeat import record_heartbeat
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
@@ -268,3 +268,21 @@ def test_cli_exit_code_and_json(
     monkeypatch.setenv("KMSG_RETRY_MAX_ATTEMPTS", "many")
     assert main(["doctor"]) == 1
     assert "KMSG_RETRY_MAX_ATTEMPTS" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_ping_asks_celery_without_importing_the_app(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library never imports config.celery: --ping runs `celery -A config.celery inspect ping`
+    # in a child process. With no worker on this (private) broker, nobody answers: an empty list,
+    # which the check reports as a failure with the next step.
+    monkeypatch.setenv("KMSG_BROKER_URL", redis_url)
+    monkeypatch.setenv("KMSG_BROKER_KEY_PREFIX", f"doctor-ping-{uuid.uuid4().hex[:8]}:")
+    monkeypatch.setenv("KMSG_VAR_DIR", str(tmp_path))
+    assert _celery_ping(0.5) == []
+    report = DoctorReport()
+    _check_ping(report, DoctorOptions(ping=_celery_ping, timeout=0.5))
+    [check] = report.checks
+    assert (check.name, check.status) == ("workers", Status.FAIL)
+    assert "no worker answered" in check.detail

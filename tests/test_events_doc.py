@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import re
 
-from kmsg_worker.metrics import HANDLERS
+from kmsg_worker.observability.events import HANDLERS
 from tests.conftest import ROOT
 
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}

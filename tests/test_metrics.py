@@ -18,15 +18,11 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kmsg_worker.delivery import deliver
-from kmsg_worker.logging import configure_logging, get_logger
-from kmsg_worker.metrics import (
-    BacklogCollector,
-    Metrics,
-    MultiProcessDirCollector,
-    build_registry,
-    metrics_processor,
-    use_metrics,
-)
+from kmsg_worker.logging import add_event_counter, configure_logging, get_logger
+from kmsg_worker.observability.backlog import BacklogCollector
+from kmsg_worker.observability.events import Metrics, metrics_processor, use_metrics
+from kmsg_worker.observability.multiprocess import MultiProcessDirCollector
+from kmsg_worker.observability.server import build_registry
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider
 from kmsg_worker.runtime import Runtime
@@ -51,6 +47,8 @@ def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def metrics() -> Iterator[Metrics]:
+    # What config/observability.py does where the app is configured.
+    add_event_counter(metrics_processor)
     configure_logging("INFO")
     with use_metrics(Metrics()) as fresh:
         yield fresh
@@ -309,8 +307,10 @@ def test_prefork_children_counts_are_merged(tmp_path: Path) -> None:
         f"""
         import os, sys
         from pathlib import Path
-        from kmsg_worker.logging import configure_logging, get_logger
-        from kmsg_worker.metrics import prepare_multiprocess_dir, mark_process_dead
+        from kmsg_worker.logging import add_event_counter, configure_logging, get_logger
+        from kmsg_worker.observability.events import metrics_processor
+        from kmsg_worker.observability.multiprocess import prepare_multiprocess_dir, mark_process_dead
+        add_event_counter(metrics_processor)
         folder = Path({str(folder)!r})
         folder.mkdir(parents=True)
         (folder / "counter_999999.db").write_bytes(b"stale from a previous run")
@@ -362,8 +362,12 @@ def test_scrapes_never_see_counters_fall_while_exited_children_are_folded(tmp_pa
         import json, os, random, time
         from pathlib import Path
         from prometheus_client import CollectorRegistry
-        from kmsg_worker.logging import configure_logging, get_logger
-        from kmsg_worker.metrics import MultiProcessDirCollector, prepare_multiprocess_dir, mark_process_dead
+        from kmsg_worker.logging import add_event_counter, configure_logging, get_logger
+        from kmsg_worker.observability.events import metrics_processor
+        from kmsg_worker.observability.multiprocess import (
+            MultiProcessDirCollector, prepare_multiprocess_dir, mark_process_dead
+        )
+        add_event_counter(metrics_processor)
         folder = Path({str(folder)!r})
         prepare_multiprocess_dir(folder)
         configure_logging("WARNING")
@@ -404,3 +408,27 @@ def test_scrapes_never_see_counters_fall_while_exited_children_are_folded(tmp_pa
     assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), seen
     assert seen[-1] == 12 * 50
     assert report["files"] == ["counter_archive.db", "histogram_archive.db"]
+
+
+def test_the_app_configuration_installs_the_event_counters(tmp_path: Path) -> None:
+    # Logging knows nothing of metrics: a process counts events once it loaded the Celery app
+    # (a producer does, to publish), because config/observability.py adds the counter there.
+    code = textwrap.dedent(
+        """
+        from kmsg_worker.logging import get_logger
+        from kmsg_worker.observability.events import default_metrics
+        sent = lambda: default_metrics().registry.get_sample_value(
+            "kmsg_messages_sent_total", {"provider": "mock", "type": "SMS", "tenant": "t"}
+        )
+        get_logger("p").info("message.sent", provider="mock", type="SMS", tenant="t")
+        before = sent()
+        import config.celery
+        get_logger("p").info("message.sent", provider="mock", type="SMS", tenant="t")
+        print(before, sent())
+        """
+    )
+    env = {**os.environ, "KMSG_VAR_DIR": str(tmp_path), "KMSG_LOG_LEVEL": "WARNING"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["None", "1.0"]

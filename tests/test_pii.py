@@ -27,12 +27,13 @@ import structlog
 
 from kmsg_worker import KMsg, ValidationError
 from kmsg_worker.dispatch import NullDispatcher
-from kmsg_worker.logging import get_logger, mask_phone
+from kmsg_worker.logging import get_logger
+from kmsg_worker.pii import mask_phone
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.storage.rows import new_message_row
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
 from kmsg_worker.storage.repo import Store
+from kmsg_worker.storage.rows import new_message_row
 from kmsg_worker.testing.fake_aligo import FakeAligoServer
 from kmsg_worker.testing.fake_iwinv import FakeIwinvServer
 from kmsg_worker.testing.fake_solapi import FakeSolapiServer

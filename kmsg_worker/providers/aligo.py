@@ -54,8 +54,8 @@ from kmsg_worker.errors import (
     ProviderTransientError,
     ValidationError,
 )
-from kmsg_worker.logging import mask_phone_numbers
 from kmsg_worker.message import Message, MessageType, count_bytes, interpolate, normalize_phone_sender
+from kmsg_worker.pii import mask_text
 from kmsg_worker.providers.base import (
     Balance,
     Capabilities,
@@ -358,7 +358,7 @@ class AligoProvider(HttpProvider):
         for value in (self._api_key, self._user_id, self._sender_key):
             if value and len(value) >= 4:
                 text = text.replace(value, "***")
-        return str(mask_phone_numbers(None, "", {"text": text})["text"])
+        return mask_text(text)
 
     def _vendor_error(self, code: str | None, body: Mapping[str, Any], status: int) -> ProviderError:
         vendor_text = self._scrub(str(body.get("message") or body.get("msg") or "no message"))

@@ -58,8 +58,8 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
-from kmsg_worker.logging import mask_phone
 from kmsg_worker.message import Message, MessageType, count_bytes
+from kmsg_worker.pii import mask_phone
 from kmsg_worker.providers.base import (
     Balance,
     Capabilities,
