@@ -89,6 +89,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED = "UNSUPPORTED"
     #: A worker crashed while holding the message; the outcome could not be established.
     OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+    #: After an unknown outcome, the provider's look-up never said whether it got the message.
+    OUTCOME_UNDECIDED = "OUTCOME_UNDECIDED"
     #: Tracking gave up waiting for a final delivery report.
     TRACKING_TIMEOUT = "TRACKING_TIMEOUT"
     #: The provider accepted the message without giving an id, so its status cannot be asked for.

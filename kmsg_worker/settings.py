@@ -253,6 +253,9 @@ class Settings:
     lease_seconds: float = 120.0
     stale_queued_seconds: float = 60.0
     max_deliveries: int = 5
+    #: Look-ups after an unknown outcome that may come back undecided before the message ends
+    #: ``unknown`` (``OUTCOME_UNDECIDED``): never resent, never looping.
+    reconcile_max_checks: int = 8
     #: First-generation threshold of Python's cyclic GC in workers and during bulk intake (0: leave
     #: Python's default of 700). A 10,000-row chunk allocates ~200,000 objects; at 700 the collector
     #: ran hundreds of times per chunk and cost a third of the worker's CPU (issue 5).
@@ -437,6 +440,7 @@ class Settings:
             "lease_seconds": lease,
             "stale_queued_seconds": _parse(env, "KMSG_STALE_QUEUED_SECONDS", 60.0, _positive(float)),
             "max_deliveries": _parse(env, "KMSG_MAX_DELIVERIES", 5, _positive(int)),
+            "reconcile_max_checks": _parse(env, "KMSG_RECONCILE_MAX_CHECKS", 8, _positive(int)),
             "gc_threshold": _parse(env, "KMSG_GC_THRESHOLD", 50_000, _non_negative_int),
             "bulk_chunk_size": _parse(env, "KMSG_BULK_CHUNK_SIZE", 5_000, _positive(int)),
             "bulk_worker_nice": _parse(env, "KMSG_BULK_WORKER_NICE", 10, _niceness),

@@ -27,7 +27,14 @@ from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage import chunks as chunk_store
-from kmsg_worker.storage.messages import Transition, attempt_row, insert_attempts, record_sent, record_transitions
+from kmsg_worker.storage.messages import (
+    Transition,
+    attempt_row,
+    count_undecided,
+    insert_attempts,
+    record_sent,
+    record_transitions,
+)
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.rows import SendRow
 
@@ -39,6 +46,8 @@ log = get_logger("kmsg.delivery")
 
 #: Ids per look-up request.
 LOOKUP_PAGE = 1000
+#: The longest wait between two look-ups of one message.
+UNDECIDED_MAX_DELAY = 600.0
 
 
 @dataclass
@@ -104,19 +113,7 @@ def reconcile(
                 found.update(provider.lookup([r.id for r in group[start : start + LOOKUP_PAGE]]))
         except ProviderError as exc:
             # Cannot tell yet: the rows wait (still marked unknown) and are asked again, never resent blindly.
-            log.warning("lease.reconcile_deferred", provider=name, count=len(group), error_code=exc.code.value)
-            out.applied.merge(
-                hold(
-                    rt,
-                    group,
-                    delay=RECONCILE_DELAY * 2,
-                    now=now,
-                    expect=expect,
-                    action=A.RECONCILE_DEFERRED,
-                    outcome_unknown=True,
-                    error=exc,
-                )
-            )
+            out.applied.merge(_undecided(rt, group, exc, now=now, expect=expect))
             continue
         hits = [r for r in group if r.id in found and found[r.id].accepted]
         record_sent(
@@ -140,6 +137,69 @@ def reconcile(
     return out
 
 
+def _undecided(
+    rt: Runtime, rows: list[SendRow], error: ProviderError, *, now: datetime, expect: Sequence[MessageStatus]
+) -> Applied:
+    """A look-up that settled nothing: ask again later, backing off, until the checks or the age run out.
+
+    Then the message ends ``unknown`` (``OUTCOME_UNDECIDED``): it is never resent (the provider may
+    have it) and never looked up again.
+    """
+    applied = Applied()
+    counts = count_undecided(rt.store, [r.id for r in rows], now=now, expect=expect)
+    limit = rt.settings.reconcile_max_checks
+    give_up: list[SendRow] = []
+    waits: dict[float, list[SendRow]] = defaultdict(list)
+    for row in rows:
+        if row.id not in counts:
+            continue  # moved on meanwhile
+        checks = counts[row.id]
+        policy = rt.settings.retry_for(row.message.type.value, row.message.priority.value)
+        too_old = (now - row.created_at).total_seconds() >= policy.max_age
+        log.warning(
+            "message.reconcile_undecided",
+            message_id=row.id,
+            provider=row.provider,
+            checks=checks,
+            error_code=error.code.value,
+        )
+        if checks >= limit or too_old:
+            give_up.append(row)
+        else:
+            waits[undecided_delay(checks)].append(row)
+    if give_up:
+        text = (
+            f"{rows[0].provider} could not say whether it got the message ({error.code.value}); "
+            "not resent, to avoid a duplicate"
+        )
+        values = {"error_code": ErrorCode.OUTCOME_UNDECIDED.value, "error_message": text, "provider": rows[0].provider}
+        record_transitions(
+            rt.store, [Transition([r.id for r in give_up], S.UNKNOWN, values)], [], now=now, expect=expect
+        )
+        for row in give_up:
+            log.warning("message.unknown", message_id=row.id, provider=row.provider, error_code="OUTCOME_UNDECIDED")
+        applied.counts[A.UNKNOWN] += len(give_up)
+    for delay, group in waits.items():
+        applied.merge(
+            hold(
+                rt,
+                group,
+                delay=delay,
+                now=now,
+                expect=expect,
+                action=A.RECONCILE_DEFERRED,
+                outcome_unknown=True,
+                error=error,
+            )
+        )
+    return applied
+
+
+def undecided_delay(checks: int) -> float:
+    """Seconds before look-up number ``checks + 1`` after ``checks`` undecided ones: doubling, capped."""
+    return float(min(RECONCILE_DELAY * 2**checks, UNDECIDED_MAX_DELAY))
+
+
 def _record_missing(
     rt: Runtime, rows: list[SendRow], now: datetime, expect: Sequence[MessageStatus], requeue: bool, why: str
 ) -> None:
@@ -150,7 +210,7 @@ def _record_missing(
         attempt_row(r, AttemptOutcome.RECONCILED_MISSING, now, detail=f"{why}; the provider never received it")
         for r in rows
     ]
-    values = {"attempts": MessageRow.attempts + 1, "outcome_unknown": False}
+    values = {"attempts": MessageRow.attempts + 1, "outcome_unknown": False, "check_count": 0}
     if requeue:
         transition = Transition([r.id for r in rows], S.QUEUED, {**values, "queued_at": now, "lease_until": None})
         record_transitions(rt.store, [transition], attempts, now=now, expect=expect)

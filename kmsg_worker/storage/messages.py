@@ -30,7 +30,15 @@ from kmsg_worker.storage.rows import SendRow
 if TYPE_CHECKING:
     from kmsg_worker.storage.repo import Store
 
-__all__ = ["AttemptRow", "Transition", "attempt_row", "insert_attempts", "record_sent", "record_transitions"]
+__all__ = [
+    "AttemptRow",
+    "Transition",
+    "attempt_row",
+    "count_undecided",
+    "insert_attempts",
+    "record_sent",
+    "record_transitions",
+]
 
 S = MessageStatus
 
@@ -105,6 +113,27 @@ def record_transitions(
         for t in transitions:
             changed += store.transition(t.ids, t.target, now=now, expect=expect, session=s, **t.values)
     return changed
+
+
+def count_undecided(
+    store: Store, ids: Sequence[str], *, now: datetime, expect: Sequence[MessageStatus]
+) -> dict[str, int]:
+    """Count one more undecided look-up on each of ``ids``; returns each row's count so far.
+
+    ``check_count`` counts the provider's answers that settled nothing: status checks of a ``sent``
+    message, and look-ups of a message whose outcome is unknown (reset when it is sent again).
+    """
+    if not ids:
+        return {}
+    stmt = (
+        update(MessageRow)
+        .where(MessageRow.id.in_(list(ids)), or_(*(MessageRow.status == st for st in expect)))
+        .values(check_count=MessageRow.check_count + 1, updated_at=now)
+        .returning(MessageRow.id, MessageRow.check_count)
+        .execution_options(synchronize_session=False)
+    )
+    with store.sessions.begin() as s:
+        return {str(i): int(n) for i, n in s.execute(stmt)}
 
 
 # -- sent -------------------------------------------------------------------------------------------
