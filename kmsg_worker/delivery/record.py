@@ -39,7 +39,7 @@ class Applied:
     counts: Counter[DeliveryAction] = field(default_factory=Counter)
     #: ``(ids, countdown)``: rows to wake after ``countdown`` seconds (0 = now).
     wakes: list[tuple[list[str], float]] = field(default_factory=list)
-    #: The decisions recorded, in the order of the rows.
+    #: The decisions recorded for refused rows, in the order of the rows.
     decisions: list[Decision] = field(default_factory=list)
 
     def merge(self, other: Applied) -> None:
@@ -61,7 +61,7 @@ def apply_decisions(
     chunk: tuple[str, int] | None = None,
     per_message_events: bool = True,
 ) -> Applied:
-    """Record one provider call's decisions: accepted rows ``sent``, the others by their decision.
+    """Record one provider call: accepted rows ``sent``, the refused ones by their decision.
 
     Failed rows are written one UPDATE per distinct decision (action, error, provider), not one per
     row; rows retried together wait for the longest of their delays, since they go out together in
@@ -71,7 +71,7 @@ def apply_decisions(
         rt: The runtime (store, settings).
         rows: The rows of the call, as claimed.
         outcomes: The provider's answers by message id.
-        decisions: One per row, from :func:`~kmsg_worker.delivery.outcome.decide_outcomes`.
+        decisions: One per refused row, from :func:`~kmsg_worker.delivery.outcome.decide_outcomes`.
         now: When the provider answered.
         latency_ms: The call's latency.
         expect: The states the rows are held in (``sending``, or a chunk's ``queued``/``retrying``).
@@ -79,8 +79,7 @@ def apply_decisions(
         per_message_events: Log one event per message (single sends); a chunk logs one per request.
     """
     applied = Applied(decisions=list(decisions))
-    by_id = {r.id: r for r in rows}
-    sent = [by_id[d.message_id] for d in decisions if d.action is A.SENT]
+    sent = [r for r in rows if outcomes[r.id].accepted]
     if sent:
         scheduled = max((r.scheduled_at for r in sent if r.scheduled_at is not None), default=None)
         record_sent(
@@ -97,9 +96,9 @@ def apply_decisions(
         if per_message_events:
             for row in sent:
                 _log_sent(row, latency_ms)
-    failed = [d for d in decisions if d.action is not A.SENT]
-    if failed:
-        _apply_failures(rt, by_id, failed, now, latency_ms, expect, applied, per_message_events)
+    if decisions:
+        by_id = {r.id: r for r in rows}
+        _apply_failures(rt, by_id, decisions, now, latency_ms, expect, applied, per_message_events)
     return applied
 
 
@@ -130,7 +129,6 @@ def _apply_failures(
     for d in decisions:
         row = by_id[d.message_id]
         error = d.error
-        assert error is not None  # every decision but "sent" carries its error
         attempts.append(
             attempt_row(
                 row,
@@ -143,7 +141,7 @@ def _apply_failures(
                 detail=str(error)[:500],
             )
         )
-        ids, waits = groups[(d.action, d.error_code or "", error_text(error), row.provider)]
+        ids, waits = groups[(d.action, d.error_code, error_text(error), row.provider)]
         ids.append(row.id)
         waits.append(d.delay)
         if per_message_events:
