@@ -8,7 +8,9 @@ rows are already safe: the maintenance sweep re-enqueues messages left ``queued`
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,10 +18,11 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from kmsg_worker.batches import BatchSummary, cancel_batch_message
+from kmsg_worker.batches import BatchSummary, batch_summary, cancel_batch, cancel_batch_message
 from kmsg_worker.dispatch import CELERY_APP, Dispatcher
-from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, RowError, ValidationError
+from kmsg_worker.errors import ConfigurationError, InvalidStateError, MessageNotFoundError, RowError, ValidationError
 from kmsg_worker.gctune import raised_threshold
+from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.runtime import Runtime
@@ -299,7 +302,6 @@ class KMsg:
                 being committed and the database could not be asked afterwards: look the batch up by
                 its ``batch_id`` before sending again.
         """
-        from kmsg_worker.intake import intake
 
         # Rare collections while the rows are validated and written (restored afterwards).
         with storage_errors(), raised_threshold(self.runtime.settings.gc_threshold):
@@ -316,13 +318,11 @@ class KMsg:
 
     def batch_summary(self, batch_id: str) -> BatchSummary:
         """The bulk result summary: counts by status, provider, type and error code, cost, throughput."""
-        from kmsg_worker.batches import batch_summary
 
         return batch_summary(self.runtime, batch_id)
 
     def cancel_batch(self, batch_id: str) -> BatchSummary:
         """Stop a batch: chunks not sent yet are cancelled; what was sent stays sent."""
-        from kmsg_worker.batches import batch_summary, cancel_batch
 
         cancel_batch(self.runtime, batch_id)
         return batch_summary(self.runtime, batch_id)
@@ -434,16 +434,11 @@ def _info(row: MessageRow, attempts: list[AttemptInfo], children: list[str]) -> 
 
 
 def _default_dispatcher() -> Dispatcher:
-    import importlib
-    import os
-
     target = os.environ.get("KMSG_DISPATCHER", f"{CELERY_APP}:dispatcher")
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        from kmsg_worker.errors import ConfigurationError
-
         raise ConfigurationError(
             f"KMSG_DISPATCHER={target!r} cannot be imported ({exc}); pass dispatcher= to KMsg",
             variable="KMSG_DISPATCHER",
