@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kmsg_worker.circuit import CircuitPolicy
@@ -31,7 +31,7 @@ from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
 from kmsg_worker.taxonomy import ErrorPolicy, parse_error_policy
 
-__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy"]
+__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy", "mask_url"]
 
 T = TypeVar("T")
 
@@ -225,7 +225,7 @@ class Settings:
         # URLs may carry passwords (postgresql://user:secret@..., redis://:secret@...): never show them.
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         for name in ("broker_url", "database_url", "redis_url"):
-            shown[name] = _hide_password(shown[name])
+            shown[name] = mask_url(shown[name])
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def provider_config(self, name: str) -> ProviderConfig:
@@ -274,7 +274,7 @@ class Settings:
         for name, url in (("KMSG_DATABASE_URL", database_url),):
             if not url.startswith(("sqlite", "postgresql")):
                 raise ConfigurationError(
-                    f"{name}={url!r} is not supported: use sqlite:///path or postgresql+psycopg://...",
+                    f"{name}={mask_url(url)!r} is not supported: use sqlite:///path or postgresql+psycopg://...",
                     variable=name,
                 )
         redis_url = _env(env, "KMSG_REDIS_URL")
@@ -458,18 +458,35 @@ def _retry_overrides(
     return result
 
 
-def _hide_password(url: str | None) -> str | None:
-    """``url`` with its password, if any, replaced by ``***``."""
-    if not url or "@" not in url:
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")
+
+
+def mask_url(url: str | None) -> str | None:
+    """``url`` with its password, if any, replaced by ``***``: the one form a URL is ever shown in.
+
+    Works on any text, parsable or not (an unsupported or mistyped URL is shown in the error that
+    refuses it): everything between the ``//`` and the last ``@`` after the first ``:`` is the
+    password, and a ``password=`` query parameter (libpq accepts one) is masked too.
+
+    Args:
+        url: A broker, database or Redis URL (``None`` passes through).
+
+    Returns:
+        The URL safe to print or log.
+    """
+    if not url:
         return url
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.rsplit("@", 1)[-1]
-    if password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
+    masked = _QUERY_PASSWORD.sub(r"\1***", url)
+    if "@" not in masked:
+        return masked
+    head, _, host = masked.rpartition("@")
+    scheme, sep, userinfo = head.partition("//")
+    if not sep:
+        scheme, userinfo = "", head
+    if ":" not in userinfo:
+        return masked
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def _bool(raw: str) -> bool:
