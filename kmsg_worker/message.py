@@ -31,6 +31,7 @@ from kmsg_worker.errors import ValidationError
 
 __all__ = [
     "KAKAO_TYPES",
+    "DEFAULT_TENANT",
     "TEXT_TYPES",
     "Failover",
     "Media",
@@ -38,6 +39,7 @@ __all__ = [
     "MessageType",
     "Priority",
     "ValidationLimits",
+    "check_tenant",
     "count_bytes",
     "interpolate",
     "new_message_id",
@@ -105,6 +107,10 @@ _BUTTON_KEYS = frozenset(
 )
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+#: A tenant is a metric label (and a key prefix): a short, printable, bounded set of characters.
+_TENANT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: The tenant of a message that names none.
+DEFAULT_TENANT = "default"
 #: Nesting allowed in free-form fields (``kakao``, ``provider_options`` ...).
 _MAX_DEPTH = 32
 
@@ -881,7 +887,7 @@ def normalize(
     except ValueError:
         raise ValidationError("priority", "enum", "must be high, normal or bulk") from None
 
-    tenant = _opt_str(data, "tenant", max_len=64) or "default"
+    tenant = check_tenant(data.get("tenant"))
     idem = data.get("idempotency_key")
     if idem is not None and (not isinstance(idem, str) or not _IDEMPOTENCY_KEY.fullmatch(idem)):
         raise ValidationError("idempotency_key", "format", "must be 1-200 printable ASCII characters")
@@ -1002,6 +1008,26 @@ def check_message_id(value: object) -> str:
         return new_message_id()
     if not isinstance(value, str) or not _MESSAGE_ID.fullmatch(value):
         raise ValidationError("id", "format", "must be 1-64 characters of letters, digits, _ . : -")
+    return value
+
+
+def check_tenant(value: object, field_name: str = "tenant") -> str:
+    """Return a caller's tenant id (:data:`DEFAULT_TENANT` when ``None`` or empty).
+
+    The tenant labels metrics: a free-form string (tabs, newlines, a user id per call) would give
+    them unbounded cardinality, so it is checked here, before anything is stored.
+
+    Raises:
+        ValidationError: Not 1-64 characters of ASCII letters, digits, ``_ . -``.
+    """
+    if value is None or value == "":
+        return DEFAULT_TENANT
+    if not isinstance(value, str):
+        raise ValidationError(field_name, "type", f"must be a string, got {type(value).__name__}")
+    if not _TENANT.fullmatch(value):
+        raise ValidationError(
+            field_name, "format", "must be 1-64 characters of ASCII letters, digits, _ . - ([A-Za-z0-9_.-]{1,64})"
+        )
     return value
 
 

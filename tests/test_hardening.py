@@ -8,12 +8,18 @@ before it is stored.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
-from kmsg_worker.errors import ConfigurationError
+from kmsg_worker.errors import ConfigurationError, ValidationError
+from kmsg_worker.message import DEFAULT_TENANT, check_tenant, normalize
+from kmsg_worker.producer import KMsg
 from kmsg_worker.settings import Settings, mask_url
 from kmsg_worker.storage.db import make_engine
+from kmsg_worker.storage.models import MessageRow
+from tests.conftest import RecordingDispatcher
 
 SECRET = "s3cr3t-Pa55"
 
@@ -53,3 +59,40 @@ def test_a_malformed_database_url_is_refused_without_its_password() -> None:
         make_engine(url)
     assert SECRET not in str(caught.value) and "***" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+# -- tenants ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tenant", ["acme", "shop-1.kr", "A_b.C-9", "x" * 64])
+def test_a_well_formed_tenant_is_kept(tenant: str) -> None:
+    assert normalize({"to": "01012345678", "text": "hi", "tenant": tenant}).tenant == tenant
+
+
+@pytest.mark.parametrize("tenant", [None, ""])
+def test_no_tenant_is_the_default_one(tenant: str | None) -> None:
+    assert normalize({"to": "01012345678", "text": "hi", "tenant": tenant}).tenant == DEFAULT_TENANT
+
+
+@pytest.mark.parametrize("tenant", ["acme\tcorp", "line\nbreak", "x" * 65, "고객사", "a b", "a/b", "a:b", 7])
+def test_a_tenant_outside_the_rule_is_refused_naming_field_and_rule(tenant: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        normalize({"to": "01012345678", "text": "hi", "tenant": tenant})
+    assert caught.value.field == "tenant"
+    assert caught.value.rule == ("type" if isinstance(tenant, int) else "format")
+    if not isinstance(tenant, int):
+        assert "[A-Za-z0-9_.-]{1,64}" in str(caught.value)
+
+
+def test_check_tenant_names_the_field_it_is_given() -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_tenant("bad tenant", "send_many.tenant")
+    assert caught.value.field == "send_many.tenant"
+
+
+def test_the_producer_stores_nothing_for_a_bad_tenant(kmsg: KMsg, dispatcher: RecordingDispatcher) -> None:
+    with pytest.raises(ValidationError, match="tenant"):
+        kmsg.send(to="01012345678", text="hi", tenant="evil\ntenant")
+    with kmsg.runtime.store.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(MessageRow)) == 0
+    assert dispatcher.sends == []
