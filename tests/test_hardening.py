@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from kmsg_worker.errors import ConfigurationError, ValidationError
+from kmsg_worker.errors import BatchValidationError, ConfigurationError, ValidationError
 from kmsg_worker.message import DEFAULT_TENANT, check_tenant, normalize
 from kmsg_worker.producer import KMsg
+from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings, mask_url
 from kmsg_worker.storage.db import make_engine
 from kmsg_worker.storage.models import MessageRow
@@ -96,3 +97,64 @@ def test_the_producer_stores_nothing_for_a_bad_tenant(kmsg: KMsg, dispatcher: Re
     with kmsg.runtime.store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(MessageRow)) == 0
     assert dispatcher.sends == []
+
+
+# -- AlimTalk's Kakao channel ----------------------------------------------------------------------
+
+ALIMTALK = {"type": "ALIMTALK", "to": "01012345678", "template_id": "T1", "variables": {"name": "kim"}}
+
+
+def _producer(tmp_path: Path, backend_url: str, **env: str) -> KMsg:
+    values = {
+        "KMSG_VAR_DIR": str(tmp_path / "var"),
+        "KMSG_DATABASE_URL": backend_url,
+        "KMSG_SOLAPI_API_KEY": "k",
+        "KMSG_SOLAPI_API_SECRET": "s",
+        "KMSG_ALIGO_API_KEY": "k",
+        **env,
+    }
+    return KMsg(runtime=Runtime(Settings.from_env(values), dispatcher=RecordingDispatcher()))
+
+
+def _count(kmsg: KMsg) -> int:
+    with kmsg.runtime.store.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(MessageRow)) or 0)
+
+
+def test_an_alimtalk_without_any_kakao_channel_is_refused_naming_the_field(tmp_path: Path, backend_url: str) -> None:
+    with _producer(tmp_path, backend_url, KMSG_PROVIDERS="solapi,aligo") as kmsg:
+        with pytest.raises(ValidationError) as caught:
+            kmsg.send(ALIMTALK)
+        assert caught.value.field == "kakao.profile_id" and caught.value.rule == "required"
+        # The operator is told both ways to fix it
+        assert "KMSG_SOLAPI_KAKAO_PF_ID" in str(caught.value) and "KMSG_ALIGO_SENDER_KEY" in str(caught.value)
+        # The bulk path applies the same rule, row by row
+        with pytest.raises(BatchValidationError) as batch:
+            kmsg.send_many([{"to": "01012345678"}], defaults={k: v for k, v in ALIMTALK.items() if k != "to"})
+        assert batch.value.errors[0].field == "kakao.profile_id"
+        assert _count(kmsg) == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "extra"),
+    [
+        ({"KMSG_PROVIDERS": "solapi"}, {"kakao": {"profile_id": "KA01PF"}}),  # named in the message
+        ({"KMSG_PROVIDERS": "solapi"}, {"kakao": {"pfId": "KA01PF"}}),  # Solapi's own spelling
+        ({"KMSG_PROVIDERS": "solapi", "KMSG_SOLAPI_KAKAO_PF_ID": "KA01PF"}, {}),  # the provider's default
+        ({"KMSG_PROVIDERS": "aligo", "KMSG_ALIGO_SENDER_KEY": "sk"}, {}),
+        # IWINV's key is bound to its channel: a route through it can always address the message
+        ({"KMSG_PROVIDERS": "solapi,iwinv", "KMSG_IWINV_API_KEY": "k"}, {}),
+        ({"KMSG_PROVIDERS": "mock"}, {}),
+    ],
+)
+def test_an_alimtalk_with_a_kakao_channel_is_accepted(
+    tmp_path: Path, backend_url: str, env: dict[str, str], extra: dict[str, Any]
+) -> None:
+    with _producer(tmp_path, backend_url, **env) as kmsg:
+        receipt = kmsg.send({**ALIMTALK, **extra})
+        assert receipt.status == "queued" and _count(kmsg) == 1
+
+
+def test_aligo_does_not_read_solapis_spelling_of_the_channel(tmp_path: Path, backend_url: str) -> None:
+    with _producer(tmp_path, backend_url, KMSG_PROVIDERS="aligo") as kmsg, pytest.raises(ValidationError):
+        kmsg.send({**ALIMTALK, "kakao": {"pfId": "KA01PF"}})
