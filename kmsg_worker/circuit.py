@@ -46,6 +46,7 @@ from kmsg_worker.logging import get_logger
 
 if TYPE_CHECKING:
     from kmsg_worker.runtime import Runtime
+    from kmsg_worker.settings import Settings
 
 __all__ = [
     "CLOSED",
@@ -57,12 +58,12 @@ __all__ = [
     "LocalCircuitBreaker",
     "RedisCircuitBreaker",
     "allow",
-    "cmd_circuits",
     "health",
     "make_breaker",
     "observe",
     "record",
     "retry_in",
+    "shared_states",
     "states",
 ]
 
@@ -563,44 +564,20 @@ def states(rt: Runtime, names: Sequence[str] | None = None) -> list[CircuitState
     return [rt.circuits.snapshot(n) for n in (names or rt.settings.providers)]
 
 
-def cmd_circuits(ns: Any) -> int:
-    """``kmsg circuits``: print every enabled provider's circuit as the workers share it."""
-    import json as _json
-    from datetime import UTC, datetime
+def shared_states(settings: Settings) -> list[CircuitState] | None:
+    """Every enabled provider's circuit as the workers share it in Redis (``kmsg circuits``).
 
-    from kmsg_worker.settings import Settings
-
-    settings = Settings.from_env()
-    policy = settings.circuit
+    Returns:
+        ``None`` without ``KMSG_REDIS_URL``: each worker process then keeps its own circuits in
+        memory, and there is nothing shared to read.
+    """
     if not settings.redis_url:
-        print("no KMSG_REDIS_URL: each worker process keeps its own circuits in memory; nothing shared to show")
-        return 0
+        return None
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        shared = RedisCircuitBreaker(client, policy, prefix=f"{settings.broker_key_prefix}kmsg:cb:")
-        snaps = [shared.snapshot(name) for name in settings.providers]
+        shared = RedisCircuitBreaker(client, settings.circuit, prefix=f"{settings.broker_key_prefix}kmsg:cb:")
+        return [shared.snapshot(name) for name in settings.providers]
     finally:
         client.close()
-    if getattr(ns, "json", False):
-        for snap in snaps:
-            print(_json.dumps(snap.__dict__))
-        return 0
-    rows = [
-        {
-            "provider": s.provider,
-            "state": s.state if policy.enabled else f"{s.state} (disabled)",
-            "window": f"{s.failures}/{s.requests} failed",
-            "consecutive": str(s.consecutive),
-            "opened_at": datetime.fromtimestamp(s.opened_at, UTC).isoformat(timespec="seconds") if s.opened_at else "",
-            "retry_in": f"{s.retry_in:.1f}s" if s.state == OPEN else "",
-        }
-        for s in snaps
-    ]
-    columns = ["provider", "state", "window", "consecutive", "opened_at", "retry_in"]
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
-    return 0
