@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -31,7 +32,7 @@ from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
 from kmsg_worker.taxonomy import ErrorPolicy, parse_error_policy
 
-__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy", "mask_url"]
+__all__ = ["RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy", "mask_url", "stop_unless_sendable"]
 
 T = TypeVar("T")
 
@@ -288,7 +289,12 @@ class Settings:
                 f"KMSG_TIMEZONE={timezone!r} is not a known time zone", variable="KMSG_TIMEZONE"
             ) from exc
 
-        providers = tuple(p.strip().lower() for p in (_env(env, "KMSG_PROVIDERS") or "mock").split(",") if p.strip())
+        # Unset: the mock (the embedded try-out sends nowhere). Set but empty, as the compose file
+        # passes it when .env names none: no provider at all, which a worker refuses at start.
+        providers_raw = env.get("KMSG_PROVIDERS")
+        providers = tuple(p.strip().lower() for p in (providers_raw or "").split(",") if p.strip())
+        if providers_raw is None:
+            providers = ("mock",)
         configs = {name: _provider_config(env, name) for name in providers}
         if "mock" in configs and not configs["mock"].option("call_log"):
             # Scripted mock outcomes and reconciliation must see calls made by every worker process.
@@ -392,12 +398,39 @@ class Settings:
         return cls(**values)
 
     def check_providers(self) -> None:
-        """Fail fast when an enabled provider lacks a required credential (called at worker start)."""
+        """Fail fast when no provider is named or one lacks a required credential (at worker start).
+
+        Raises:
+            ConfigurationError: Naming what is missing: ``KMSG_PROVIDERS``, or a provider's credential
+                (``KMSG_SOLAPI_API_KEY`` ...).
+        """
+        if not self.providers:
+            raise ConfigurationError(
+                "KMSG_PROVIDERS names no provider: set it to the providers this worker sends through "
+                "(solapi, iwinv, aligo) and set their credentials (KMSG_SOLAPI_API_KEY ...); "
+                "'mock' sends nothing and is for try-outs",
+                variable="KMSG_PROVIDERS",
+            )
         for name in self.providers:
             cls = provider_class(name)
             config = self.provider_config(name)
             for key in sorted(cls.required_credentials):
                 config.secret(key)
+
+
+def stop_unless_sendable(settings: Settings) -> None:
+    """Stop a starting worker that could not send, naming what is missing (``KMSG_PROVIDERS``, a key).
+
+    Called from Celery's ``worker_init``. Celery logs an exception raised by a signal handler and
+    starts the worker anyway, so the :class:`ConfigurationError` alone would leave a worker
+    consuming messages it can only fail: the reason goes to stderr as one line and
+    ``SystemExit(2)``, which Celery does not catch, ends the process.
+    """
+    try:
+        settings.check_providers()
+    except ConfigurationError as exc:
+        print(f"kmsg worker: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
