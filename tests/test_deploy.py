@@ -269,3 +269,43 @@ def test_the_beat_health_check_passes_on_a_fresh_schedule_and_fails_on_a_stale_o
     assert subprocess.run(run).returncode == 0
     os.utime(schedule, (0, 0))
     assert subprocess.run(run).returncode == 1
+
+
+# -- the lock files ---------------------------------------------------------------------------------
+
+
+def _name(requirement: str) -> str:
+    """A requirement's project name, normalised (PEP 503)."""
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement.strip())
+    assert match, requirement
+    return re.sub(r"[-_.]+", "-", match.group(0)).lower()
+
+
+def _pinned(lock: Path) -> dict[str, str]:
+    pins = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, _, version = line.split(";")[0].strip().partition("==")
+            assert version, line  # every line is an exact pin
+            pins[_name(name)] = version
+    return pins
+
+
+def test_the_lock_files_pin_every_dependency_and_are_what_installs_use() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    main = _pinned(ROOT / "requirements" / "main.lock")
+    dev = _pinned(ROOT / "requirements" / "dev.lock")
+    assert {_name(r) for r in project["dependencies"]} <= set(main)
+    assert {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]} <= set(dev)
+    assert all(dev[name] == version for name, version in main.items())  # one version of each everywhere
+    # redis ships its own types; the stubs package shadowed them
+    assert "types-redis" not in dev
+    # The image, `make install` (and so .ci/run) install the lock, then the project without resolving
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "pip install --no-cache-dir -r requirements/main.lock" in dockerfile
+    assert "pip install --no-cache-dir --no-deps ." in dockerfile
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "pip install --quiet -r requirements/dev.lock" in makefile and "--no-deps -e ." in makefile
+    assert "make install" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
