@@ -4,7 +4,7 @@
 into a frozen :class:`Message`, or raises :class:`~kmsg_worker.errors.ValidationError` naming the
 field and the rule. It runs in the producer's process, before anything is written or queued.
 
-Differences from k-msg that are deliberate (``shared/reference/providers.md`` §2):
+Rules that are deliberate:
 
 * auto SMS -> LMS is decided on the text *after* ``#{var}`` interpolation;
 * nothing the caller gave is dropped when ``type`` is omitted (schedule, media, options survive);
@@ -49,7 +49,7 @@ __all__ = [
 
 
 class MessageType(StrEnum):
-    """Every message type the system knows (``providers.md`` §2.1)."""
+    """Every message type the system knows (the union of what the supported providers send)."""
 
     SMS = "SMS"  #: Short text, at most 90 bytes.
     LMS = "LMS"  #: Long text with an optional subject, at most 2,000 bytes.
@@ -116,7 +116,7 @@ _MAX_DEPTH = 32
 
 
 def count_bytes(text: str) -> int:
-    """Count bytes the way Korean carriers bill them (``providers.md`` §2.3).
+    """Count bytes the way Korean carriers bill them (the 90-byte SMS limit counts Hangul as 2).
 
     Every UTF-16 code unit up to U+007F counts 1, every other unit counts 2, so Hangul counts 2
     and an emoji outside the basic plane (a surrogate pair) counts 4.
@@ -827,7 +827,7 @@ def normalize(
 
     Args:
         raw: The message as given by the producer. Python names (``sender``, ``template_id``) and the
-            k-msg aliases (``from``, ``templateId``, ``content``, ``imageUrl``) are both accepted.
+            JSON-style aliases (``from``, ``templateId``, ``content``, ``imageUrl``) are both accepted.
         limits: Byte and length limits; defaults to :class:`ValidationLimits()`.
         now: Current time (for ``scheduled_at`` checks); defaults to the wall clock.
         default_sender: Sender number used when none is given.
@@ -945,9 +945,8 @@ class _RandomWords:
     """64-bit words from ``os.urandom``, read 4 KiB at a time.
 
     ``os.urandom`` releases the GIL around its system call. Called once per id, a bulk intake handed
-    the GIL to its COPY thread and back for every row: with the words read in blocks, a 100,000-row
-    atomic intake took 2.8-3.5 s instead of 4.1-4.2 s, and 2.2-2.7 instead of 3.1-3.2 CPU seconds
-    (three alternated pairs on this machine). A list's ``pop`` is one step under the GIL, so two
+    the GIL to its COPY thread and back for every row; read in blocks, it does so once per 512 ids
+    (the measurement is in the commit that introduced this). A list's ``pop`` is one step under the GIL, so two
     threads never take the same word; a forked child starts empty (``os.register_at_fork``), so it
     never repeats words its parent also uses.
     """

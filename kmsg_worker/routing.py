@@ -1,6 +1,6 @@
 """Routing: which providers a message goes to, in failover order.
 
-Order of precedence (``providers.md`` §2.12, without k-msg's silent skips):
+Order of precedence (an unusable provider the caller named is an error, never silently skipped):
 explicit ``provider_id`` (that provider only) -> the by-type rule (``KMSG_ROUTING``) -> the default provider -> every
 enabled provider that supports the type, in ``KMSG_PROVIDERS`` order. The first provider of the
 route gets the message; the others are the failover chain. An unknown or incapable provider is an

@@ -194,7 +194,7 @@ class Settings:
     max_deliveries: int = 5
     #: First-generation threshold of Python's cyclic GC in workers and during bulk intake (0: leave
     #: Python's default of 700). A 10,000-row chunk allocates ~200,000 objects; at 700 the collector
-    #: ran hundreds of times per chunk and cost a third of the worker's CPU (issue 5).
+    #: ran hundreds of times per chunk and cost a third of the worker's CPU.
     gc_threshold: int = 50_000
     #: Rows per bulk chunk (one task, one provider request) when ``send_many`` is not given one; the
     #: provider's batch limit caps it. 5,000 rather than Solapi's 10,000: a chunk's peak is what a
@@ -269,7 +269,7 @@ class Settings:
         env = os.environ if environ is None else environ
         var_dir = Path(_env(env, "KMSG_VAR_DIR") or "var").resolve()
         # The embedded default: kombu's filesystem transport (measured 5x faster than its SQLite
-        # transport here, `python -m bench.embedded_transports`); see the README.
+        # transport here, `python -m bench.embedded_transports`); see docs/PERFORMANCE.md.
         broker_url = _env(env, "KMSG_BROKER_URL") or "filesystem://"
         database_url = _env(env, "KMSG_DATABASE_URL") or f"sqlite:///{var_dir / 'kmsg.sqlite'}"
         for name, url in (("KMSG_DATABASE_URL", database_url),):
@@ -355,8 +355,9 @@ class Settings:
                 "KMSG_LEASE_SECONDS must be below KMSG_VISIBILITY_TIMEOUT", variable="KMSG_LEASE_SECONDS"
             )
         if retry.max_countdown * 10 > visibility_timeout:
-            # A countdown near the visibility timeout is redelivered while still waiting
-            # (celery-production.md B1): longer waits belong in next_attempt_at.
+            # A countdown near the visibility timeout is redelivered while still waiting: longer
+            # waits belong in next_attempt_at. See Celery's Redis "Visibility timeout" caveat:
+            # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
             raise ConfigurationError(
                 "KMSG_RETRY_MAX_COUNTDOWN_SECONDS must be at most a tenth of KMSG_VISIBILITY_TIMEOUT",
                 variable="KMSG_RETRY_MAX_COUNTDOWN_SECONDS",

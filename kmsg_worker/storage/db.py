@@ -42,7 +42,7 @@ log = get_logger("kmsg.storage")
 
 
 def json_dumps(value: Any) -> str:
-    """JSON text for the database: orjson is ~10x faster than json, which matters at bulk volume."""
+    """JSON text for the database (orjson: several times faster than json, which matters at bulk volume)."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
@@ -115,7 +115,7 @@ def _ping_when_idle(engine: Engine) -> None:
     path, twice (the producer's INSERT and the worker's claim): ~0.3 ms each on an idle machine,
     more under load. A connection checked in half a second ago was working then; one that sat
     longer (a database restart happens in that time) is pinged, and a dead one is replaced before
-    anyone uses it (HikariCP skips its validation query the same way). A restart that lands inside
+    anyone uses it. A restart that lands inside
     the window costs the one statement that meets the dead connection: SQLAlchemy then invalidates
     the whole pool, producers get :class:`StorageUnavailableError` for that call and workers leave
     the message ``queued`` for the sweep.
