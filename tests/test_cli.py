@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import select
 
 from kmsg_worker.bulk import process_chunk
 from kmsg_worker.cli import app, cli, main
@@ -28,7 +29,7 @@ from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import MessageStatus as S
-from kmsg_worker.storage.models import DeadLetter
+from kmsg_worker.storage.models import DeadLetter, MessageRow
 from tests.conftest import ROOT, RecordingDispatcher, scratch_pg_database
 
 
@@ -332,6 +333,12 @@ def test_send_many_refuses_or_skips_invalid_rows_and_times_out_with_exit_3(
     assert data["accepted"] == 1 and data["invalid"][0]["row"] == 2 and "row 2: to:" in accepted.stderr
     assert dispatcher.chunks and dispatcher.chunks[0][0] == data["batch_id"]
     # Followed without a worker: not done in time, exit 3, the summary still on stdout
+    bad_tenant = run("send-many", str(csv_file), "--text", "hi", "--tenant", "a\tb")
+    assert bad_tenant.exit_code == 2 and "tenant: " in one_error_line(bad_tenant, "kmsg send-many")
+    tenant = run("send-many", str(csv_file), "--text", "hi", "--skip-invalid", "--no-wait", "--tenant", "shop.1")
+    with kmsg.runtime.store.sessions() as s:
+        where = MessageRow.batch_id == tenant.stdout.strip()
+        assert set(s.scalars(select(MessageRow.tenant).where(where))) == {"shop.1"}
     waited = run("send-many", str(csv_file), "--text", "hi", "--skip-invalid", "--timeout", "0")
     assert waited.exit_code == 3
     assert waited.stdout.startswith("batch ") and "1 accepted | 0 sent" in waited.stdout

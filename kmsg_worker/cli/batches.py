@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ __all__ = ["csv_rows", "summary_line"]
 MESSAGE_COLUMNS = frozenset({"to", "id", "text", "type", "subject", "sender", "from", "template_id", "scheduled_at"})
 
 
-def csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+def csv_rows(path: Path) -> Generator[dict[str, Any], None, None]:
     """Message rows from a CSV: known columns are message fields, every other column a variable.
 
     Read lazily, so a million-row file streams into the batch without being held in memory.
@@ -156,12 +157,18 @@ def send_many(
     Progress goes to stderr; the summary (or with --json one JSON document) to stdout. Exits 3 if
     the batch is not done within --timeout.
     """
+    from kmsg_worker.message import check_tenant
+
     defaults = {name: value for name, value in fields.items() if value is not None}
     if "mtype" in defaults:
         defaults["type"] = defaults.pop("mtype")
-    with app.producer() as kmsg:
+    # The batch's tenant is every row's too (rows label metrics by it), checked once here.
+    defaults["tenant"] = tenant = check_tenant(tenant)
+    # closing(): a refused batch stops reading mid-file; the file is closed now, not when the
+    # abandoned generator happens to be collected.
+    with app.producer() as kmsg, closing(csv_rows(file)) as rows:
         receipt = kmsg.send_many(
-            csv_rows(file),
+            rows,
             defaults=defaults,
             on_invalid="skip" if skip_invalid else "reject",
             idempotency_key=idempotency_key,
