@@ -416,3 +416,71 @@ def test_doctor_and_report_take_json(env: dict[str, str], kmsg: KMsg) -> None:
     out = doctor.stdout
     data = json.loads(out[out.index("{") :])
     assert {c["name"] for c in data["checks"]} >= {"database", "broker"}
+
+
+def test_circuits_shows_what_the_workers_share_in_redis(
+    env: dict[str, str], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker.circuit import CircuitPolicy, RedisCircuitBreaker
+
+    prefix = f"kmsgclitest{os.getpid()}:"
+    monkeypatch.setenv("KMSG_REDIS_URL", redis_url)
+    monkeypatch.setenv("KMSG_BROKER_KEY_PREFIX", prefix)
+    monkeypatch.setenv("KMSG_PROVIDERS", "mock")
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    shared = RedisCircuitBreaker(client, CircuitPolicy(consecutive_failures=2), prefix=f"{prefix}kmsg:cb:")
+    try:
+        for _ in range(2):
+            shared.record("mock", ok=False, timeout=True)
+        lines = run("circuits", "--json").stdout.splitlines()
+        assert [json.loads(line)["state"] for line in lines] == ["open"]
+        table = run("circuits").stdout.splitlines()
+        assert table[0].split() == ["PROVIDER", "STATE", "WINDOW", "CONSECUTIVE", "OPENED_AT", "RETRY_IN"]
+        assert table[1].split()[:2] == ["mock", "open"]
+    finally:
+        shared.reset("mock")
+        client.close()
+
+
+def test_metrics_server_serves_until_terminated(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSG_")}
+    env.update({"KMSG_VAR_DIR": str(tmp_path / "var"), "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmsg_worker.cli", "metrics-server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("serving http://127.0.0.1:"), first
+        import httpx
+
+        url = first.split()[1]
+        assert "kmsg_" in httpx.get(url, timeout=10).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_demo_prints_the_final_table_on_stdout_and_progress_on_stderr(tmp_path: Path) -> None:
+    # A real worker and beat (subprocesses of the command), on the embedded default in tmp_path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSG_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kmsg_worker.cli", "demo", "--json"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    data = json.loads(done.stdout)  # nothing but the JSON document on stdout
+    assert data["final"] is True and len(data["messages"]) == 7  # six sent, one fallback child
+    assert "kmsg demo: broker=filesystem://" in done.stderr and "accepted" in done.stderr
