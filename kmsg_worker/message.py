@@ -1017,12 +1017,15 @@ def check_tenant(value: object, field_name: str = "tenant") -> str:
     them unbounded cardinality, so it is checked here, before anything is stored.
 
     Raises:
-        ValidationError: Not 1-64 characters of ASCII letters, digits, ``_ . -``.
+        ValidationError: Not 1-64 characters of ASCII letters, digits, ``_ . -`` (rule ``format``;
+            ``invalid_character`` for NUL or an unpaired surrogate, as in every text field).
     """
     if value is None or value == "":
         return DEFAULT_TENANT
     if not isinstance(value, str):
         raise ValidationError(field_name, "type", f"must be a string, got {type(value).__name__}")
+    if _bad_text(value):  # the rule every text field follows, named the same way
+        raise ValidationError(field_name, "invalid_character", "must not contain NUL or unpaired surrogate characters")
     if not _TENANT.fullmatch(value):
         raise ValidationError(
             field_name, "format", "must be 1-64 characters of ASCII letters, digits, _ . - ([A-Za-z0-9_.-]{1,64})"
