@@ -5,15 +5,25 @@ BIN     = $(VENV)/bin
 QUEUES  = kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format typecheck all worker beat flower metrics doctor report bench bench-long migrate fake-providers clean
+.PHONY: install lock demo test test-fast lint format typecheck all worker beat flower metrics doctor report bench bench-long migrate fake-providers clean
 
-$(STAMP): pyproject.toml
+# Dependencies come from the lock file only (exact versions, the same on every machine, in CI and in
+# the image); the project itself is installed on top of them without resolving anything again.
+$(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --universal --custom-compile-command "make lock" --quiet
+
+lock: install  ## re-resolve requirements/*.lock after changing pyproject.toml's dependencies (uv)
+	$(UV_COMPILE) -o requirements/main.lock
+	$(UV_COMPILE) --extra dev -o requirements/dev.lock
 
 demo: install  ## worker + beat on the embedded SQLite broker and database, a demo batch, a final table
 	$(BIN)/kmsg demo

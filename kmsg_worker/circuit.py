@@ -28,12 +28,10 @@ default): same interface, same transitions, state per process.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from kmsg_worker.errors import (
@@ -59,12 +57,12 @@ __all__ = [
     "LocalCircuitBreaker",
     "RedisCircuitBreaker",
     "allow",
-    "cmd_circuits",
     "health",
     "make_breaker",
     "observe",
     "record",
     "retry_in",
+    "shared_states",
     "states",
 ]
 
@@ -519,41 +517,20 @@ def states(rt: Runtime, names: Sequence[str] | None = None) -> list[CircuitState
     return [rt.circuits.snapshot(n) for n in (names or rt.settings.providers)]
 
 
-def cmd_circuits(ns: Any) -> int:
-    """``kmsg circuits``: print every enabled provider's circuit as the workers share it."""
-    settings = Settings.from_env()
-    policy = settings.circuit
+def shared_states(settings: Settings) -> list[CircuitState] | None:
+    """Every enabled provider's circuit as the workers share it in Redis (``kmsg circuits``).
+
+    Returns:
+        ``None`` without ``KMSG_REDIS_URL``: each worker process then keeps its own circuits in
+        memory, and there is nothing shared to read.
+    """
     if not settings.redis_url:
-        print("no KMSG_REDIS_URL: each worker process keeps its own circuits in memory; nothing shared to show")
-        return 0
-    # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime) and a process
-    # on the embedded default never loads it.
+        return None
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        shared = RedisCircuitBreaker(client, policy, prefix=f"{settings.broker_key_prefix}kmsg:cb:")
-        snaps = [shared.snapshot(name) for name in settings.providers]
+        shared = RedisCircuitBreaker(client, settings.circuit, prefix=f"{settings.broker_key_prefix}kmsg:cb:")
+        return [shared.snapshot(name) for name in settings.providers]
     finally:
         client.close()
-    if getattr(ns, "json", False):
-        for snap in snaps:
-            print(json.dumps(snap.__dict__))
-        return 0
-    rows = [
-        {
-            "provider": s.provider,
-            "state": s.state if policy.enabled else f"{s.state} (disabled)",
-            "window": f"{s.failures}/{s.requests} failed",
-            "consecutive": str(s.consecutive),
-            "opened_at": datetime.fromtimestamp(s.opened_at, UTC).isoformat(timespec="seconds") if s.opened_at else "",
-            "retry_in": f"{s.retry_in:.1f}s" if s.state == OPEN else "",
-        }
-        for s in snaps
-    ]
-    columns = ["provider", "state", "window", "consecutive", "opened_at", "retry_in"]
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
-    return 0

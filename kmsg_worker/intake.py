@@ -39,6 +39,7 @@ from kmsg_worker.message import (
     _stringify,
     _variables,
     check_message_id,
+    check_tenant,
     check_storable,
     count_bytes,
     normalize,
@@ -241,8 +242,9 @@ def _iter_rows(
     base.setdefault("priority", "bulk")
     explicit = set() if explicit is None else explicit
     default_id = any(base.get(k) is not None for k in _ID_KEYS)
-    # Routing errors (unknown provider_id, no provider for the type) per (type, provider_id).
-    routable: dict[tuple[str, Any], ValidationError | None] = {}
+    # Routing errors (unknown provider_id, no provider for the type, an AlimTalk no provider can
+    # address to a Kakao channel) per (type, provider_id, the Kakao fields the row gives).
+    routable: dict[tuple[str, Any, Any], ValidationError | None] = {}
     for index, item in enumerate(messages, start=1):
         try:
             # A dict is checked by its exact type first: isinstance() against an ABC is a Python-level
@@ -256,7 +258,12 @@ def _iter_rows(
                 content = normalize(
                     merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
                 ).content()
-            key = (content["type"], content.get("provider_id"))
+            kakao = content.get("kakao")
+            key = (
+                content["type"],
+                content.get("provider_id"),
+                tuple(sorted(k for k, v in kakao.items() if v)) if kakao else (),
+            )
             if key not in routable:
                 try:
                     rt.router.route(Message.from_content(content))
@@ -423,6 +430,7 @@ def intake(
     """
     if on_invalid not in ("reject", "skip"):
         raise ValidationError("on_invalid", "enum", "must be 'reject' or 'skip'")
+    tenant = check_tenant(tenant)
     _check_defaults(defaults)
     now = rt.now()
     batch_id = uuid.uuid4().hex

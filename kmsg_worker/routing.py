@@ -1,6 +1,6 @@
 """Routing: which providers a message goes to, in failover order.
 
-Order of precedence (``providers.md`` §2.12, without k-msg's silent skips):
+Order of precedence (an unusable provider the caller named is an error, never silently skipped):
 explicit ``provider_id`` (that provider only) -> the by-type rule (``KMSG_ROUTING``) -> the default provider -> every
 enabled provider that supports the type, in ``KMSG_PROVIDERS`` order. The first provider of the
 route gets the message; the others are the failover chain. An unknown or incapable provider is an
@@ -33,6 +33,7 @@ from typing import Any
 
 from kmsg_worker.errors import ConfigurationError, ValidationError
 from kmsg_worker.message import Message, MessageType
+from kmsg_worker.providers.base import ProviderConfig
 from kmsg_worker.providers.registry import provider_class
 
 __all__ = ["STRATEGIES", "Router", "validate_routing"]
@@ -126,6 +127,8 @@ class Router:
         counter: Shared counter for round robin (``INCR`` in Redis across workers); per process
             when not given.
         rng: Random start of the per-process counters (used only without ``counter``).
+        provider_configs: Each provider's settings: an AlimTalk whose route has no provider able
+            to name its Kakao channel is refused here (see :meth:`route`).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Router:
         *,
         counter: Counter | None = None,
         rng: random.Random | None = None,
+        provider_configs: Mapping[str, ProviderConfig] | None = None,
     ) -> None:
         self.providers = list(providers)
         self.rules = dict(rules or {})
@@ -143,6 +147,15 @@ class Router:
         self.rng = rng or random.Random()
         self.counter = counter or _LocalCounter(self.rng)
         self._types = {name: provider_class(name).capabilities.types for name in self.providers}
+        # Per provider: the message keys it reads a Kakao channel from, or None when it needs none
+        # from the message (no channel in its API, or one in its settings; or settings not given).
+        self._channel_keys: dict[str, tuple[str, ...] | None] = {}
+        for name in self.providers:
+            cls = provider_class(name)
+            option = cls.kakao_channel_option
+            config = (provider_configs or {}).get(name) or ProviderConfig(name=name)
+            needed = provider_configs is not None and option is not None and not config.option(option)
+            self._channel_keys[name] = cls.kakao_channel_keys if needed else None
 
     def supports(self, name: str, mtype: MessageType) -> bool:
         """Whether enabled provider ``name`` can send ``mtype``."""
@@ -208,4 +221,24 @@ class Router:
         route = list(dict.fromkeys(chain))
         if not route:
             raise ValidationError("type", "no_provider", f"no enabled provider supports {mtype.value}")
+        if mtype is MessageType.ALIMTALK:
+            self._check_kakao_channel(message, route)
         return route
+
+    def _check_kakao_channel(self, message: Message, route: Sequence[str]) -> None:
+        """Refuse an AlimTalk that no provider of ``route`` could address to a Kakao channel.
+
+        The channel (Solapi's pfId, Aligo's sender key) comes from the message (``kakao.profile_id``)
+        or from the provider's settings; IWINV's key is bound to its channel. Without one, every
+        provider of the route would refuse the message after it was accepted.
+        """
+        for name in route:
+            keys = self._channel_keys.get(name)
+            if keys is None or any(message.kakao.get(k) for k in keys):
+                return
+        settings = " or ".join(f"KMSG_{n}_{provider_class(n).kakao_channel_option}".upper() for n in route)
+        raise ValidationError(
+            "kakao.profile_id",
+            "required",
+            f"ALIMTALK needs a Kakao channel (sender key / pfId): set kakao.profile_id or {settings}",
+        )

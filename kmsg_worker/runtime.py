@@ -70,7 +70,13 @@ class Runtime:
         self._redis: Any = None
         self._circuits: CircuitBreaker | None = None
         self._limiter: RateLimiter | None = None
-        self.router = Router(settings.providers, settings.routing, settings.default_provider, counter=self._counter())
+        self.router = Router(
+            settings.providers,
+            settings.routing,
+            settings.default_provider,
+            counter=self._counter(),
+            provider_configs=settings.provider_configs,
+        )
         self.extras: dict[str, Any] = {}
 
     def _counter(self) -> Callable[[str], int] | None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kmsg_worker.errors import ConfigurationError
@@ -30,7 +31,15 @@ from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
 from kmsg_worker.taxonomy import ErrorPolicy, parse_error_policy
 
-__all__ = ["CircuitPolicy", "RetryOverride", "RetryPolicy", "Settings", "TrackingPolicy"]
+__all__ = [
+    "CircuitPolicy",
+    "RetryOverride",
+    "RetryPolicy",
+    "Settings",
+    "TrackingPolicy",
+    "mask_url",
+    "stop_unless_sendable",
+]
 
 T = TypeVar("T")
 
@@ -258,7 +267,7 @@ class Settings:
     reconcile_max_checks: int = 8
     #: First-generation threshold of Python's cyclic GC in workers and during bulk intake (0: leave
     #: Python's default of 700). A 10,000-row chunk allocates ~200,000 objects; at 700 the collector
-    #: ran hundreds of times per chunk and cost a third of the worker's CPU (issue 5).
+    #: ran hundreds of times per chunk and cost a third of the worker's CPU.
     gc_threshold: int = 50_000
     #: Rows per bulk chunk (one task, one provider request) when ``send_many`` is not given one; the
     #: provider's batch limit caps it. 5,000 rather than Solapi's 10,000: a chunk's peak is what a
@@ -290,7 +299,7 @@ class Settings:
         # URLs may carry passwords (postgresql://user:secret@..., redis://:secret@...): never show them.
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         for name in ("broker_url", "database_url", "redis_url"):
-            shown[name] = _hide_password(shown[name])
+            shown[name] = mask_url(shown[name])
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def provider_config(self, name: str) -> ProviderConfig:
@@ -333,13 +342,13 @@ class Settings:
         env = os.environ if environ is None else environ
         var_dir = Path(_env(env, "KMSG_VAR_DIR") or "var").resolve()
         # The embedded default: kombu's filesystem transport (measured 5x faster than its SQLite
-        # transport here, `python -m bench.embedded_transports`); see the README.
+        # transport here, `python -m bench.embedded_transports`); see docs/PERFORMANCE.md.
         broker_url = _env(env, "KMSG_BROKER_URL") or "filesystem://"
         database_url = _env(env, "KMSG_DATABASE_URL") or f"sqlite:///{var_dir / 'kmsg.sqlite'}"
         for name, url in (("KMSG_DATABASE_URL", database_url),):
             if not url.startswith(("sqlite", "postgresql")):
                 raise ConfigurationError(
-                    f"{name}={url!r} is not supported: use sqlite:///path or postgresql+psycopg://...",
+                    f"{name}={mask_url(url)!r} is not supported: use sqlite:///path or postgresql+psycopg://...",
                     variable=name,
                 )
         redis_url = _env(env, "KMSG_REDIS_URL")
@@ -353,7 +362,12 @@ class Settings:
                 f"KMSG_TIMEZONE={timezone!r} is not a known time zone", variable="KMSG_TIMEZONE"
             ) from exc
 
-        providers = tuple(p.strip().lower() for p in (_env(env, "KMSG_PROVIDERS") or "mock").split(",") if p.strip())
+        # Unset: the mock (the embedded try-out sends nowhere). Set but empty, as the compose file
+        # passes it when .env names none: no provider at all, which a worker refuses at start.
+        providers_raw = env.get("KMSG_PROVIDERS")
+        providers = tuple(p.strip().lower() for p in (providers_raw or "").split(",") if p.strip())
+        if providers_raw is None:
+            providers = ("mock",)
         configs = {name: _provider_config(env, name) for name in providers}
         if "mock" in configs and not configs["mock"].option("call_log"):
             # Scripted mock outcomes and reconciliation must see calls made by every worker process.
@@ -414,8 +428,9 @@ class Settings:
                 "KMSG_LEASE_SECONDS must be below KMSG_VISIBILITY_TIMEOUT", variable="KMSG_LEASE_SECONDS"
             )
         if retry.max_countdown * 10 > visibility_timeout:
-            # A countdown near the visibility timeout is redelivered while still waiting
-            # (celery-production.md B1): longer waits belong in next_attempt_at.
+            # A countdown near the visibility timeout is redelivered while still waiting: longer
+            # waits belong in next_attempt_at. See Celery's Redis "Visibility timeout" caveat:
+            # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
             raise ConfigurationError(
                 "KMSG_RETRY_MAX_COUNTDOWN_SECONDS must be at most a tenth of KMSG_VISIBILITY_TIMEOUT",
                 variable="KMSG_RETRY_MAX_COUNTDOWN_SECONDS",
@@ -458,12 +473,39 @@ class Settings:
         return cls(**values)
 
     def check_providers(self) -> None:
-        """Fail fast when an enabled provider lacks a required credential (called at worker start)."""
+        """Fail fast when no provider is named or one lacks a required credential (at worker start).
+
+        Raises:
+            ConfigurationError: Naming what is missing: ``KMSG_PROVIDERS``, or a provider's credential
+                (``KMSG_SOLAPI_API_KEY`` ...).
+        """
+        if not self.providers:
+            raise ConfigurationError(
+                "KMSG_PROVIDERS names no provider: set it to the providers this worker sends through "
+                "(solapi, iwinv, aligo) and set their credentials (KMSG_SOLAPI_API_KEY ...); "
+                "'mock' sends nothing and is for try-outs",
+                variable="KMSG_PROVIDERS",
+            )
         for name in self.providers:
             cls = provider_class(name)
             config = self.provider_config(name)
             for key in sorted(cls.required_credentials):
                 config.secret(key)
+
+
+def stop_unless_sendable(settings: Settings) -> None:
+    """Stop a starting worker that could not send, naming what is missing (``KMSG_PROVIDERS``, a key).
+
+    Called from Celery's ``worker_init``. Celery logs an exception raised by a signal handler and
+    starts the worker anyway, so the :class:`ConfigurationError` alone would leave a worker
+    consuming messages it can only fail: the reason goes to stderr as one line and
+    ``SystemExit(2)``, which Celery does not catch, ends the process.
+    """
+    try:
+        settings.check_providers()
+    except ConfigurationError as exc:
+        print(f"kmsg worker: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -523,18 +565,35 @@ def _retry_overrides(
     return result
 
 
-def _hide_password(url: str | None) -> str | None:
-    """``url`` with its password, if any, replaced by ``***``."""
-    if not url or "@" not in url:
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*")
+
+
+def mask_url(url: str | None) -> str | None:
+    """``url`` with its password, if any, replaced by ``***``: the one form a URL is ever shown in.
+
+    Works on any text, parsable or not (an unsupported or mistyped URL is shown in the error that
+    refuses it): everything between the ``//`` and the last ``@`` after the first ``:`` is the
+    password, and a ``password=`` query parameter (libpq accepts one) is masked too.
+
+    Args:
+        url: A broker, database or Redis URL (``None`` passes through).
+
+    Returns:
+        The URL safe to print or log.
+    """
+    if not url:
         return url
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.rsplit("@", 1)[-1]
-    if password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)))
+    masked = _QUERY_PASSWORD.sub(r"\1***", url)
+    if "@" not in masked:
+        return masked
+    head, _, host = masked.rpartition("@")
+    scheme, sep, userinfo = head.partition("//")
+    if not sep:
+        scheme, userinfo = "", head
+    if ":" not in userinfo:
+        return masked
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def _bool(raw: str) -> bool:

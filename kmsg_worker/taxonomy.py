@@ -3,8 +3,7 @@
 The adapters already translate every provider answer into an :class:`~kmsg_worker.errors.ErrorCode`,
 a class (:class:`~kmsg_worker.errors.ProviderTransientError` = retry,
 :class:`~kmsg_worker.errors.ProviderRejected` = do not) and a ``blame``. ``KMSG_RETRY_POLICY`` lets an
-operator change the first decision without touching code, the way k-msg's ``classifyForRetry``
-does (``providers.md`` §6)::
+operator change the first decision without touching code::
 
     KMSG_RETRY_POLICY='{"retryable_codes": ["INSUFFICIENT_BALANCE", "iwinv:519"],
                         "non_retryable_codes": ["PROVIDER_ERROR"],
@@ -13,7 +12,9 @@ does (``providers.md`` §6)::
                                         "by_status": {"503": 30}}}'
 
 A code is either an :class:`ErrorCode` name or ``<provider>:<provider code>`` (the provider's raw
-code, kept on every error, so even codes no table knows can be classified). First match wins:
+code, kept on every error, so even codes no table knows can be classified). Both match whatever the
+letter case: providers are not consistent about it (``VENDOR_BUSY``, ``Vendor_Busy``), and an operator
+copying a code from a log or a provider's page should not have to match it. First match wins:
 
 1. the provider's own code (``iwinv:518``) in ``non_retryable_codes`` / ``retryable_codes``, then the
    normalised code (``PROVIDER_ERROR``): the more specific entry wins;
@@ -115,11 +116,16 @@ class ErrorPolicy:
         )
 
 
+def _provider_key(provider: str, code: str) -> str:
+    """The one form a ``provider:code`` key takes, in the policy and when an error is looked up."""
+    return f"{provider.strip().lower()}:{code.strip().casefold()}"
+
+
 def _keys(error: ProviderError) -> list[str]:
     """The policy keys an error answers to, most specific first."""
     keys = []
     if error.provider_code:
-        keys.append(f"{error.provider}:{error.provider_code}")
+        keys.append(_provider_key(error.provider, error.provider_code))
     keys.append(error.code.value)
     return keys
 
@@ -204,7 +210,7 @@ def _code(value: Any, variable: str, where: str) -> str:
         provider, _, raw = text.partition(":")
         if not provider or not raw:
             raise _fail(variable, f"{where}: {text!r} must be provider:code")
-        return f"{provider.lower()}:{raw}"
+        return _provider_key(provider, raw)
     upper = text.upper()
     if upper not in ErrorCode.__members__:
         raise _fail(variable, f"{where}: unknown code {text!r}; use one of {', '.join(ErrorCode.__members__)}")

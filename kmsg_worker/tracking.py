@@ -9,7 +9,9 @@ One sweep (:func:`poll_statuses`, run by beat on the ``kmsg.poll`` queue):
    gives back the rows it did not reach, so its claim never runs out while it works;
 2. asks each provider's status API, in bulk where it allows. A provider that fails (or cannot even
    be built) only delays its own rows, which back off and keep the error as ``error_code`` /
-   ``error_message`` while they stay ``sent``;
+   ``error_message`` while they stay ``sent``. A query the provider refuses for good (an
+   authentication or request error that asking again cannot fix) ends the rows it asked about
+   ``unknown`` at once, with the provider's code;
 3. applies every answer with a conditional update, ``sent -> delivered | failed | unknown``,
    keeping the provider's status code, text and delivery/failure times; a final state never
    changes again. Not final yet: the next check backs off along ``KMSG_TRACKING_BACKOFF``
@@ -31,7 +33,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -99,6 +101,8 @@ class _QueryError:
 
     code: str
     message: str
+    #: The provider refused the query for good: the rows it asked about end ``unknown`` now.
+    final: bool = False
 
 
 def _backoff(policy: TrackingPolicy, check_count: int) -> float:
@@ -248,6 +252,9 @@ def _tracking_expired(rt: Runtime, row: MessageRow, now: datetime) -> bool:
 def _not_final(
     rt: Runtime, row: MessageRow, report: StatusReport | None, now: datetime, out: PollReport, error: _QueryError | None
 ) -> None:
+    if error is not None and error.final:
+        _give_up(rt, row, now, out, ErrorCode(error.code), error.message)
+        return
     if _tracking_expired(rt, row, now):
         reason = "no final delivery report within the tracking window"
         if error is not None:
@@ -346,6 +353,11 @@ def _apply(
 
 def _query_error(exc: Exception) -> _QueryError:
     if isinstance(exc, ProviderError):
+        if not exc.retryable:
+            # Retrying cannot fix it (bad credentials, a required setting missing, a request the
+            # API refuses): polling for 24 hours would only repeat the refusal.
+            code = f" (provider code {exc.provider_code})" if exc.provider_code else ""
+            return _QueryError(exc.code.value, f"status query refused{code}: {exc}"[:500], final=True)
         return _QueryError(exc.code.value, f"status query failed: {exc}"[:500])
     return _QueryError(ErrorCode.UNKNOWN_ERROR.value, f"status query failed: {type(exc).__name__}: {exc}"[:500])
 
@@ -420,6 +432,9 @@ def _poll_provider(
                 log.warning("tracking.query_failed", provider=name, error_code=error.code, count=len(group) - start)
         for row in part:
             _apply(rt, row, reports.get(row.id), now, out, error)
+        if error is not None and error.final:
+            # Only the rows that were asked about end here; the rest, not asked, back off as usual.
+            error = replace(error, final=False)
 
 
 def _poll_round(rt: Runtime, *, limit: int, deadline: float, out: PollReport) -> int:

@@ -15,6 +15,7 @@ from config.celery import settings
 from kmsg_worker.dispatch import QUEUES
 from kmsg_worker.gctune import tune_worker
 from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish, stdlib_formatter
+from kmsg_worker.settings import stop_unless_sendable
 from tasks.context import get_runtime, reset_runtime
 
 log = structlog.get_logger("kmsg.tasks")
@@ -24,7 +25,7 @@ log = structlog.get_logger("kmsg.tasks")
 def _check_settings(sender: Any = None, **_: Any) -> None:
     # A missing credential stops the worker at start, naming the variable (not at the first send).
     configure_logging(settings.log_level, json_output=settings.log_json)
-    settings.check_providers()
+    stop_unless_sendable(settings)
     if sender is not None:
         _yield_to_single_sends(sender.app.amqp.queues.consume_from)
 

@@ -489,3 +489,17 @@ def test_the_pipeline_applies_per_type_attempts(rt: Runtime) -> None:
     # LMS: two attempts on scripted_a, then scripted_b
     assert actions == ["retry", "failover", "sent"]
     assert calls_to("scripted_a") == [lms_id, lms_id] and calls_to("scripted_b") == [lms_id]
+
+
+def test_provider_codes_match_whatever_their_letter_case() -> None:
+    # Providers are not consistent about case: the operator's spelling need not match theirs
+    solapi_busy = ProviderTransientError(
+        "busy", provider="solapi", code=ErrorCode.PROVIDER_ERROR, provider_code="Vendor_Busy"
+    )
+    assert not classify(solapi_busy, policy(non_retryable_codes=["solapi:VENDOR_BUSY"])).retryable
+    assert not classify(solapi_busy, policy(non_retryable_codes=["SOLAPI:vendor_busy"])).retryable
+    waits = policy(retry_after={"by_code": {"Solapi:VENDOR_busy": 7}})
+    assert classify(solapi_busy, waits).retry_after == 7
+    # The same code twice in different cases is still both retryable and non-retryable
+    with pytest.raises(ConfigurationError, match="both retryable and non-retryable"):
+        policy(retryable_codes=["solapi:VENDOR_BUSY"], non_retryable_codes=["solapi:vendor_busy"])

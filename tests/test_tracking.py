@@ -210,6 +210,46 @@ def test_a_failing_status_api_delays_only_its_own_rows(
     assert {(row_of(rt, m).status, row_of(rt, m).error_code) for m in at_solapi} == {("delivered", None)}
 
 
+def test_a_status_query_refused_for_good_ends_unknown_at_once_with_the_providers_code(
+    make_rt: Any, clock: Clock, fakes: dict[str, FakeProviderServer]
+) -> None:
+    # Given IWINV without the company id its SMS history API needs (no retry can fix that)
+    rt = make_rt(KMSG_IWINV_SMS_COMPANY_ID="")
+    refused = [send_now(rt, to=f"0102000015{i}", text="i", provider_id="iwinv") for i in range(2)]
+    requests = fakes["iwinv"].ledger.requests
+    # When the first check comes due
+    report = settle(rt, clock)
+    # Then the rows end unknown now, with the code and the reason, instead of polling for 24 hours
+    assert report.unknown == 2 and report.pending == 0 and report.query_errors == 1
+    for mid in refused:
+        row = row_of(rt, mid)
+        assert (row.status, row.error_code) == ("unknown", "UNSUPPORTED")
+        assert "status query refused" in (row.error_message or "") and "KMSG_IWINV_SMS_COMPANY_ID" in (
+            row.error_message or ""
+        )
+    # (refused by the adapter itself: nothing was asked of the provider)
+    assert fakes["iwinv"].ledger.requests == requests
+    # and the next sweep leaves them alone
+    assert settle(rt, clock, 7200).claimed == 0
+
+
+def test_a_status_query_refused_by_the_provider_ends_unknown_and_a_retryable_one_backs_off(
+    make_rt: Any, clock: Clock, fakes: dict[str, FakeProviderServer]
+) -> None:
+    rt = make_rt()
+    mid = send_now(rt, to="01020000161", text="s")
+    # A busy status API: the row backs off, still sent
+    fakes["solapi"].set_faults(error_rate=1.0)
+    assert settle(rt, clock).pending == 1 and row_of(rt, mid).status == "sent"
+    # The provider then refuses the query as unauthenticated (a worker with a wrong key): unknown
+    # at once, with its code
+    fakes["solapi"].set_faults()
+    report = settle(make_rt(KMSG_SOLAPI_API_KEY="wrong-key"), clock, 30)
+    row = row_of(rt, mid)
+    assert report.unknown == 1 and (row.status, row.error_code) == ("unknown", "AUTHENTICATION_FAILED")
+    assert "status query refused (provider code" in (row.error_message or "")
+
+
 class BrokenStatusMock(MockProvider):
     """A mock whose status API has a bug (raises something that is not a ProviderError)."""
 

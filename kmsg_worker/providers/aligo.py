@@ -276,6 +276,7 @@ class AligoProvider(HttpProvider):
     )
     credential_keys: ClassVar[frozenset[str]] = frozenset({"api_key"})
     required_credentials: ClassVar[frozenset[str]] = frozenset({"api_key"})
+    kakao_channel_option: ClassVar[str | None] = "sender_key"
     default_base_url = DEFAULT_SMS_BASE_URL
 
     def __init__(
@@ -394,7 +395,7 @@ class AligoProvider(HttpProvider):
         return sender
 
     def _sender_key_for(self, message: Message) -> str:
-        profile = message.kakao.get("profile_id") or message.kakao.get("profileId") or self._sender_key
+        profile = next((message.kakao[k] for k in self.kakao_channel_keys if message.kakao.get(k)), self._sender_key)
         if not profile:
             # Blamed on the provider: another provider configured with a Kakao channel can send it.
             raise self._refuse(

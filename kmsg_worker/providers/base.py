@@ -209,6 +209,12 @@ class Provider:
     credential_keys: ClassVar[frozenset[str]] = frozenset()
     #: Credentials without which the provider cannot work; checked at worker start.
     required_credentials: ClassVar[frozenset[str]] = frozenset()
+    #: The option holding this provider's default Kakao channel (Solapi's pfId, Aligo's sender key),
+    #: which an AlimTalk needs when the message names none; ``None``: its API needs no channel in the
+    #: request (the key is bound to one). The producer checks it (:meth:`kmsg_worker.routing.Router.route`).
+    kakao_channel_option: ClassVar[str | None] = None
+    #: Keys of ``message.kakao`` this adapter reads a message's own Kakao channel from.
+    kakao_channel_keys: ClassVar[tuple[str, ...]] = ("profile_id", "profileId")
 
     def __init__(self, config: ProviderConfig) -> None:
         if not self.name:

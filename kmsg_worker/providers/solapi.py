@@ -382,6 +382,8 @@ class SolapiProvider(HttpProvider):
     )
     credential_keys: ClassVar[frozenset[str]] = frozenset({"api_key", "api_secret"})
     required_credentials: ClassVar[frozenset[str]] = frozenset({"api_key", "api_secret"})
+    kakao_channel_option: ClassVar[str | None] = "kakao_pf_id"
+    kakao_channel_keys: ClassVar[tuple[str, ...]] = ("profile_id", "profileId", "pf_id", "pfId")
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -661,7 +663,7 @@ class SolapiProvider(HttpProvider):
         return re.sub(r"\D", "", number)
 
     def _kakao_pf_id(self, message: Message) -> str:
-        pf_id = _pick(message.kakao, "profile_id", "profileId", "pf_id", "pfId") or self.config.option("kakao_pf_id")
+        pf_id = _pick(message.kakao, *self.kakao_channel_keys) or self.config.option("kakao_pf_id")
         if not pf_id:
             raise self._reject(
                 f"{message.type.value} needs a Kakao channel: set kakao.profile_id or KMSG_SOLAPI_KAKAO_PF_ID"

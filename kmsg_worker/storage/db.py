@@ -1,8 +1,9 @@
 """Engine creation: one engine per process, tuned per backend.
 
 SQLite (the embedded default) runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout, so
-a producer, workers and beat in separate processes can share one file (``reference/performance.md``:
-commit-per-row goes from ~900 to ~10,500 rows/s). PostgreSQL uses psycopg 3 with a small pool
+a producer, workers and beat in separate processes can share one file (WAL lets readers run beside
+the one writer, and NORMAL syncs at checkpoints rather than at every commit:
+https://www.sqlite.org/wal.html). PostgreSQL uses psycopg 3 with a small pool
 (connections that sat idle are pinged at checkout).
 After a fork, the child must not reuse the parent's connections: :func:`dispose_after_fork`.
 """
@@ -18,11 +19,12 @@ from typing import Any, Literal
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kmsg_worker.errors import StorageUnavailableError
+from kmsg_worker.errors import ConfigurationError, StorageUnavailableError
 from kmsg_worker.logging import get_logger
+from kmsg_worker.settings import mask_url
 from kmsg_worker.storage.models import Base
 
 __all__ = [
@@ -40,13 +42,24 @@ log = get_logger("kmsg.storage")
 
 
 def json_dumps(value: Any) -> str:
-    """JSON text for the database: orjson is ~10x faster than json, which matters at bulk volume."""
+    """JSON text for the database (orjson: several times faster than json, which matters at bulk volume)."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
-    """Create the process's engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``)."""
-    parsed = make_url(url)
+    """Create the process's engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``).
+
+    Raises:
+        ConfigurationError: ``url`` is not a database URL; the error shows it with the password masked.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        # Neither the error nor its cause may carry the URL: it holds the database password.
+        raise ConfigurationError(
+            f"KMSG_DATABASE_URL={mask_url(url)!r} is not a database URL ({type(exc).__name__})",
+            variable="KMSG_DATABASE_URL",
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +115,7 @@ def _ping_when_idle(engine: Engine) -> None:
     path, twice (the producer's INSERT and the worker's claim): ~0.3 ms each on an idle machine,
     more under load. A connection checked in half a second ago was working then; one that sat
     longer (a database restart happens in that time) is pinged, and a dead one is replaced before
-    anyone uses it (HikariCP skips its validation query the same way). A restart that lands inside
+    anyone uses it. A restart that lands inside
     the window costs the one statement that meets the dead connection: SQLAlchemy then invalidates
     the whole pool, producers get :class:`StorageUnavailableError` for that call and workers leave
     the message ``queued`` for the sweep.

@@ -1,0 +1,13 @@
+"""The ``kmsg`` command line, on click (rich draws tables and progress on a terminal).
+
+Exit codes: 0 ok; 1 a check failed (``doctor``, ``messages pending --older-than``); 2 invalid
+command line, input or configuration; 3 other errors (provider, database, broker, timeout).
+Data goes to stdout, progress and notes to stderr; ``--json`` prints JSON instead of tables.
+"""
+
+from __future__ import annotations
+
+from kmsg_worker.cli import batches, demo, messages, operations  # noqa: F401 - each registers its commands
+from kmsg_worker.cli.app import cli, main
+
+__all__ = ["cli", "main"]
