@@ -1,6 +1,6 @@
 """A fake Solapi API v4 server: real HTTP on loopback, Solapi's auth, shapes and codes.
 
-Endpoints (``shared/reference/providers.md`` §3.1, §E.1):
+Endpoints (as documented at https://docs.solapi.com):
 
 * ``POST /messages/v4/send-many/detail`` — validates the body like Solapi (400 ``ValidationError``,
   400 ``RecipientsTooMany`` above 10,000 messages), checks every message (refusals go to

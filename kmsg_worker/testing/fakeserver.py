@@ -4,7 +4,7 @@ A vendor fake (``kmsg_worker.testing.fake_solapi`` ...) subclasses :class:`FakeP
 implements :meth:`FakeProviderServer.handle` for its endpoints; this module gives it:
 
 * a threaded stdlib HTTP server with Nagle disabled (otherwise every response waits ~40 ms on
-  delayed ACKs, see ``reference/performance.md``), one thread per keep-alive connection;
+  delayed ACKs), one thread per keep-alive connection;
 * a :class:`Ledger` of accepted messages that **counts deliveries per recipient**, so tests prove
   that nothing was sent twice, and progresses each message's delivery status over time by rule;
 * :class:`Faults` injected on demand: latency, a share of 5xx, 429 with ``Retry-After``,
@@ -133,6 +133,9 @@ class Ledger:
         #: Accepted messages per client reference (our message id, when the wire carries it).
         self.per_reference: Counter[str] = Counter()
         self.requests = 0
+        #: Vendor requests per ``"METHOD /path"`` (faulted ones included): tests bound the cost of
+        #: a lookup or a poll with it.
+        self.per_endpoint: Counter[str] = Counter()
         self.rejected = 0
         self.default_rule = DeliveryRule()
         self.rules_by_recipient: dict[str, DeliveryRule] = {}
@@ -190,6 +193,7 @@ class Ledger:
             return {
                 "accepted": len(self.entries),
                 "requests": self.requests,
+                "per_endpoint": dict(self.per_endpoint),
                 "rejected": self.rejected,
                 "recipients": len(self.per_recipient),
                 "max_per_recipient": max(self.per_recipient.values(), default=0),
@@ -204,6 +208,7 @@ class Ledger:
             self.per_recipient.clear()
             self.per_reference.clear()
             self.requests = self.rejected = 0
+            self.per_endpoint.clear()
             self.rules_by_recipient.clear()
             self.default_rule = DeliveryRule()
             self._rule_fn = None
@@ -367,6 +372,7 @@ class FakeProviderServer:
         if request.path.startswith("/_fake/"):
             return self._control(request)
         self.ledger.requests += 1
+        self.ledger.per_endpoint[f"{request.method} {request.path.rstrip('/') or '/'}"] += 1
         injected = self._pre_faults()
         if injected is not None:
             return injected
