@@ -1139,6 +1139,66 @@ class TestLookupAndBalance:
         earlier = datetime.now(UTC) - timedelta(seconds=5)
         assert message.id in provider.lookup([message.id], {message.id: LookupHint.for_message(message, earlier)})
 
+    def test_the_fake_replaces_a_failed_alimtalk_by_sms_like_solapi(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        provider = make_provider()
+        fake.fail_alimtalk_for(["01066667777"])
+        replaced, kept = (
+            normalize(
+                {
+                    "to": to,
+                    "type": "ALIMTALK",
+                    "template_id": "T1",
+                    "text": "주문이 접수되었습니다",
+                    "sender": "0212345678",
+                    "failover": {"enabled": enabled},
+                }
+            )
+            for to, enabled in (("01066667777", True), ("01066667777", False))
+        )
+        first, second = provider.send(replaced), provider.send(kept)
+        assert first.native_fallback and not second.native_fallback
+
+        listed = httpx.get(
+            fake.url + "/messages/v4/list",
+            params={"limit": 500},
+            headers={"Authorization": authorization_header(API_KEY, API_SECRET)},
+        ).json()
+        rows: dict[str, Any] = listed["messageList"]
+        original = rows[str(first.provider_message_id)]
+        assert (original["type"], original["statusCode"], original["replacement"]) == ("ATA", "3104", False)
+        (link,) = original["replacements"]
+        replacement = rows[link["messageId"]]
+        assert (replacement["type"], replacement["statusCode"], replacement["replacement"]) == ("SMS", "4000", True)
+        assert replacement["customFields"] == {"kmsgId": replaced.id} and replacement["to"] == "01066667777"
+        assert rows[str(second.provider_message_id)]["replacements"] == []  # disableSms: true, no replacement
+        # a replacement is Solapi's, not a second acceptance of our message
+        assert fake.ledger.per_reference[replaced.id] == 1 and len(fake.replacements) == 1
+        assert httpx.get(fake.url + "/_fake/stats").json()["replacements"] == 1
+        # and a lookup by our id finds the AlimTalk we sent, not its replacement
+        found = provider.lookup([replaced.id], {replaced.id: LookupHint.for_message(replaced, datetime.now(UTC))})
+        assert found[replaced.id].provider_message_id == original["messageId"]
+
+    def test_a_replacement_ends_by_its_own_rule(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        fake.fail_alimtalk_for(suffix="7")
+        fake.ledger.add_rule(DeliveryRule(final="FAILED", code="3059"), type="SMS", to="01066667777")
+        message = normalize(
+            {
+                "to": "01066667777",
+                "type": "ALIMTALK",
+                "template_id": "T1",
+                "text": "주문이 접수되었습니다",
+                "sender": "0212345678",
+                "failover": {"enabled": True},
+            }
+        )
+        outcome = make_provider().send(message)
+        replacement = fake.replacements[str(outcome.provider_message_id)]
+        assert (replacement.type, replacement.rule.final, replacement.rule.code) == ("SMS", "FAILED", "3059")
+
     def test_balance(self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]) -> None:
         fake.balance = 12_345.5
         provider = make_provider()
