@@ -26,6 +26,7 @@ from kmsg_worker.circuit import CircuitPolicy
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
+from kmsg_worker.providers.base_http import HttpProvider, provider_timeout
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
@@ -398,6 +399,8 @@ class Settings:
             config = self.provider_config(name)
             for key in sorted(cls.required_credentials):
                 config.secret(key)
+            if issubclass(cls, HttpProvider):
+                provider_timeout(config)  # an invalid KMSG_<NAME>_TIMEOUT... stops the worker here
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
