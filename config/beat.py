@@ -98,7 +98,7 @@ class OutageQuietScheduler(PersistentScheduler):  # type: ignore[misc]
     def _is_outage(self, exc: BaseException) -> bool:
         errors: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
         try:
-            connection = self.app.connection_for_write()
+            connection = self.connection  # the scheduler's own publishing connection
             errors += tuple(connection.connection_errors) + tuple(connection.recoverable_connection_errors)
         except Exception:  # noqa: BLE001 - the transport's own error types are a bonus, not required
             pass
