@@ -1,6 +1,6 @@
 """Celery settings derived from :class:`kmsg_worker.settings.Settings`.
 
-Why each non-default value (``shared/reference/celery-production.md``):
+Why each non-default value:
 
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies is redelivered
   (B3); safe because the send claim is a conditional UPDATE and a delivery counter turns a message
@@ -12,6 +12,9 @@ Why each non-default value (``shared/reference/celery-production.md``):
 * Separate queues for priority sends, normal sends, bulk chunks, polls and maintenance, so a
   million-message campaign never delays a one-time password.
 * Task events on, so Flower and exporters see every task (C.1, C.2).
+* ``worker_consumer`` and ``beat_scheduler``: Celery's own, except that a broker outage never
+  ends a worker (:class:`tasks.signals.OutageSafeConsumer`) and beat logs it once per outage
+  instead of a traceback per tick (:class:`config.beat.OutageQuietScheduler`).
 """
 
 from __future__ import annotations
@@ -103,4 +106,6 @@ def build_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 0.5,
         },
         "beat_max_loop_interval": 5,
+        "beat_scheduler": "config.beat:OutageQuietScheduler",
+        "worker_consumer": "tasks.signals:OutageSafeConsumer",
     }

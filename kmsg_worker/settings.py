@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import MessageType, Priority, ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
+from kmsg_worker.providers.base_http import HttpProvider, provider_timeout
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
@@ -491,6 +492,8 @@ class Settings:
             config = self.provider_config(name)
             for key in sorted(cls.required_credentials):
                 config.secret(key)
+            if issubclass(cls, HttpProvider):
+                provider_timeout(config)  # an invalid KMSG_<NAME>_TIMEOUT... stops the worker here
 
 
 def stop_unless_sendable(settings: Settings) -> None:

@@ -1,4 +1,8 @@
-"""Worker lifecycle: fail fast on bad settings, one runtime per child, bound log context per task."""
+"""Worker lifecycle: fail fast on bad settings, one runtime per child, bound log context per task.
+
+Also the worker's consumer (``worker_consumer``): Celery's own, guarded so that a broker outage
+never ends the worker process (see :class:`OutageSafeConsumer`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 import structlog
 from celery import signals
+from celery.worker.consumer import Consumer
 
 from config.celery import settings
 from kmsg_worker.dispatch import QUEUES
@@ -104,3 +109,44 @@ def _bind_context(task_id: str | None = None, task: Any = None, kwargs: Any = No
 @signals.task_postrun.connect
 def _clear_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
+
+
+class OutageSafeConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, except that closing the lost broker connection can never stop the worker.
+
+    When the connection is lost, Celery first ``collect()`` s it (which detaches kombu's transport
+    from the connection: ``transport.client = None``) and then ``close()`` s it. If the default
+    channel still holds an unacknowledged task at that point, closing it tries to put the task
+    back through a new Redis pool, whose parameters are read from the detached client: an
+    ``AttributeError('NoneType' object has no attribute 'hostname')`` that ``ignore_errors`` does
+    not ignore, and the worker stops with "Unrecoverable error" and exit code 1. Seen in 1 of 9
+    and 2 of 9 Redis stops with tasks in flight (tests/faults/test_broker_outages.py); the same
+    failure on a detached transport is https://github.com/celery/kombu/issues/582, and restoring
+    unacknowledged messages while closing is https://github.com/celery/kombu/issues/970.
+
+    Only that close is guarded; everything else Celery does after a connection loss (cancelling
+    late-acknowledged tasks, reducing the prefetch, reconnecting) runs unchanged. Nothing is lost
+    by skipping the restore: the broker is down, so it could not have succeeded either, and the
+    task stays in the broker's unacknowledged set until its visibility timeout, while the
+    message's own lease and the stale-queued sweep send it well before that.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Guard the close of the lost connection, then let Celery handle the loss."""
+        connection = self.connection
+        if connection is not None:
+            close = connection.close
+
+            def guarded_close() -> None:
+                try:
+                    close()
+                except AttributeError as error:
+                    log.warning(
+                        "worker.broker_close_failed",
+                        error=f"{type(error).__name__}: {error}",
+                        detail="unacknowledged tasks stay in the broker until their visibility timeout",
+                    )
+
+            # Celery calls ``connection.close`` on this very object next: shadow it for that call.
+            connection.close = guarded_close
+        super().on_connection_error_after_connected(exc)

@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected
+from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected, ProviderTransientError
 from kmsg_worker.message import Message, MessageType
 
 __all__ = [
@@ -25,8 +25,10 @@ __all__ = [
     "Capabilities",
     "DeliveryState",
     "HealthReport",
+    "LookupHint",
     "Provider",
     "ProviderConfig",
+    "ProviderLookupUndecided",
     "SendOutcome",
     "SendWarning",
     "StatusQuery",
@@ -136,6 +138,65 @@ class SendOutcome:
     #: True when the provider itself will fall back to SMS (native failover requested).
     native_fallback: bool = False
     raw: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class LookupHint:
+    """What the caller knows about one message whose send outcome is unknown.
+
+    A provider without a search by *our* id can only find a message by scanning its list; the
+    hint narrows that scan to what the message can look like (recipient, sender, type) and when
+    the provider can have created it. Every field is optional: a missing one only widens the
+    search (and a search too wide to finish raises :class:`ProviderLookupUndecided`).
+
+    Attributes:
+        to: The recipient as stored on the message (the adapter normalises it as it does to send).
+        sender: The sender the message was sent with; ``None`` when unknown or the provider default.
+        type: The type that was sent.
+        attempted_at: When the request that may have reached the provider started (an earlier
+            time is correct too, the window is only wider).
+        attempt_ended_at: When that request ended or was given up (timeout, lost reply, the lease
+            of a dead worker); ``None`` means "until now".
+    """
+
+    to: str | None = None
+    sender: str | None = None
+    type: MessageType | None = None
+    attempted_at: datetime | None = None
+    attempt_ended_at: datetime | None = None
+
+    @classmethod
+    def for_message(
+        cls, message: Message, attempted_at: datetime | None, attempt_ended_at: datetime | None = None
+    ) -> LookupHint:
+        """The hint for ``message`` whose request started at ``attempted_at``."""
+        return cls(message.to, message.sender, message.type, attempted_at, attempt_ended_at)
+
+
+class ProviderLookupUndecided(ProviderTransientError):
+    """A lookup that cannot tell whether the provider got some messages: not "absent", not "found".
+
+    Raised when the search could not be finished within its bounds (too many candidate messages
+    in the window, e.g. after a large campaign without a recipient hint). Asking again with the
+    same inputs gives the same answer until the window changes, so a caller counts these and,
+    after its own limit, ends the message ``unknown`` rather than resending or asking forever.
+
+    Attributes:
+        found: Outcomes for the messages that *were* found (certain; safe to record).
+        undecided: Our ids of the messages the search could not decide.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        found: Mapping[str, SendOutcome],
+        undecided: Sequence[str],
+    ) -> None:
+        super().__init__(message, provider=provider, code=ErrorCode.OUTCOME_UNKNOWN)
+        self.found = dict(found)
+        self.undecided = tuple(undecided)
 
 
 @dataclass(frozen=True)
@@ -287,11 +348,23 @@ class Provider:
             raise ProviderRejected(f"{self.name} has no status API", provider=self.name, code=ErrorCode.UNSUPPORTED)
         return self._query_status(queries)
 
-    def lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
+    def lookup(
+        self, message_ids: Sequence[str], hints: Mapping[str, LookupHint] | None = None
+    ) -> dict[str, SendOutcome]:
         """Find messages by *our* ids to reconcile a send whose outcome is unknown.
+
+        Args:
+            message_ids: Our ids.
+            hints: Per id, what is known about the message and its attempt (see
+                :class:`LookupHint`); ids without one are searched the slow way, if at all.
 
         Returns:
             Outcomes for the ids the provider has; an id it never received is absent.
+
+        Raises:
+            ProviderLookupUndecided: The provider answered, but the search could not be finished
+                within its bounds; carries the outcomes that were found and the undecided ids.
+            ProviderError: The provider could not be asked (transport error, 5xx, auth).
         """
         if not self.capabilities.lookup_by_reference:
             raise ProviderRejected(
@@ -299,7 +372,7 @@ class Provider:
                 provider=self.name,
                 code=ErrorCode.UNSUPPORTED,
             )
-        return self._lookup(message_ids)
+        return self._lookup(message_ids, hints or {})
 
     def balance(self) -> Balance:
         """Return the account balance."""
@@ -322,7 +395,7 @@ class Provider:
     def _query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
         raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _query_status")
 
-    def _lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
+    def _lookup(self, message_ids: Sequence[str], hints: Mapping[str, LookupHint]) -> dict[str, SendOutcome]:
         raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _lookup")
 
     def _balance(self) -> Balance:

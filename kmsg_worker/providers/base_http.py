@@ -20,6 +20,7 @@ import httpx
 import orjson
 
 from kmsg_worker.errors import (
+    ConfigurationError,
     ErrorCode,
     ProviderConnectionError,
     ProviderError,
@@ -36,6 +37,7 @@ __all__ = [
     "HttpProvider",
     "loads_json",
     "make_http_client",
+    "provider_timeout",
     "map_transport_errors",
     "parse_retry_after",
 ]
@@ -63,6 +65,43 @@ def make_http_client(
         headers={"User-Agent": USER_AGENT},
         transport=transport,
         follow_redirects=False,
+    )
+
+
+def provider_timeout(config: ProviderConfig) -> httpx.Timeout | None:
+    """This provider's own timeouts, from ``KMSG_<NAME>_TIMEOUT`` / ``_TIMEOUT_CONNECT`` / ``_TIMEOUT_READ``.
+
+    ``TIMEOUT`` is how long to wait for the provider's answer (read and write); ``TIMEOUT_CONNECT``
+    for the TCP/TLS connection; ``TIMEOUT_READ`` overrides ``TIMEOUT`` for the read alone. Unset
+    phases keep :data:`DEFAULT_TIMEOUT`.
+
+    Returns:
+        ``None`` when none is set: the shared client's timeouts apply.
+
+    Raises:
+        ConfigurationError: A value is not a positive number of seconds (names the variable).
+    """
+    values: dict[str, float] = {}
+    for key in ("timeout", "timeout_connect", "timeout_read"):
+        raw = config.option(key)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = 0.0
+        if not 0 < value <= 600:
+            variable = f"KMSG_{config.name.upper()}_{key.upper()}"
+            raise ConfigurationError(f"{variable} must be a number of seconds in (0, 600]", variable=variable)
+        values[key] = value
+    if not values:
+        return None
+    answer = values.get("timeout")
+    return httpx.Timeout(
+        connect=values.get("timeout_connect", DEFAULT_TIMEOUT.connect),
+        read=values.get("timeout_read", answer or DEFAULT_TIMEOUT.read),
+        write=answer or DEFAULT_TIMEOUT.write,
+        pool=DEFAULT_TIMEOUT.pool,
     )
 
 
@@ -147,6 +186,8 @@ class HttpProvider(Provider):
         super().__init__(config)
         self.client = client
         self.base_url = (config.base_url or self.default_base_url).rstrip("/")
+        #: This provider's timeouts (``KMSG_<NAME>_TIMEOUT...``), or ``None``: the client's own.
+        self.timeout = provider_timeout(config)
 
     def url(self, path: str, base: str | None = None) -> str:
         """Join ``path`` onto the base URL (or another configured base)."""
@@ -170,9 +211,17 @@ class HttpProvider(Provider):
             content = orjson.dumps(json, option=orjson.OPT_NON_STR_KEYS)
             if not any(k.lower() == "content-type" for k in headers or {}):
                 headers = {**(headers or {}), "Content-Type": "application/json"}
+        timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
         with map_transport_errors(self.name):
             response = self.client.request(
-                method, url, headers=headers, content=content, data=data, files=files, params=params
+                method,
+                url,
+                headers=headers,
+                content=content,
+                data=data,
+                files=files,
+                params=params,
+                timeout=timeout,
             )
         self.raise_for_status(response)
         return response

@@ -42,6 +42,7 @@ from kmsg_worker.providers.base import (
     Balance,
     Capabilities,
     DeliveryState,
+    LookupHint,
     Provider,
     ProviderConfig,
     SendOutcome,
@@ -223,7 +224,8 @@ class MockProvider(Provider):
             raise lost
         return outcomes
 
-    def _lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
+    def _lookup(self, message_ids: Sequence[str], hints: Mapping[str, LookupHint]) -> dict[str, SendOutcome]:
+        # The mock keeps every record by our id: hints would not narrow anything.
         wanted = set(message_ids)
         found: dict[str, SendOutcome] = {}
         for record in self._records():

@@ -1,6 +1,6 @@
 """Solapi (API v4) adapter: SMS/LMS/MMS, AlimTalk, FriendTalk, Naver smart alarm, voice, fax and RCS.
 
-Wire contract (``shared/reference/providers.md`` §3.1 and §E.1):
+Wire contract (https://docs.solapi.com, the ``solapi`` SDKs):
 
 * every request carries ``Authorization: HMAC-SHA256 apiKey=<key>, date=<ISO 8601>, salt=<32 chars>,
   signature=<hex HMAC-SHA256(secret, date + salt)>`` with a fresh date and salt, so a retried request
@@ -11,10 +11,14 @@ Wire contract (``shared/reference/providers.md`` §3.1 and §E.1):
 * images and fax documents are uploaded first (``POST /storage/v1/files``) and referenced by id;
 * delivery statuses come from ``GET /messages/v4/list``: ``messageId=<id>`` for one message,
   ``messageIds=<id>&messageIds=<id>...`` (the SDK's repeated-key form) for many;
-* :meth:`SolapiProvider.lookup` finds messages by *our* id by scanning the recent list
-  (``dateType=CREATED&startDate=...``, paged with ``startKey``) for ``customFields.kmsgId``: the list
-  API has no filter on custom fields. The scan is bounded; when the bound is hit before every id is
-  found it raises instead of reporting the rest as never received.
+* :meth:`SolapiProvider.lookup` finds messages by *our* id (``customFields.kmsgId``), which the
+  list API cannot filter on (https://docs.solapi.com/api-reference/messages/getmessagelist). It lists
+  what can only be that message instead: with :class:`~kmsg_worker.providers.base.LookupHint` s, one
+  query per recipient (``to``, ``from``, ``type``, ``startDate``/``endDate`` around the attempt) or,
+  for many recipients, one scan of the attempts' time window; without hints, the last
+  ``lookup_window_seconds``. Every search is bounded by ``lookup_max_pages``; one that reaches the
+  bound raises :class:`~kmsg_worker.providers.base.ProviderLookupUndecided` instead of reporting the
+  rest as never received.
 
 Differences from k-msg that are deliberate: status codes other than 2000/3000/4000 map to FAILED
 (k-msg's double-escaped regex maps them to UNKNOWN); phone numbers are normalised; the base URL is
@@ -51,6 +55,8 @@ from kmsg_worker.providers.base import (
     Balance,
     Capabilities,
     DeliveryState,
+    LookupHint,
+    ProviderLookupUndecided,
     SendOutcome,
     SendWarning,
     StatusQuery,
@@ -357,10 +363,12 @@ class SolapiProvider(HttpProvider):
     Options: ``default_from`` (sender number), ``kakao_pf_id`` (Kakao channel id), ``rcs_brand_id``,
     ``naver_talk_id``, ``app_id`` (sent as ``agent.appId``), ``default_country`` (country code for
     numbers given without ``+``), ``batch_limit``, ``allow_duplicates`` (default true: a batch may
-    legitimately hold two messages to one number), ``lookup_window_seconds`` (default 900) and
-    ``lookup_max_pages`` (default 40, of 500 messages each), ``lookup_page_tries`` (default 3: a
-    lookup page is asked again after a retryable error), ``max_file_bytes`` (downloads for
-    upload; default 5 MB).
+    legitimately hold two messages to one number), ``max_file_bytes`` (downloads for upload;
+    default 5 MB) and the lookup bounds: ``lookup_max_pages`` (default 40 pages of 500 per search),
+    ``lookup_slack_seconds`` (default 30, added to both ends of an attempt's window),
+    ``lookup_max_recipient_queries`` (default 50: more recipients are searched with one window
+    scan), ``lookup_window_seconds`` (default 900, only for ids looked up without a hint) and
+    ``lookup_page_tries`` (default 3: a page is asked again after a retryable error).
 
     Args:
         config: This provider's settings.
@@ -648,7 +656,7 @@ class SolapiProvider(HttpProvider):
         if not to.startswith("+"):
             return to, str(country) if country else None
         if to.startswith("+82"):
-            return "0" + to[3:].lstrip("0"), "82" if country else None
+            return _wire_recipient(to) or to, "82" if country else None
         # Solapi takes the national number plus a separate country code.
         digits = to[1:]
         if country and digits.startswith(str(country)):
@@ -1003,33 +1011,131 @@ class SolapiProvider(HttpProvider):
 
     # -- lookup by our id ------------------------------------------------------------------------
 
-    def _lookup(self, message_ids: Sequence[str]) -> dict[str, SendOutcome]:
-        wanted = set(message_ids)
+    def _lookup(self, message_ids: Sequence[str], hints: Mapping[str, LookupHint]) -> dict[str, SendOutcome]:
+        wanted = list(dict.fromkeys(message_ids))
         if not wanted:
             return {}
-        window = float(self.config.option("lookup_window_seconds", 900))
-        max_pages = int(self.config.option("lookup_max_pages", 40))
-        since = (datetime.now(UTC) - timedelta(seconds=window)).astimezone(KST).isoformat(timespec="seconds")
-        params: dict[str, Any] = {"dateType": "CREATED", "startDate": since, "limit": LIST_PAGE_LIMIT}
         found: dict[str, SendOutcome] = {}
-        start_key: str | None = None
+        undecided: list[str] = []
+        max_pages = max(1, int(self.config.option("lookup_max_pages", 40)))
         tries = max(1, int(self.config.option("lookup_page_tries", 3)))
+        for params, ids in self._lookup_searches(wanted, hints):
+            pages = max_pages
+            if "endDate" in params and "to" not in params:
+                # A window scan for a bulk chunk reads the chunk's own messages too: they get their
+                # pages on top of the bound (which is for everybody else's messages in the window).
+                pages += -(-len(ids) // LIST_PAGE_LIMIT)
+            if not self._lookup_scan(params, ids, found, pages, tries):
+                undecided.extend(i for i in ids if i not in found)
+        if undecided:
+            raise ProviderLookupUndecided(
+                f"{self.name}: lookup reached lookup_max_pages ({max_pages}) before the end of its search "
+                f"for {len(undecided)} message(s); outcome still unknown",
+                provider=self.name,
+                found=found,
+                undecided=undecided,
+            )
+        return found
+
+    def _lookup_searches(
+        self, wanted: Sequence[str], hints: Mapping[str, LookupHint]
+    ) -> list[tuple[dict[str, Any], frozenset[str]]]:
+        """Split a lookup into list queries, each as narrow as the hints allow.
+
+        The list API filters on ``to``, ``from``, ``type`` and ``startDate``/``endDate`` but not
+        on ``customFields`` (https://docs.solapi.com/api-reference/messages/getmessagelist and the
+        SDK's ``GetMessagesRequest``). So: one query per recipient (a recipient gets a handful of
+        messages in a few minutes: one page) while there are few recipients; one scan of the
+        attempts' time window when there are many (a bulk chunk: about as many pages as the chunk
+        has messages / 500); and for ids without a time, the old scan of the last
+        ``lookup_window_seconds``.
+        """
+        now = datetime.now(UTC)
+        slack = timedelta(seconds=float(self.config.option("lookup_slack_seconds", 30)))
+        timed = [i for i in wanted if (h := hints.get(i)) is not None and h.attempted_at is not None]
+        untimed = [i for i in wanted if i not in set(timed)]
+        searches: list[tuple[dict[str, Any], frozenset[str]]] = []
+        by_recipient: dict[tuple[str, str | None, str | None], list[str]] = {}
+        windowed: list[str] = []
+        for message_id in timed:
+            hint = hints[message_id]
+            to = _wire_recipient(hint.to)
+            if to is None:
+                windowed.append(message_id)
+                continue
+            key = (to, self._local_number(hint.sender) if hint.sender else None, _wire_type(hint.type))
+            by_recipient.setdefault(key, []).append(message_id)
+        max_recipients = int(self.config.option("lookup_max_recipient_queries", 50))
+        if len(by_recipient) > max_recipients:
+            windowed.extend(i for ids in by_recipient.values() for i in ids)
+            by_recipient = {}
+        for (to, sender, mtype), ids in by_recipient.items():
+            params = self._window_params([hints[i] for i in ids], now, slack)
+            params["to"] = to
+            if sender:
+                params["from"] = sender
+            if mtype:
+                params["type"] = mtype
+            searches.append((params, frozenset(ids)))
+        if windowed:
+            group = [hints[i] for i in windowed]
+            params = self._window_params(group, now, slack)
+            senders = {self._local_number(h.sender) if h.sender else None for h in group}
+            types = {_wire_type(h.type) for h in group}
+            if len(senders) == 1 and None not in senders:
+                params["from"] = senders.pop()
+            if len(types) == 1 and None not in types:
+                params["type"] = types.pop()
+            searches.append((params, frozenset(windowed)))
+        if untimed:
+            window = float(self.config.option("lookup_window_seconds", 900))
+            since = now - timedelta(seconds=window)
+            params = {"dateType": "CREATED", "startDate": _kst(since), "limit": LIST_PAGE_LIMIT}
+            searches.append((params, frozenset(untimed)))
+        return searches
+
+    @staticmethod
+    def _window_params(hints: Sequence[LookupHint], now: datetime, slack: timedelta) -> dict[str, Any]:
+        """``dateType=CREATED`` between the earliest start and the latest end of these attempts.
+
+        ``slack`` on both sides covers the clock difference between us and Solapi and Solapi's own
+        processing time; the end is never later than ``now + slack``.
+        """
+        starts = [h.attempted_at for h in hints if h.attempted_at is not None]
+        ends = [min(h.attempt_ended_at or now, now) for h in hints]
+        start = min(starts) - slack
+        end = max([*ends, *starts]) + slack
+        return {
+            "dateType": "CREATED",
+            "startDate": _kst(start),
+            "endDate": _kst(end + timedelta(seconds=1)),
+            "limit": LIST_PAGE_LIMIT,
+        }
+
+    def _lookup_scan(
+        self,
+        params: Mapping[str, Any],
+        wanted: frozenset[str],
+        found: dict[str, SendOutcome],
+        max_pages: int,
+        tries: int,
+    ) -> bool:
+        """Read pages of one search into ``found``; ``False`` when ``max_pages`` ran out first."""
+        start_key: str | None = None
         for _ in range(max_pages):
             entries, start_key = self._lookup_page({**params, "startKey": start_key} if start_key else params, tries)
             for entry in entries:
+                if entry.get("replacement") is True:
+                    # Solapi's own SMS replacement of a failed AlimTalk: not a message we sent.
+                    continue
                 custom = entry.get("customFields")
                 reference = custom.get(REFERENCE_FIELD) if isinstance(custom, Mapping) else None
                 if reference in wanted and not (reference in found and found[str(reference)].accepted):
                     # A message sent twice shows up twice: an accepted copy wins over a refused one.
                     found[str(reference)] = self._lookup_outcome(str(reference), entry)
-            if not start_key or not entries or len(found) == len(wanted):
-                return found
-        raise ProviderTransientError(
-            f"{self.name}: lookup scanned {max_pages} pages without reaching the end of the window; "
-            "outcome still unknown (raise lookup_max_pages or retry)",
-            provider=self.name,
-            code=ErrorCode.OUTCOME_UNKNOWN,
-        )
+            if not start_key or not entries or wanted.issubset(found):
+                return True
+        return False
 
     def _lookup_page(self, params: Mapping[str, Any], tries: int) -> tuple[list[Mapping[str, Any]], str | None]:
         """One page of a lookup scan, asked again (up to ``tries`` times) after a retryable error.
@@ -1084,6 +1190,27 @@ class SolapiProvider(HttpProvider):
             provider=self.name,
             code=ErrorCode.PROVIDER_ERROR,
         )
+
+
+def _kst(moment: datetime) -> str:
+    return moment.astimezone(KST).isoformat(timespec="seconds")
+
+
+def _wire_recipient(to: str | None) -> str | None:
+    """The ``to`` Solapi stores for a Korean number, or ``None`` when it cannot be derived."""
+    if not to:
+        return None
+    to = to.strip()
+    if to.startswith("+82"):
+        return "0" + re.sub(r"\D", "", to[3:]).lstrip("0")
+    if to.startswith("+"):
+        # An international number is stored without its calling code, which the hint does not carry.
+        return None
+    return re.sub(r"\D", "", to) or None
+
+
+def _wire_type(mtype: MessageType | None) -> str | None:
+    return _TYPE_MAP.get(mtype) if mtype is not None else None
 
 
 def _default_name(content_type: str | None) -> str:

@@ -1,6 +1,6 @@
 """A fake Solapi API v4 server: real HTTP on loopback, Solapi's auth, shapes and codes.
 
-Endpoints (``shared/reference/providers.md`` §3.1, §E.1):
+Endpoints (as documented at https://docs.solapi.com):
 
 * ``POST /messages/v4/send-many/detail`` — validates the body like Solapi (400 ``ValidationError``,
   400 ``RecipientsTooMany`` above 10,000 messages), checks every message (refusals go to
@@ -21,9 +21,20 @@ Authentication is checked the way Solapi does: a missing header is 401, everythi
 ``RequestTimeTooSkewed`` (date more than 15 minutes off) or ``DuplicatedSignature`` (the same
 signature seen within 15 minutes).
 
-Not simulated: Solapi's own SMS replacement of a failed AlimTalk (the wire fields are recorded in the
-ledger entry's ``fields`` for tests to inspect), billing (``balance`` is not decremented; set it to
-0 to get ``1030`` refusals), scheduled-group freezing.
+Solapi's own SMS/LMS replacement of a failed AlimTalk is simulated: Solapi sends the AlimTalk's
+text as SMS (LMS above 90 bytes) when the AlimTalk fails, unless ``kakaoOptions.disableSms`` is
+true (Solapi's answer in https://github.com/solapi/community/discussions/109; the list API's
+``replacement`` flag, https://docs.solapi.com/api-reference/messages/getmessagelist). When an
+accepted ``ATA`` message with ``disableSms`` not true, a text and a sender gets a FAILED rule, the
+fake also creates its replacement: a message of its own (``replacement: true``, same group,
+recipient, sender, text and ``customFields``), created when the AlimTalk fails and progressing by
+the rule that matches *it* (a rule for ``type="SMS"`` or ``"LMS"``); the AlimTalk's own record lists
+it under ``replacements``. A replacement is not an acceptance of our message: it is counted in
+:attr:`FakeSolapiServer.replacements` and ``/_fake/stats`` ``replacements``, never in
+``per_reference``/``per_message``.
+
+Not simulated: billing (``balance`` is not decremented; set it to 0 to get ``1030`` refusals),
+scheduled-group freezing.
 """
 
 from __future__ import annotations
@@ -191,6 +202,13 @@ class FakeSolapiServer(FakeProviderServer):
     """
 
     name = "solapi"
+    type_names = {
+        "ALIMTALK": frozenset({"ATA"}),
+        "FRIENDTALK": frozenset({"CTA", "CTI"}),
+        "SMS": frozenset({"SMS"}),
+        "LMS": frozenset({"LMS"}),
+        "MMS": frozenset({"MMS"}),
+    }
 
     def __init__(
         self,
@@ -223,6 +241,9 @@ class FakeSolapiServer(FakeProviderServer):
         self.failed: dict[str, dict[str, Any]] = {}
         #: Groups: groupId -> {created, count, scheduledDate}.
         self.groups: dict[str, dict[str, Any]] = {}
+        #: Solapi's own SMS/LMS replacements of failed AlimTalks: original messageId -> replacement.
+        self.replacements: dict[str, LedgerEntry] = {}
+        self._replacement_ids: dict[str, LedgerEntry] = {}
         #: The last vendor requests, newest last (headers and bodies for wire tests).
         self.recorded: collections.deque[FakeRequest] = collections.deque(maxlen=200)
         self._hosted: dict[str, tuple[bytes, str]] = {}
@@ -244,15 +265,11 @@ class FakeSolapiServer(FakeProviderServer):
         ``3104`` is "not a KakaoTalk user", ``3107`` "no KakaoTalk use lately or AlimTalk blocked":
         both are the non-Kakao-user failures that trigger the SMS/LMS fallback.
         """
-        targets = frozenset(numbers)
         rule = DeliveryRule(final="FAILED", code=code, message=STATUS_MESSAGES.get(code))
-
-        def decide(entry: LedgerEntry) -> DeliveryRule | None:
-            if entry.type == "ATA" and (entry.to in targets or (suffix is not None and entry.to.endswith(suffix))):
-                return rule
-            return None
-
-        self.ledger.set_rule_function(decide)
+        for number in numbers:
+            self.ledger.add_rule(rule, to=number, type="ALIMTALK")
+        if suffix is not None:
+            self.ledger.add_rule(rule, suffix=suffix, type="ALIMTALK")
 
     def host_file(self, name: str, data: bytes, content_type: str = "image/jpeg") -> str:
         """Publish ``data`` at ``<url>/_files/<name>`` (no auth) and return that URL."""
@@ -270,6 +287,8 @@ class FakeSolapiServer(FakeProviderServer):
         self.ledger.reset()
         self.failed.clear()
         self.groups.clear()
+        self.replacements.clear()
+        self._replacement_ids.clear()
         self.files.clear()
         self.recorded.clear()
         with self._sig_lock:
@@ -278,6 +297,8 @@ class FakeSolapiServer(FakeProviderServer):
     def _control(self, request: FakeRequest) -> FakeResponse:
         if request.path == "/_fake/reset" and request.method == "POST":
             self.reset()
+        if request.path == "/_fake/stats":
+            return FakeResponse(200, {**self.ledger.stats(), "replacements": len(self.replacements)})
         return super()._control(request)
 
     # -- dispatch ----------------------------------------------------------------------------------
@@ -454,6 +475,9 @@ class FakeSolapiServer(FakeProviderServer):
                     }
                 )
         self.ledger.accept(accepted)
+        for entry in accepted:
+            if entry.type == "ATA" and entry.rule.final == "FAILED":
+                self._replace(entry)
         if self._freeze_every and len(self.ledger.entries) >= self._next_freeze:
             # Every accepted message stays alive in the ledger; without this, each full garbage collection
             # walks all of them and throughput falls by half past a few hundred thousand messages.
@@ -470,6 +494,34 @@ class FakeSolapiServer(FakeProviderServer):
         if show:
             response["messageList"] = message_list
         return _json(response)
+
+    def _replace(self, entry: LedgerEntry) -> None:
+        """Create Solapi's SMS/LMS replacement of an AlimTalk that is going to fail (see the module docstring)."""
+        options = entry.fields.get("kakaoOptions")
+        disabled = isinstance(options, dict) and options.get("disableSms") is True
+        sender, text = entry.fields.get("from"), entry.text
+        if disabled or not sender or not isinstance(text, str) or not text:
+            return
+        failed_at = entry.accepted_at + entry.rule.final_after
+        rep_type = "LMS" if _carrier_bytes(text) > 90 else "SMS"
+        replacement = LedgerEntry(
+            self._new_id("M4V", failed_at),
+            entry.to,
+            rep_type,
+            failed_at,
+            None,
+            entry.group_id,
+            text,
+            {
+                "from": sender,
+                "country": entry.fields.get("country"),
+                "customFields": entry.fields.get("customFields"),
+                "replacementOf": entry.provider_message_id,
+            },
+        )
+        replacement.rule = self.ledger.rule_for(replacement)
+        self.replacements[entry.provider_message_id] = replacement
+        self._replacement_ids[replacement.provider_message_id] = replacement
 
     @staticmethod
     def _group_info(group_id: str, now: float, ok: int, failed: int, scheduled: str | None) -> dict[str, Any]:
@@ -660,6 +712,8 @@ class FakeSolapiServer(FakeProviderServer):
             row
             for row in self._candidates(filters.pop("messageId", None), ids, filters.get("groupId"))
             if self._row_matches(row, filters, since, until)
+            # A replacement exists from the moment its AlimTalk failed.
+            and not (isinstance(row, LedgerEntry) and "replacementOf" in row.fields and row.accepted_at > now)
         ]
         if status_filter is not None:
             rows = [r for r in rows if self._record(r, now)["statusCode"] == status_filter]
@@ -694,7 +748,7 @@ class FakeSolapiServer(FakeProviderServer):
                 "type": row.get("type"),
             }
         else:
-            created = self.groups.get(row.group_id or "", {}).get("created", row.accepted_at)
+            created = self._created(row)
             values = {"groupId": row.group_id, "to": row.to, "from": row.fields.get("from"), "type": row.type}
         if (since is not None and created < since) or (until is not None and created > until):
             return False
@@ -707,16 +761,24 @@ class FakeSolapiServer(FakeProviderServer):
         if wanted:
             found: list[LedgerEntry | dict[str, Any]] = []
             for mid in dict.fromkeys(wanted):
-                entry = self.ledger.get(mid)
+                entry = self.ledger.get(mid) or self._replacement_ids.get(mid)
                 row = entry if entry is not None else self.failed.get(mid)
                 if row is not None:
                     found.append(row)
             return found
         entries: list[LedgerEntry | dict[str, Any]] = list(self.ledger.entries.values())
         entries.extend(self.failed.values())
+        entries.extend(self.replacements.values())
         if group_id:
             return [r for r in entries if (r.group_id if isinstance(r, LedgerEntry) else r["groupId"]) == group_id]
         return entries
+
+    def _created(self, row: LedgerEntry) -> float:
+        # Messages are created with their group; a replacement when its AlimTalk failed.
+        if "replacementOf" in row.fields:
+            return row.accepted_at
+        created: float = self.groups.get(row.group_id or "", {}).get("created", row.accepted_at)
+        return created
 
     def _record(self, row: LedgerEntry | dict[str, Any], now: float) -> dict[str, Any]:
         if isinstance(row, dict):
@@ -743,7 +805,12 @@ class FakeSolapiServer(FakeProviderServer):
             sent_at = row.accepted_at + min(rule.sent_after, rule.final_after)
             completed_at = row.accepted_at + rule.final_after
         fields = row.fields
-        created = self.groups.get(row.group_id or "", {}).get("created", row.accepted_at)
+        created_at = self._created(row)
+        replacement = self.replacements.get(row.provider_message_id)
+        if replacement is not None and replacement.accepted_at <= now:
+            replacements = [{"messageId": replacement.provider_message_id, "type": replacement.type}]
+        else:
+            replacements = []
         return {
             "messageId": row.provider_message_id,
             "groupId": row.group_id,
@@ -758,9 +825,10 @@ class FakeSolapiServer(FakeProviderServer):
             "status": status,
             "customFields": fields.get("customFields") or {},
             "kakaoOptions": fields.get("kakaoOptions"),
-            "replacement": False,
-            "dateCreated": _iso(created),
-            "dateUpdated": _iso(completed_at or sent_at or created),
+            "replacement": "replacementOf" in fields,
+            "replacements": replacements,
+            "dateCreated": _iso(created_at),
+            "dateUpdated": _iso(completed_at or sent_at or created_at),
             "dateSent": _iso(sent_at) if sent_at is not None else None,
             "dateCompleted": _iso(completed_at) if completed_at is not None else None,
         }

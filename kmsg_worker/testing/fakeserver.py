@@ -4,20 +4,24 @@ A vendor fake (``kmsg_worker.testing.fake_solapi`` ...) subclasses :class:`FakeP
 implements :meth:`FakeProviderServer.handle` for its endpoints; this module gives it:
 
 * a threaded stdlib HTTP server with Nagle disabled (otherwise every response waits ~40 ms on
-  delayed ACKs, see ``reference/performance.md``), one thread per keep-alive connection;
-* a :class:`Ledger` of accepted messages that **counts deliveries per recipient**, so tests prove
-  that nothing was sent twice, and progresses each message's delivery status over time by rule;
+  delayed ACKs), one thread per keep-alive connection;
+* a :class:`Ledger` of accepted messages that **counts acceptances per message** (by our id where
+  the wire carries it, by content otherwise) and per recipient, so tests prove that nothing was
+  sent twice, and progresses each message's delivery status over time by rules that can target a
+  recipient, a recipient suffix and a message type;
 * :class:`Faults` injected on demand: latency, a share of 5xx, 429 with ``Retry-After``,
   connection resets, responses slower than the client timeout, and "accepted but the response
   was lost";
 * a control API under ``/_fake/`` (``GET /_fake/stats``, ``POST /_fake/faults``,
-  ``POST /_fake/rules``, ``POST /_fake/reset``) for processes that do not share memory with it.
+  ``POST /_fake/rules``, ``POST /_fake/reset``) for processes that do not share memory with it;
+  every knob is listed in :data:`kmsg_worker.testing.FAULTS_HELP`.
 
 Everything binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import socket
@@ -26,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -41,6 +46,7 @@ __all__ = [
     "Faults",
     "Ledger",
     "LedgerEntry",
+    "RuleTarget",
 ]
 
 Clock = Callable[[], float]
@@ -93,6 +99,32 @@ class DeliveryRule:
     final_after: float = 0.0
 
 
+@dataclass(frozen=True)
+class RuleTarget:
+    """Which accepted messages a targeted rule applies to; an unset field matches anything.
+
+    Attributes:
+        to: The recipient number exactly as the vendor received it.
+        suffix: The recipient number ends with this (e.g. ``"9"``: a tenth of the numbers).
+        type: A message type, by our name (``"ALIMTALK"``, ``"SMS"``) or the vendor's (``"ATA"``).
+    """
+
+    to: str | None = None
+    suffix: str | None = None
+    type: str | None = None
+
+    def matches(self, entry: LedgerEntry, type_names: Mapping[str, frozenset[str]]) -> bool:
+        """Whether ``entry`` is one of the messages this target names."""
+        if self.to is not None and entry.to != self.to:
+            return False
+        if self.suffix is not None and not entry.to.endswith(self.suffix):
+            return False
+        if self.type is not None:
+            wanted = self.type.upper()
+            return entry.type == wanted or entry.type in type_names.get(wanted, frozenset())
+        return True
+
+
 @dataclass(slots=True)
 class LedgerEntry:
     """One accepted message as the fake stores it."""
@@ -118,24 +150,38 @@ class LedgerEntry:
 
 
 class Ledger:
-    """Accepted messages, deliveries counted per recipient, and the status rules.
+    """Accepted messages, acceptances counted per message and per recipient, and the status rules.
+
+    A message's rule is, in this order: the most recently added targeted rule that matches it
+    (:meth:`add_rule`), the rule for its recipient (:meth:`set_rule`, every type), the rule
+    function (:meth:`set_rule_function`), the default rule.
 
     Args:
         clock: Time source (tests pass a controllable clock).
+        type_names: Our message type names -> the vendor's wire types (``{"ALIMTALK":
+            frozenset({"ATA"})}``), so a rule can name either.
     """
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    def __init__(self, clock: Clock = time.time, type_names: Mapping[str, frozenset[str]] | None = None) -> None:
         self.clock = clock
+        self.type_names: Mapping[str, frozenset[str]] = type_names or {}
         self._lock = threading.Lock()
         self.entries: dict[str, LedgerEntry] = {}
         #: Accepted messages per recipient number.
         self.per_recipient: Counter[str] = Counter()
         #: Accepted messages per client reference (our message id, when the wire carries it).
         self.per_reference: Counter[str] = Counter()
+        #: Accepted messages per message: the reference when the wire carries one, otherwise a
+        #: digest of recipient, type, text and the vendor fields (see :func:`message_key`).
+        self.per_message: Counter[str] = Counter()
         self.requests = 0
+        #: Vendor requests per ``"METHOD /path"`` (faulted ones included): tests bound the cost of
+        #: a lookup or a poll with it.
+        self.per_endpoint: Counter[str] = Counter()
         self.rejected = 0
         self.default_rule = DeliveryRule()
         self.rules_by_recipient: dict[str, DeliveryRule] = {}
+        self.targeted_rules: list[tuple[RuleTarget, DeliveryRule]] = []
         self._rule_fn: Callable[[LedgerEntry], DeliveryRule | None] | None = None
         self._seq = 0
 
@@ -146,14 +192,31 @@ class Ledger:
             return f"{prefix}{self._seq:012d}"
 
     def set_rule(self, to: str, rule: DeliveryRule) -> None:
-        """Make messages to ``to`` end as ``rule`` says."""
+        """Make messages of every type to ``to`` end as ``rule`` says."""
         self.rules_by_recipient[to] = rule
+
+    def add_rule(
+        self, rule: DeliveryRule, *, to: str | None = None, suffix: str | None = None, type: str | None = None
+    ) -> None:
+        """Make the messages that match ``to``/``suffix``/``type`` end as ``rule`` says.
+
+        A later rule wins over an earlier one for the messages both match: a "not a Kakao user"
+        rule for ``type="ALIMTALK"`` leaves the SMS fallback to the same number to other rules.
+        """
+        self.targeted_rules.append((RuleTarget(to, suffix, type), rule))
+
+    def rule_for(self, entry: LedgerEntry) -> DeliveryRule:
+        """The rule a message gets when it is accepted (see the class docstring for the order)."""
+        return self._rule_for(entry)
 
     def set_rule_function(self, fn: Callable[[LedgerEntry], DeliveryRule | None] | None) -> None:
         """Decide rules by code (e.g. every ALIMTALK to numbers ending in 9 fails with 3104)."""
         self._rule_fn = fn
 
     def _rule_for(self, entry: LedgerEntry) -> DeliveryRule:
+        for target, targeted in reversed(self.targeted_rules):
+            if target.matches(entry, self.type_names):
+                return targeted
         if entry.to in self.rules_by_recipient:
             return self.rules_by_recipient[entry.to]
         if self._rule_fn is not None:
@@ -171,6 +234,9 @@ class Ledger:
                 self.per_recipient[entry.to] += 1
                 if entry.reference:
                     self.per_reference[entry.reference] += 1
+                    self.per_message[entry.reference] += 1
+                else:
+                    self.per_message[message_key(entry)] += 1
 
     def get(self, provider_message_id: str) -> LedgerEntry | None:
         """Return an accepted message by the id the fake gave it."""
@@ -184,17 +250,25 @@ class Ledger:
         """References accepted more than once."""
         return {ref: n for ref, n in self.per_reference.items() if n > 1}
 
+    def duplicate_messages(self) -> dict[str, int]:
+        """Messages (by reference, or by content where the wire has no reference) accepted more than once."""
+        return {key: n for key, n in self.per_message.items() if n > 1}
+
     def stats(self) -> dict[str, Any]:
         """A JSON-friendly summary (served at ``GET /_fake/stats``)."""
         with self._lock:
             return {
                 "accepted": len(self.entries),
                 "requests": self.requests,
+                "per_endpoint": dict(self.per_endpoint),
                 "rejected": self.rejected,
                 "recipients": len(self.per_recipient),
                 "max_per_recipient": max(self.per_recipient.values(), default=0),
                 "duplicates": {r: n for r, n in self.per_reference.items() if n > 1},
                 "per_reference": dict(self.per_reference),
+                "messages": len(self.per_message),
+                "duplicate_messages": {k: n for k, n in self.per_message.items() if n > 1},
+                "per_message": dict(self.per_message),
             }
 
     def reset(self) -> None:
@@ -203,10 +277,26 @@ class Ledger:
             self.entries.clear()
             self.per_recipient.clear()
             self.per_reference.clear()
+            self.per_message.clear()
             self.requests = self.rejected = 0
+            self.per_endpoint.clear()
             self.rules_by_recipient.clear()
+            self.targeted_rules.clear()
             self.default_rule = DeliveryRule()
             self._rule_fn = None
+
+
+def message_key(entry: LedgerEntry) -> str:
+    """The identity of a message whose wire carries no client reference (IWINV, Aligo).
+
+    A digest (no phone number in clear) of the recipient, the type, the text and the vendor
+    fields of the request: a resend of the same message gives the same key, two different
+    messages to one number differ as long as their texts or template parameters differ. Tests
+    that count duplicates at such a fake send distinct texts.
+    """
+    extra = json.dumps(entry.fields, sort_keys=True, default=repr, ensure_ascii=False)
+    digest = hashlib.sha256(f"{entry.to}\x1f{entry.type}\x1f{entry.text}\x1f{extra}".encode()).hexdigest()
+    return f"{entry.type}:{digest[:20]}"
 
 
 @dataclass
@@ -259,13 +349,15 @@ class FakeProviderServer:
 
     #: Vendor name, e.g. ``"solapi"``.
     name = "fake"
+    #: Our message type names -> the vendor's wire types, for rules that name a type.
+    type_names: Mapping[str, frozenset[str]] = {}
     #: Set only by ``kmsg fake-providers --host`` inside a container network; tests never change it.
     allow_external = False
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, clock: Clock = time.time) -> None:
         if host not in ("127.0.0.1", "localhost", "::1") and not FakeProviderServer.allow_external:
             raise ValueError("fake provider servers bind to loopback only (see allow_external)")
-        self.ledger = Ledger(clock)
+        self.ledger = Ledger(clock, self.type_names)
         self.faults = Faults()
         self._rng = random.Random(1234)
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
@@ -348,12 +440,20 @@ class FakeProviderServer:
         if action == "stats":
             return FakeResponse(200, self.ledger.stats())
         if action == "faults" and request.method == "POST":
-            self.set_faults(**request.json())
+            payload = request.json() or {}
+            unknown = sorted(set(payload) - {f.name for f in dataclass_fields(Faults)})
+            if unknown:
+                return FakeResponse(400, {"error": f"unknown fault {unknown[0]!r}"})
+            self.set_faults(**payload)
             return FakeResponse(200, asdict(self.faults))
         if action == "rules" and request.method == "POST":
             payload = request.json()
             for to, rule in (payload.get("recipients") or {}).items():
                 self.ledger.set_rule(to, DeliveryRule(**rule))
+            for item in payload.get("rules") or ():
+                spec = dict(item)
+                target = {key: spec.pop(key, None) for key in ("to", "suffix", "type")}
+                self.ledger.add_rule(DeliveryRule(**spec), **target)
             if payload.get("default"):
                 self.ledger.default_rule = DeliveryRule(**payload["default"])
             return FakeResponse(200, {"ok": True})
@@ -367,6 +467,7 @@ class FakeProviderServer:
         if request.path.startswith("/_fake/"):
             return self._control(request)
         self.ledger.requests += 1
+        self.ledger.per_endpoint[f"{request.method} {request.path.rstrip('/') or '/'}"] += 1
         injected = self._pre_faults()
         if injected is not None:
             return injected

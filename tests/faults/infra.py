@@ -174,6 +174,12 @@ class PrivateRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int:
+        """Process id of the running server."""
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
     def url(self) -> str:
         """Broker URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +30,12 @@ from kmsg_worker.settings import Settings
 from kmsg_worker.storage.db import make_engine
 from kmsg_worker.storage.models import ChunkLease, MessageRow
 from kmsg_worker.testing.fakeserver import FakeProviderServer
-from kmsg_worker.testing.servers import fake_env, start_fakes
 from tests.conftest import Cluster, wait_until
 from tests.faults.infra import PrivateRedis, TcpProxy, kill_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.integration]
 
 FINAL = {"delivered", "failed", "cancelled", "unknown", "dead"}
-
-
-@pytest.fixture
-def solapi(cluster: Cluster) -> Iterator[FakeProviderServer]:
-    fakes = start_fakes()
-    for name in ("iwinv", "aligo"):
-        fakes.pop(name).stop()
-    cluster.env.update(fake_env(fakes))
-    cluster.env.update(
-        {
-            "KMSG_PROVIDERS": "solapi",
-            # Delivery tracking is not under test here; "sent" (accepted by the provider) is the goal.
-            "KMSG_TRACKING_FIRST_CHECK_SECONDS": "86400",
-            "KMSG_RETRY_MAX_ATTEMPTS": "12",
-            "KMSG_RETRY_BASE_SECONDS": "0.2",
-            "KMSG_RETRY_MAX_SECONDS": "2",
-        }
-    )
-    yield fakes["solapi"]
-    fakes["solapi"].stop()
 
 
 def producer(cluster: Cluster) -> KMsg:

@@ -29,7 +29,13 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.providers import solapi as solapi_module
-from kmsg_worker.providers.base import DeliveryState, ProviderConfig, StatusQuery
+from kmsg_worker.providers.base import (
+    DeliveryState,
+    LookupHint,
+    ProviderConfig,
+    ProviderLookupUndecided,
+    StatusQuery,
+)
 from kmsg_worker.providers.base_http import make_http_client
 from kmsg_worker.providers.solapi import SolapiProvider, authorization_header, map_status_code
 from kmsg_worker.testing.fake_solapi import FakeSolapiServer
@@ -1043,6 +1049,155 @@ class TestLookupAndBalance:
         with pytest.raises(ProviderTransientError):
             mock_provider(answer, lookup_page_tries=2).lookup(["wanted"])
         assert asked == [None, "K2", "K2"]
+
+    def test_a_hinted_lookup_after_a_20000_message_campaign_takes_one_request_per_recipient(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        provider = make_provider(timeout=30.0)
+        lost_to, dropped_to = "01099990001", "01099990002"
+
+        def campaign(first: int) -> None:
+            # Three of the campaign's messages go to the same number as the lost one: the recipient
+            # query must pick ours out by its reference, not by the number.
+            batch = [sms(to=f"0104{first + i:07d}") for i in range(9_997)] + [sms(to=lost_to) for _ in range(3)]
+            assert all(o.accepted for o in provider.send_batch(batch))
+
+        campaign(0)
+        attempted_at = datetime.now(UTC)
+        lost, dropped = sms(to=lost_to), sms(to=dropped_to)
+        fake.set_faults(lost_response_rate=1.0)  # accepted, then the reply is lost
+        with pytest.raises(ProviderTimeout):
+            provider.send(lost)
+        fake.set_faults(reset_rate=1.0)  # the connection is dropped before Solapi sees the request
+        with pytest.raises(ProviderTimeout, match="connection dropped before the response"):
+            provider.send(dropped)
+        fake.set_faults()
+        ended_at = datetime.now(UTC)
+        campaign(10_000)
+        assert len(fake.ledger.entries) == 20_001
+        hints = {m.id: LookupHint.for_message(m, attempted_at, ended_at) for m in (lost, dropped)}
+        before = fake.ledger.per_endpoint["GET /messages/v4/list"]
+
+        found = provider.lookup([lost.id, dropped.id], hints)
+
+        assert fake.ledger.per_endpoint["GET /messages/v4/list"] - before == 2  # one per recipient
+        assert set(found) == {lost.id} and found[lost.id].accepted
+        assert fake.ledger.get(str(found[lost.id].provider_message_id)) is not None
+        wire = [r.query for r in requests_to(fake, "/messages/v4/list")[-2:]]
+        assert {q["to"][0] for q in wire} == {lost_to, dropped_to}
+        assert all(q["from"] == ["0212345678"] and q["type"] == ["SMS"] and "endDate" in q for q in wire)
+
+    def test_an_unhinted_lookup_after_the_same_campaign_is_undecided_within_its_page_bound(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        # Without hints the lookup can only scan the recent window: after 20,001 messages it stops
+        # at lookup_max_pages and says "undecided" (never "absent", which would mean a resend).
+        provider = make_provider(timeout=30.0, lookup_max_pages=40)
+        provider.send(found_one := sms(to="01099990003"))
+        for first in (0, 10_000):
+            provider.send_batch([sms(to=f"0104{first + i:07d}") for i in range(10_000)])
+        before = fake.ledger.per_endpoint["GET /messages/v4/list"]
+
+        with pytest.raises(ProviderLookupUndecided) as info:
+            provider.lookup(["never-sent", found_one.id])
+
+        assert fake.ledger.per_endpoint["GET /messages/v4/list"] - before == 40
+        assert info.value.code is ErrorCode.OUTCOME_UNKNOWN and info.value.retryable
+        assert info.value.undecided == ("never-sent",)
+        assert info.value.found[found_one.id].accepted  # what was found is kept: safe to record
+
+    def test_many_recipients_are_looked_up_with_one_window_scan(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        provider = make_provider(timeout=30.0, lookup_max_recipient_queries=50)
+        chunk = [sms(to=f"0105{i:07d}") for i in range(600)]
+        attempted_at = datetime.now(UTC)
+        fake.set_faults(lost_response_rate=1.0)
+        with pytest.raises(ProviderTimeout):
+            provider.send_batch(chunk)
+        fake.set_faults()
+        never = sms(to="01099990004")
+        hints = {m.id: LookupHint.for_message(m, attempted_at) for m in [*chunk, never]}
+        before = fake.ledger.per_endpoint["GET /messages/v4/list"]
+
+        found = provider.lookup([m.id for m in [*chunk, never]], hints)
+
+        assert set(found) == {m.id for m in chunk}
+        assert fake.ledger.per_endpoint["GET /messages/v4/list"] - before == 2  # 600 entries, 500 a page
+        last = requests_to(fake, "/messages/v4/list")[-1].query
+        assert "to" not in last and last["from"] == ["0212345678"] and "startDate" in last and "endDate" in last
+
+    def test_a_lookup_window_excludes_messages_created_outside_the_attempt(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        provider = make_provider()
+        message = sms(to="01099990005")
+        assert provider.send(message).accepted
+        # An attempt that started well after the message was created cannot have created it.
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        assert provider.lookup([message.id], {message.id: LookupHint.for_message(message, later)}) == {}
+        earlier = datetime.now(UTC) - timedelta(seconds=5)
+        assert message.id in provider.lookup([message.id], {message.id: LookupHint.for_message(message, earlier)})
+
+    def test_the_fake_replaces_a_failed_alimtalk_by_sms_like_solapi(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        provider = make_provider()
+        fake.fail_alimtalk_for(["01066667777"])
+        replaced, kept = (
+            normalize(
+                {
+                    "to": to,
+                    "type": "ALIMTALK",
+                    "template_id": "T1",
+                    "text": "주문이 접수되었습니다",
+                    "sender": "0212345678",
+                    "failover": {"enabled": enabled},
+                }
+            )
+            for to, enabled in (("01066667777", True), ("01066667777", False))
+        )
+        first, second = provider.send(replaced), provider.send(kept)
+        assert first.native_fallback and not second.native_fallback
+
+        listed = httpx.get(
+            fake.url + "/messages/v4/list",
+            params={"limit": 500},
+            headers={"Authorization": authorization_header(API_KEY, API_SECRET)},
+        ).json()
+        rows: dict[str, Any] = listed["messageList"]
+        original = rows[str(first.provider_message_id)]
+        assert (original["type"], original["statusCode"], original["replacement"]) == ("ATA", "3104", False)
+        (link,) = original["replacements"]
+        replacement = rows[link["messageId"]]
+        assert (replacement["type"], replacement["statusCode"], replacement["replacement"]) == ("SMS", "4000", True)
+        assert replacement["customFields"] == {"kmsgId": replaced.id} and replacement["to"] == "01066667777"
+        assert rows[str(second.provider_message_id)]["replacements"] == []  # disableSms: true, no replacement
+        # a replacement is Solapi's, not a second acceptance of our message
+        assert fake.ledger.per_reference[replaced.id] == 1 and len(fake.replacements) == 1
+        assert httpx.get(fake.url + "/_fake/stats").json()["replacements"] == 1
+        # and a lookup by our id finds the AlimTalk we sent, not its replacement
+        found = provider.lookup([replaced.id], {replaced.id: LookupHint.for_message(replaced, datetime.now(UTC))})
+        assert found[replaced.id].provider_message_id == original["messageId"]
+
+    def test_a_replacement_ends_by_its_own_rule(
+        self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+    ) -> None:
+        fake.fail_alimtalk_for(suffix="7")
+        fake.ledger.add_rule(DeliveryRule(final="FAILED", code="3059"), type="SMS", to="01066667777")
+        message = normalize(
+            {
+                "to": "01066667777",
+                "type": "ALIMTALK",
+                "template_id": "T1",
+                "text": "주문이 접수되었습니다",
+                "sender": "0212345678",
+                "failover": {"enabled": True},
+            }
+        )
+        outcome = make_provider().send(message)
+        replacement = fake.replacements[str(outcome.provider_message_id)]
+        assert (replacement.type, replacement.rule.final, replacement.rule.code) == ("SMS", "FAILED", "3059")
 
     def test_balance(self, fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]) -> None:
         fake.balance = 12_345.5
