@@ -43,7 +43,7 @@ class LookupDown:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, ids: Sequence[str]) -> dict[str, SendOutcome]:
+    def __call__(self, ids: Sequence[str], hints: Any = None) -> dict[str, SendOutcome]:
         self.calls += 1
         raise ProviderTransientError("mock: look-up unavailable", provider="mock", code=ErrorCode.PROVIDER_ERROR)
 
@@ -131,3 +131,45 @@ def test_an_undecided_lookup_that_answers_in_the_end_sends_once(
     assert row is not None and row.status == "sent" and row.check_count == 0
     assert [a.outcome for a in runtime.store.attempts(message_id)] == ["timeout", "reconciled_missing", "accepted"]
     assert provider.calls_for(message_id) == 2  # the timed-out call (never taken) and the send
+
+
+def test_a_partly_undecided_lookup_records_what_it_found_and_waits_only_for_the_rest(
+    rt: tuple[Runtime, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker.providers.base import ProviderLookupUndecided
+
+    runtime, clock = rt
+    kmsg = KMsg(runtime=runtime)
+    # Given a chunk of three whose request timed out
+    timeout = {"mock": {"script": [{"outcome": "timeout"}]}}
+    receipt = kmsg.send_many([{"to": f"0101234000{i}", "text": "hi", "provider_options": timeout} for i in range(3)])
+    assert receipt.batch_id is not None
+    found_id, undecided_id, missing_id = receipt.message_ids
+    process_chunk(runtime, receipt.batch_id, 0)
+    assert runtime.store.count_by_status() == {"retrying": 3}
+    provider = runtime.provider("mock")
+    assert isinstance(provider, MockProvider)
+
+    # When the look-up finds one, cannot decide one, and says nothing of the third
+    def partly(ids: Sequence[str], hints: Any = None) -> dict[str, SendOutcome]:
+        assert hints is not None and set(hints) == set(ids)  # every row goes with what is known of it
+        assert hints[found_id].to == "01012340000"
+        raise ProviderLookupUndecided(
+            "mock: window too wide",
+            provider="mock",
+            found={found_id: SendOutcome(found_id, True, "pm-found")},
+            undecided=[undecided_id],
+        )
+
+    monkeypatch.setattr(provider, "lookup", partly)
+    clock.advance(2.0)
+    process_chunk(runtime, receipt.batch_id, 0)
+    # Then the found one is sent (not resent), the undecided one waits, counted, and the third is sent now
+    rows = {i: runtime.store.get(i) for i in receipt.message_ids}
+    assert rows[found_id] is not None and rows[found_id].status == "sent"  # type: ignore[union-attr]
+    assert rows[found_id].provider_message_id == "pm-found"  # type: ignore[union-attr]
+    assert (rows[undecided_id].status, rows[undecided_id].check_count) == ("retrying", 1)  # type: ignore[union-attr]
+    assert rows[undecided_id].outcome_unknown  # type: ignore[union-attr]
+    assert rows[missing_id].status == "sent"  # type: ignore[union-attr]
+    assert provider.calls_for(found_id) == 1 and provider.calls_for(undecided_id) == 1
+    assert provider.calls_for(missing_id) == 2

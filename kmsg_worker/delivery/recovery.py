@@ -9,13 +9,15 @@ and for a chunk whose worker died (:func:`recover_chunks`).
 - found at the provider -> recorded ``sent`` (attempt ``reconciled_sent``), never sent again;
 - not found -> an attempt row ``reconciled_missing``, and the row is sendable again;
 - the provider cannot be asked -> final ``unknown`` rather than risk a duplicate;
-- the look-up fails -> the rows wait and are asked again later (still marked unknown).
+- the look-up fails or cannot decide -> the rows wait and are asked again later (still marked
+  unknown), after doubling waits, until ``KMSG_RECONCILE_MAX_CHECKS``: then final ``unknown``
+  (``OUTCOME_UNDECIDED``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,7 +25,7 @@ from kmsg_worker.delivery.outcome import RECONCILE_DELAY
 from kmsg_worker.delivery.record import Applied, hold
 from kmsg_worker.errors import ErrorCode, ProviderError
 from kmsg_worker.logging import get_logger
-from kmsg_worker.providers.base import SendOutcome
+from kmsg_worker.providers.base import LookupHint, ProviderLookupUndecided, SendOutcome
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage import chunks as chunk_store
@@ -44,8 +46,6 @@ S = MessageStatus
 A = DeliveryAction
 log = get_logger("kmsg.delivery")
 
-#: Ids per look-up request.
-LOOKUP_PAGE = 1000
 #: The longest wait between two look-ups of one message.
 UNDECIDED_MAX_DELAY = 600.0
 
@@ -107,10 +107,15 @@ def reconcile(
             )
             out.applied.counts[A.UNKNOWN] += len(group)
             continue
-        found: dict[str, SendOutcome] = {}
+        # What we know narrows the provider's search: recipient, sender, type, and a window that
+        # starts no later than the request could have (the message's acceptance).
+        hints = {r.id: LookupHint.for_message(r.message, r.created_at) for r in group}
+        undecided: set[str] = set()
         try:
-            for start in range(0, len(group), LOOKUP_PAGE):
-                found.update(provider.lookup([r.id for r in group[start : start + LOOKUP_PAGE]]))
+            found: Mapping[str, SendOutcome] = provider.lookup([r.id for r in group], hints)
+        except ProviderLookupUndecided as exc:
+            # What it found is certain; the rest of what it could not decide waits like any undecided look-up.
+            found, undecided, lookup_error = exc.found, set(exc.undecided), exc
         except ProviderError as exc:
             # Cannot tell yet: the rows wait (still marked unknown) and are asked again, never resent blindly.
             out.applied.merge(_undecided(rt, group, exc, now=now, expect=expect))
@@ -129,6 +134,10 @@ def reconcile(
         )
         out.applied.counts[A.RECONCILED_SENT] += len(hits)
         hit_ids = {r.id for r in hits}
+        if undecided - hit_ids:
+            waiting = [r for r in group if r.id in undecided and r.id not in hit_ids]
+            out.applied.merge(_undecided(rt, waiting, lookup_error, now=now, expect=expect))
+            hit_ids |= undecided
         missing = [r for r in group if r.id not in hit_ids]
         _record_missing(rt, missing, now, expect, requeue, why)
         out.missing.extend(missing)
