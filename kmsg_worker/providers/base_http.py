@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import os
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 
 from kmsg_worker.errors import (
+    ConfigurationError,
     ErrorCode,
     ProviderConnectionError,
     ProviderError,
@@ -28,10 +32,12 @@ from kmsg_worker.errors import (
     ProviderTimeout,
     ProviderTransientError,
 )
+from kmsg_worker.logging import get_logger
 from kmsg_worker.providers.base import HealthReport, Provider, ProviderConfig
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_TIMEOUT",
     "HttpProvider",
     "loads_json",
@@ -46,6 +52,15 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=10.0, write=10.0, pool=5.0)
 #: Connection pool per worker process.
 DEFAULT_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0)
 USER_AGENT = "kmsg-worker/0.1 (+httpx)"
+#: Requests one provider adapter keeps in flight per process when a batch needs several (see
+#: :meth:`HttpProvider.send_requests`). Below ``max_keepalive_connections`` so that a window's
+#: connections are all reused by the next one, and well below ``max_connections`` so that the other
+#: providers of the process still find a free connection.
+DEFAULT_MAX_IN_FLIGHT = 8
+
+R = TypeVar("R")
+
+log = get_logger("kmsg.providers")
 
 
 def make_http_client(
@@ -147,6 +162,102 @@ class HttpProvider(Provider):
         super().__init__(config)
         self.client = client
         self.base_url = (config.base_url or self.default_base_url).rstrip("/")
+        self.max_in_flight = self._max_in_flight_option()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+
+    def _max_in_flight_option(self) -> int:
+        raw = self.config.option("max_in_flight")
+        if raw in (None, ""):
+            return DEFAULT_MAX_IN_FLIGHT
+        var = f"KMSG_{self.config.name.upper()}_MAX_IN_FLIGHT"
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            value = 0
+        limit = DEFAULT_LIMITS.max_connections or 1
+        if not 1 <= value <= limit:
+            # More would only queue for a pooled connection (and time out as "no free connection").
+            raise ConfigurationError(f"{var} must be an integer from 1 to {limit} (the connection pool)", variable=var)
+        return value
+
+    # -- bounded concurrency ------------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != pid:
+                # Threads do not survive a fork: a prefork child builds its own pool on first use.
+                self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix=f"kmsg-{self.name}")
+                self._pool_pid = pid
+            return self._pool
+
+    def send_requests(
+        self, calls: Sequence[Callable[[], R]], *, halts: Callable[[ProviderError], bool]
+    ) -> list[R | ProviderError | None]:
+        """Run independent vendor requests with at most :attr:`max_in_flight` of them in flight.
+
+        The requests share the process's one ``httpx.Client`` (its connection pool) through a
+        per-adapter thread pool of :attr:`max_in_flight` threads, so the bound holds for the whole
+        process even when several tasks send through the same adapter at once. Once a request fails
+        with an error for which ``halts`` is true (the provider is down, refuses our credentials or
+        throttles us), no further request is started: the ones already in flight finish and keep
+        their answers, the rest are never sent.
+
+        Args:
+            calls: One callable per request; each returns its parsed answer or raises
+                :class:`ProviderError`.
+            halts: Whether an error stops the remaining requests from starting.
+
+        Returns:
+            One entry per call, in order: its answer, the :class:`ProviderError` it raised, or
+            ``None`` for a request that was never started. Any other exception escaping a call
+            (a bug while reading an answer) is reported as a :class:`ProviderTimeout` with
+            ``PROVIDER_ERROR``: the request may have been accepted, so it is reconciled, never resent.
+        """
+        results: list[R | ProviderError | None] = [None] * len(calls)
+        if len(calls) <= 1 or self.max_in_flight == 1:
+            for index, call in enumerate(calls):
+                results[index] = outcome = self._call_one(call)
+                if isinstance(outcome, ProviderError) and halts(outcome):
+                    break
+            return results
+        pool = self._executor()
+        pending: dict[Future[R | ProviderError], int] = {}
+        started = 0
+        halted = False
+        while pending or (started < len(calls) and not halted):
+            while not halted and started < len(calls) and len(pending) < self.max_in_flight:
+                pending[pool.submit(self._call_one, calls[started])] = started
+                started += 1
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                results[index] = outcome = future.result()
+                if isinstance(outcome, ProviderError) and halts(outcome):
+                    halted = True
+        return results
+
+    def _call_one(self, call: Callable[[], R]) -> R | ProviderError:
+        try:
+            return call()
+        except ProviderError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - reported per request; see send_requests
+            log.exception("provider.request_failed_unexpectedly", provider=self.name, error=type(exc).__name__)
+            return ProviderTimeout(
+                f"{self.name}: unexpected {type(exc).__name__} while sending; the outcome is unknown",
+                provider=self.name,
+                code=ErrorCode.PROVIDER_ERROR,
+            )
+
+    def close(self) -> None:
+        """Stop this adapter's request threads (the shared HTTP client stays open)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def url(self, path: str, base: str | None = None) -> str:
         """Join ``path`` onto the base URL (or another configured base)."""

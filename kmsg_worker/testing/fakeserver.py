@@ -268,6 +268,10 @@ class FakeProviderServer:
         self.ledger = Ledger(clock)
         self.faults = Faults()
         self._rng = random.Random(1234)
+        #: Vendor requests being answered right now, and the most ever at once (``reset_peak``).
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._flight_lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -303,6 +307,11 @@ class FakeProviderServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak of concurrent vendor requests afresh."""
+        with self._flight_lock:
+            self.peak_in_flight = self.in_flight
 
     def set_faults(self, **values: Any) -> None:
         """Replace the injected faults (unknown names raise ``TypeError``)."""
@@ -346,7 +355,7 @@ class FakeProviderServer:
     def _control(self, request: FakeRequest) -> FakeResponse:
         action = request.path.removeprefix("/_fake/")
         if action == "stats":
-            return FakeResponse(200, self.ledger.stats())
+            return FakeResponse(200, {**self.ledger.stats(), "peak_in_flight": self.peak_in_flight})
         if action == "faults" and request.method == "POST":
             self.set_faults(**request.json())
             return FakeResponse(200, asdict(self.faults))
@@ -360,6 +369,7 @@ class FakeProviderServer:
         if action == "reset" and request.method == "POST":
             self.ledger.reset()
             self.faults = Faults()
+            self.reset_peak()
             return FakeResponse(200, {"ok": True})
         return FakeResponse(404, {"error": "unknown control action"})
 
@@ -367,10 +377,17 @@ class FakeProviderServer:
         if request.path.startswith("/_fake/"):
             return self._control(request)
         self.ledger.requests += 1
-        injected = self._pre_faults()
-        if injected is not None:
-            return injected
-        return self.handle(request)
+        with self._flight_lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            injected = self._pre_faults()
+            if injected is not None:
+                return injected
+            return self.handle(request)
+        finally:
+            with self._flight_lock:
+                self.in_flight -= 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
