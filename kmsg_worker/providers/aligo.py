@@ -76,7 +76,7 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider
+from kmsg_worker.providers.base_http import HttpProvider, encode_multipart, halts_batch, raise_whole
 
 __all__ = [
     "DEFAULT_KAKAO_BASE_URL",
@@ -232,25 +232,6 @@ def _seoul_time(value: object) -> datetime | None:
         return None
 
 
-def _halts(error: ProviderError) -> bool:
-    """Whether a failed request stops the batch: yes unless the refusal is about its own content."""
-    return not (isinstance(error, ProviderRejected) and error.blame == "message")
-
-
-def _raise_whole(outcomes: Sequence[SendOutcome], halt: ProviderError) -> bool:
-    """Whether ``halt`` may stand for the whole batch (raised, so the caller sees one failed call).
-
-    Only when nothing was accepted and raising keeps every message's meaning: after a timeout, only
-    if every message carries that very timeout (one request); otherwise only if no message's outcome
-    is unknown (a raised non-timeout error says "not sent" for all of them).
-    """
-    if any(o.accepted for o in outcomes):
-        return False
-    if isinstance(halt, ProviderTimeout):
-        return all(o.error is halt for o in outcomes)
-    return not any(isinstance(o.error, ProviderTimeout) for o in outcomes)
-
-
 def _as_int(value: Any) -> int | None:
     try:
         return int(str(value).strip())
@@ -309,14 +290,6 @@ def _alimtalk_text(message: Message) -> str:
     if message.text:
         return message.text
     return "\n".join(value for key, value in variables.items() if not key.startswith("_"))
-
-
-def _form(fields: Mapping[str, str], files: Mapping[str, _File]) -> dict[str, Any]:
-    # httpx only builds multipart when it has "files"; (None, value) makes a plain form field, so
-    # every call is multipart/form-data as Aligo documents, with or without an attachment.
-    form: dict[str, Any] = {name: (None, value) for name, value in fields.items()}
-    form.update(files)
-    return form
 
 
 class AligoProvider(HttpProvider):
@@ -692,7 +665,9 @@ class AligoProvider(HttpProvider):
     # -- requests ---------------------------------------------------------------------------------
 
     def _post(self, url: str, fields: Mapping[str, str], files: Mapping[str, _File]) -> tuple[dict[str, Any], int]:
-        response = self.request("POST", url, files=_form(fields, files))
+        # Every call is multipart/form-data as Aligo documents, with or without an attachment.
+        body_bytes, content_type = encode_multipart(fields, files)
+        response = self.request("POST", url, headers={"Content-Type": content_type}, content=body_bytes)
         body = self.decode_json(response)
         if not isinstance(body, dict):
             raise ProviderTransientError(
@@ -796,7 +771,7 @@ class AligoProvider(HttpProvider):
         outcomes: list[SendOutcome | None] = [refused.get(i) for i in range(len(messages))]
         chunks = list(self._chunks(groups))
         calls = [partial(self._send_chunk, messages, group, items) for group, items in chunks]
-        results = self.send_requests(calls, halts=_halts)
+        results = self.send_requests(calls, halts=halts_batch)
         halt: ProviderError | None = None
         unsent: list[list[_Item]] = []
         for (_, items), result in zip(chunks, results, strict=True):
@@ -804,7 +779,7 @@ class AligoProvider(HttpProvider):
                 unsent.append(items)
             elif isinstance(result, ProviderError):
                 self._fail(messages, outcomes, items, result)
-                if halt is None and _halts(result):
+                if halt is None and halts_batch(result):
                     halt = result
             else:
                 for item, outcome in zip(items, result, strict=True):
@@ -815,7 +790,7 @@ class AligoProvider(HttpProvider):
             for items in unsent:
                 self._fail(messages, outcomes, items, never_left)
         final = [o for o in outcomes if o is not None]
-        if halt is not None and _raise_whole(final, halt):
+        if halt is not None and raise_whole(final, halt):
             raise halt
         return final
 

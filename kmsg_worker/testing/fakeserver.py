@@ -376,8 +376,9 @@ class FakeProviderServer:
     def _dispatch(self, request: FakeRequest) -> FakeResponse:
         if request.path.startswith("/_fake/"):
             return self._control(request)
-        self.ledger.requests += 1
         with self._flight_lock:
+            # Under the lock: concurrent requests would otherwise lose counts.
+            self.ledger.requests += 1
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
