@@ -180,7 +180,9 @@ def bench_baseline(name: str, count: int, latency_ms: float) -> dict[str, Any]:
         headers={"User-Agent": USER_AGENT},
     )
     provider = provider_class(name)(settings.provider_config(name), client)  # type: ignore[call-arg]
-    messages = [normalize({"to": f"010{i:08d}", "text": _text("personalised", i), "sender": SENDER}) for i in range(count)]
+    messages = [
+        normalize({"to": f"010{i:08d}", "text": _text("personalised", i), "sender": SENDER}) for i in range(count)
+    ]
     failures: list[str] = []
     lock = threading.Lock()
 
@@ -225,7 +227,9 @@ def targets(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -
         if cell["provider_latency_ms"] != 20.0:
             continue
         needed = ONE_TEXT_TARGET if cell["provider"] == "iwinv" else MULTI_MESSAGE_TARGET
-        found[f"{cell['provider']}/{cell['text']} @ 20 ms >= {needed:g}x baseline"] = cell["ratio_vs_baseline"] >= needed
+        found[f"{cell['provider']}/{cell['text']} @ 20 ms >= {needed:g}x baseline"] = (
+            cell["ratio_vs_baseline"] >= needed
+        )
     for name in ("solapi", "aligo"):
         for latency in LATENCIES:
             same, pers = by_key.get((name, "same", latency)), by_key.get((name, "personalised", latency))
@@ -233,7 +237,9 @@ def targets(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -
                 found[f"{name} personalised >= 80% of same @ {latency:g} ms"] = (
                     pers["msgs_per_s"] >= PERSONALISED_VS_SAME_TARGET * same["msgs_per_s"]
                 )
-    found["0 duplicates at the fakes"] = all(c["fake_max_per_recipient"] == 1 and c["fake_duplicates"] == 0 for c in cells)
+    found["0 duplicates at the fakes"] = all(
+        c["fake_max_per_recipient"] == 1 and c["fake_duplicates"] == 0 for c in cells
+    )
     return found
 
 
