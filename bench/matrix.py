@@ -15,6 +15,12 @@ threads, each sending one message per HTTP request through the same adapter (``s
 with 50 connections, no persistence, to the same fake: the design of a library that sends each
 message on its own. Ratios are cell rate / baseline rate (same provider, same latency).
 
+The baseline runs our Python adapter per message, so on a small machine its rate is bounded by
+this client's CPU, not by the provider; at 20 ms no per-message client with 50 in flight can beat
+50 / 0.020 s = 2,500 msg/s whatever its language. The 20 ms targets are therefore checked against
+the larger of the measured baseline and that bound (``ratio_vs_per_message``), never against a
+baseline slowed by our own client.
+
 Per cell it records the fake's accepted count, its most-accepted recipient (every message has its
 own number, so 1 means no duplicate), its peak of concurrent requests, and CPU seconds per role
 (workers, fake, PostgreSQL, Redis, producer).
@@ -23,6 +29,7 @@ own number, so 1 means no duplicate), its peak of concurrent requests, and CPU s
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +38,8 @@ from typing import Any
 
 import httpx
 
-from bench.run import FAKE_PORT, RESULTS, Env, cpu_snapshot, cpu_used, log, scratch_database
+from bench.run import FAKE_PORT, RESULTS, Env, cpu_used, log, scratch_database
+from bench.run import cpu_snapshot as machine_cpu_snapshot
 
 PROVIDERS = ("solapi", "iwinv", "aligo")
 TEXTS = ("same", "personalised")
@@ -45,6 +53,28 @@ SENDER = "0212345678"
 MULTI_MESSAGE_TARGET = 6.0
 ONE_TEXT_TARGET = 1.5
 PERSONALISED_VS_SAME_TARGET = 0.8
+
+
+def _session(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_snapshot(env: Env) -> dict[int, tuple[str, float]]:
+    """CPU seconds by pid with its role, counting only *this* run's workers and fakes.
+
+    The machine may run other benchmarks: a Celery worker or fake server not started by ``env``
+    (its own session) is left out. PostgreSQL and Redis are shared services and count whole.
+    """
+    ours = {proc.pid for proc in env.procs}
+    return {
+        pid: (role, seconds)
+        for pid, (role, seconds) in machine_cpu_snapshot().items()
+        if role not in ("workers", "fake provider") or _session(pid) in ours
+    }
 
 
 def fake_url(name: str) -> str:
@@ -85,8 +115,6 @@ def _text(shape: str, n: int) -> str:
 
 def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -> dict[str, Any]:
     """One ``send_many`` of ``count`` SMS through ``name`` until every row is recorded."""
-    import os
-
     import redis
     from sqlalchemy import text as sql
 
@@ -102,7 +130,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
     _fake_post(name, "faults", {"latency_ms": latency_ms})
     worker = env.worker("config.celery", "kmsg.bulk", 2, f"matrix-{name}")
     time.sleep(5)
-    cpu_before = cpu_snapshot()
+    cpu_before = cpu_snapshot(env)
     os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
     for gone in [k for k in os.environ if k.startswith(("KMSG_SOLAPI_", "KMSG_IWINV_", "KMSG_ALIGO_"))]:
         if gone not in env.env:
@@ -131,7 +159,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
                 {"b": receipt.batch_id},
             ).all()
         )
-    cpu = cpu_used(cpu_before, cpu_snapshot())
+    cpu = cpu_used(cpu_before, cpu_snapshot(env))
     stats = _fake_stats(name)
     env.stop([worker])
     kmsg.close()
@@ -164,7 +192,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
     return result
 
 
-def bench_baseline(name: str, count: int, latency_ms: float) -> dict[str, Any]:
+def bench_baseline(env: Env, name: str, count: int, latency_ms: float) -> dict[str, Any]:
     """One process, 50 in flight, one HTTP request per message through the same adapter."""
     from kmsg_worker.message import normalize
     from kmsg_worker.providers.base_http import DEFAULT_TIMEOUT, USER_AGENT
@@ -196,11 +224,11 @@ def bench_baseline(name: str, count: int, latency_ms: float) -> dict[str, Any]:
         list(pool.map(send, messages[:BASELINE_IN_FLIGHT]))  # open the connections
         _fake_post(name, "reset")
         _fake_post(name, "faults", {"latency_ms": latency_ms})
-        cpu_before = cpu_snapshot()
+        cpu_before = cpu_snapshot(env)
         started = time.monotonic()
         list(pool.map(send, messages))
         elapsed = time.monotonic() - started
-        cpu = cpu_used(cpu_before, cpu_snapshot())
+        cpu = cpu_used(cpu_before, cpu_snapshot(env))
     stats = _fake_stats(name)
     provider.close()
     client.close()
@@ -220,6 +248,13 @@ def bench_baseline(name: str, count: int, latency_ms: float) -> dict[str, Any]:
     }
 
 
+def per_message_ceiling(base: dict[str, Any]) -> float:
+    """What the per-message design can reach at best: the measured baseline, or 50 in flight / latency."""
+    latency = base["provider_latency_ms"]
+    bound = BASELINE_IN_FLIGHT / (latency / 1000) if latency else 0.0
+    return max(float(base["msgs_per_s"]), bound)
+
+
 def targets(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, bool]:
     found: dict[str, bool] = {}
     by_key = {(c["provider"], c["text"], c["provider_latency_ms"]): c for c in cells}
@@ -227,8 +262,8 @@ def targets(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -
         if cell["provider_latency_ms"] != 20.0:
             continue
         needed = ONE_TEXT_TARGET if cell["provider"] == "iwinv" else MULTI_MESSAGE_TARGET
-        found[f"{cell['provider']}/{cell['text']} @ 20 ms >= {needed:g}x baseline"] = (
-            cell["ratio_vs_baseline"] >= needed
+        found[f"{cell['provider']}/{cell['text']} @ 20 ms >= {needed:g}x per-message"] = (
+            cell["ratio_vs_per_message"] >= needed
         )
     for name in ("solapi", "aligo"):
         for latency in LATENCIES:
@@ -257,10 +292,11 @@ def run_matrix(count: int, baseline_count: int, providers: tuple[str, ...] = PRO
             env.start_fakes()
             for name in providers:
                 for latency in LATENCIES:
-                    base = baselines[f"{name}@{latency:g}"] = bench_baseline(name, baseline_count, latency)
+                    base = baselines[f"{name}@{latency:g}"] = bench_baseline(env, name, baseline_count, latency)
                     for shape in TEXTS:
                         cell = bench_cell(env, name, shape, count, latency)
                         cell["ratio_vs_baseline"] = round(cell["msgs_per_s"] / base["msgs_per_s"], 2)
+                        cell["ratio_vs_per_message"] = round(cell["msgs_per_s"] / per_message_ceiling(base), 2)
                         cells.append(cell)
         finally:
             env.stop()
@@ -280,7 +316,7 @@ def run_matrix(count: int, baseline_count: int, providers: tuple[str, ...] = PRO
 def print_table(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> None:
     print()
     print(
-        f"{'provider':8} {'text':12} {'lat':>4} {'msg/s':>9} {'base/s':>8} {'ratio':>6} {'reqs':>6} "
+        f"{'provider':8} {'text':12} {'lat':>4} {'msg/s':>9} {'base/s':>8} {'ratio':>6} {'vs ceil':>7} {'reqs':>6} "
         f"{'peak':>4} {'dup':>3} {'fake CPU s':>10} {'workers CPU s':>13}"
     )
     for c in cells:
@@ -288,7 +324,8 @@ def print_table(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
         cpu = c["cpu_seconds"]
         print(
             f"{c['provider']:8} {c['text']:12} {c['provider_latency_ms']:>4g} {c['msgs_per_s']:>9,.0f} "
-            f"{base['msgs_per_s']:>8,.0f} {c['ratio_vs_baseline']:>6.2f} {c['fake_requests']:>6} "
+            f"{base['msgs_per_s']:>8,.0f} {c['ratio_vs_baseline']:>6.2f} {c['ratio_vs_per_message']:>7.2f} "
+            f"{c['fake_requests']:>6} "
             f"{c['fake_peak_in_flight']:>4} {c['fake_duplicates']:>3} {cpu.get('fake provider', 0):>10.2f} "
             f"{cpu.get('workers', 0):>13.2f}"
         )
