@@ -71,7 +71,14 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider, halts_batch, loads_json, parse_retry_after, raise_whole
+from kmsg_worker.providers.base_http import (
+    HttpProvider,
+    encode_multipart,
+    halts_batch,
+    loads_json,
+    parse_retry_after,
+    raise_whole,
+)
 
 __all__ = [
     "ALIMTALK_ERRORS",
@@ -792,7 +799,8 @@ class IwinvProvider(HttpProvider):
         url = self.url(SMS_SEND_PATH, self.sms_base_url)
         if job.image is not None:
             form = {**job.common, "to": job.items[0][1]}
-            return self._call("sms", url, data=form, files={"image": job.image}, send=True)
+            fields = {name: str(value) for name, value in form.items()}
+            return self._call("sms", url, form=encode_multipart(fields, {"image": job.image}), send=True)
         return self._call("sms", url, json={**job.common, "to": [phone for _, phone in job.items]}, send=True)
 
     def _accept(
@@ -858,21 +866,25 @@ class IwinvProvider(HttpProvider):
         url: str,
         *,
         json: Any = None,
-        data: Mapping[str, Any] | None = None,
-        files: Mapping[str, Any] | None = None,
+        form: tuple[bytes, str] | None = None,
         send: bool = False,
     ) -> dict[str, Any]:
         if api == "alimtalk":
             headers: dict[str, str] | None = self._alimtalk_headers
         else:
-            headers = self._sms_form_headers if files else self._sms_json_headers
+            headers = self._sms_form_headers if form else self._sms_json_headers
         if headers is None:
             raise ProviderRejected(
                 "iwinv: the SMS v2 API needs KMSG_IWINV_SMS_API_KEY and KMSG_IWINV_SMS_AUTH_KEY",
                 provider=self.name,
                 code=ErrorCode.UNSUPPORTED,
             )
-        response = self.request("POST", url, headers=headers, json=json, data=data, files=files)
+        content: bytes | None = None
+        if form is not None:
+            # A multipart body encoded in one piece (encode_multipart): a few writes, not one per part.
+            content, content_type = form
+            headers = {**headers, "Content-Type": content_type}
+        response = self.request("POST", url, headers=headers, json=json, content=content)
         code, body = self._vendor_code(api, response)
         ok = 200 if api == "alimtalk" else 0
         if code == ok and response.status_code < 300:
