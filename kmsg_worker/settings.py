@@ -28,6 +28,7 @@ from kmsg_worker.circuit import CircuitPolicy
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
+from kmsg_worker.providers.base_http import HttpProvider, max_in_flight
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
@@ -499,4 +500,7 @@ def _provider_config(env: Mapping[str, str], name: str) -> ProviderConfig:
             credentials[short] = value
         else:
             options[short] = value
-    return ProviderConfig(name=name, base_url=base_url, credentials=credentials, options=options)
+    config = ProviderConfig(name=name, base_url=base_url, credentials=credentials, options=options)
+    if issubclass(cls, HttpProvider):
+        max_in_flight(config)  # a bad KMSG_<P>_MAX_IN_FLIGHT stops the process at start
+    return config

@@ -45,6 +45,7 @@ __all__ = [
     "encode_multipart",
     "make_http_client",
     "map_transport_errors",
+    "max_in_flight",
     "parse_retry_after",
     "raise_whole",
 ]
@@ -184,6 +185,27 @@ def encode_multipart(
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def max_in_flight(config: ProviderConfig) -> int:
+    """``KMSG_<PROVIDER>_MAX_IN_FLIGHT`` (option ``max_in_flight``), or :data:`DEFAULT_MAX_IN_FLIGHT`.
+
+    Raises:
+        ConfigurationError: Not an integer from 1 to the connection pool's size.
+    """
+    raw = config.option("max_in_flight")
+    if raw in (None, ""):
+        return DEFAULT_MAX_IN_FLIGHT
+    var = f"KMSG_{config.name.upper()}_MAX_IN_FLIGHT"
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    limit = DEFAULT_LIMITS.max_connections or 1
+    if not 1 <= value <= limit:
+        # More would only queue for a pooled connection (and time out as "no free connection").
+        raise ConfigurationError(f"{var} must be an integer from 1 to {limit} (the connection pool)", variable=var)
+    return value
+
+
 def halts_batch(error: ProviderError) -> bool:
     """Whether a failed request stops the rest of a batch: yes unless it was refused for its own content.
 
@@ -229,25 +251,10 @@ class HttpProvider(Provider):
         super().__init__(config)
         self.client = client
         self.base_url = (config.base_url or self.default_base_url).rstrip("/")
-        self.max_in_flight = self._max_in_flight_option()
+        self.max_in_flight = max_in_flight(config)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
-
-    def _max_in_flight_option(self) -> int:
-        raw = self.config.option("max_in_flight")
-        if raw in (None, ""):
-            return DEFAULT_MAX_IN_FLIGHT
-        var = f"KMSG_{self.config.name.upper()}_MAX_IN_FLIGHT"
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            value = 0
-        limit = DEFAULT_LIMITS.max_connections or 1
-        if not 1 <= value <= limit:
-            # More would only queue for a pooled connection (and time out as "no free connection").
-            raise ConfigurationError(f"{var} must be an integer from 1 to {limit} (the connection pool)", variable=var)
-        return value
 
     # -- bounded concurrency ------------------------------------------------------------------------
 

@@ -26,12 +26,13 @@ from typing import Any
 import httpx
 import pytest
 
-from kmsg_worker.errors import ProviderRateLimited, ProviderTimeout, ProviderTransientError
+from kmsg_worker.errors import ConfigurationError, ProviderRateLimited, ProviderTimeout, ProviderTransientError
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.providers.aligo import AligoProvider
 from kmsg_worker.providers.base import DeliveryState, Provider, ProviderConfig, SendOutcome
 from kmsg_worker.providers.base_http import DEFAULT_MAX_IN_FLIGHT, make_http_client
 from kmsg_worker.providers.iwinv import IwinvProvider
+from kmsg_worker.settings import Settings
 from kmsg_worker.testing.fake_aligo import FakeAligoServer
 from kmsg_worker.testing.fake_iwinv import FAKE_API_KEY, FAKE_SMS_API_KEY, FAKE_SMS_AUTH_KEY, FakeIwinvServer
 from kmsg_worker.testing.fakeserver import FakeRequest, FakeResponse, parse_multipart
@@ -366,3 +367,23 @@ def test_aligo_window_with_one_bad_request(aligo: ScriptedAligo, aligo_provider:
     aligo.script.rules.clear()
     retry_what_never_left(provider, messages, outcomes)
     assert_each_delivered_once(aligo, messages)
+
+
+# -- the setting --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "21", "many", "-3"])
+def test_a_bad_max_in_flight_stops_the_process_at_start(value: str) -> None:
+    env = {"KMSG_PROVIDERS": "iwinv", "KMSG_IWINV_API_KEY": "k", "KMSG_IWINV_MAX_IN_FLIGHT": value}
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env(env)
+    assert info.value.variable == "KMSG_IWINV_MAX_IN_FLIGHT"
+
+
+def test_max_in_flight_comes_from_the_environment() -> None:
+    env = {"KMSG_PROVIDERS": "aligo", "KMSG_ALIGO_API_KEY": "k", "KMSG_ALIGO_USER_ID": "u"}
+    settings = Settings.from_env({**env, "KMSG_ALIGO_MAX_IN_FLIGHT": "3"})
+    with httpx.Client() as client:
+        assert AligoProvider(settings.provider_config("aligo"), client).max_in_flight == 3
+        default = Settings.from_env(env).provider_config("aligo")
+        assert AligoProvider(default, client).max_in_flight == DEFAULT_MAX_IN_FLIGHT
