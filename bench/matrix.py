@@ -22,8 +22,8 @@ the larger of the measured baseline and that bound (``ratio_vs_per_message``), n
 baseline slowed by our own client.
 
 Per cell it records the fake's accepted count, its most-accepted recipient (every message has its
-own number, so 1 means no duplicate), its peak of concurrent requests, and CPU seconds per role
-(workers, fake, PostgreSQL, Redis, producer).
+own number, so 1 means no duplicate), its peak of concurrent requests, the bulk worker's resident
+memory before and after, and CPU seconds per role (workers, fake, PostgreSQL, Redis, producer).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from bench.run import FAKE_PORT, RESULTS, Env, cpu_used, log, scratch_database
+from bench.run import FAKE_PORT, RESULTS, Env, cpu_used, log, rss_mb, scratch_database
 from bench.run import cpu_snapshot as machine_cpu_snapshot
 
 PROVIDERS = ("solapi", "iwinv", "aligo")
@@ -130,6 +130,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
     _fake_post(name, "faults", {"latency_ms": latency_ms})
     worker = env.worker("config.celery", "kmsg.bulk", 2, f"matrix-{name}")
     time.sleep(5)
+    rss_before = rss_mb(worker)
     cpu_before = cpu_snapshot(env)
     os.environ.update({k: v for k, v in env.env.items() if k.startswith("KMSG_")})
     for gone in [k for k in os.environ if k.startswith(("KMSG_SOLAPI_", "KMSG_IWINV_", "KMSG_ALIGO_"))]:
@@ -160,6 +161,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
             ).all()
         )
     cpu = cpu_used(cpu_before, cpu_snapshot(env))
+    rss_after = rss_mb(worker)
     stats = _fake_stats(name)
     env.stop([worker])
     kmsg.close()
@@ -181,6 +183,9 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
         "fake_duplicates": stats["accepted"] - stats["recipients"],
         "fake_peak_in_flight": stats["peak_in_flight"],
         "cpu_seconds": cpu,
+        # The bulk worker (main process and its pool children): growth over the cell.
+        "worker_rss_mb_before": round(rss_before, 1),
+        "worker_rss_mb_after": round(rss_after, 1),
     }
     log(
         f"matrix {name}/{shape} @ {latency_ms:g} ms: {count} in {done - started:.2f}s = {rate:,.0f} msg/s; "
