@@ -2,6 +2,7 @@
 
     python -m bench.run              # naive baseline, bulk 100k at 0 ms and 20 ms, single-send latency
     python -m bench.run --long       # also worker RSS over a 1,000,000-message run
+    python -m bench.run --matrix     # provider x text x latency matrix vs a per-message baseline
 
 Everything runs on this machine: the fake provider servers in their own process on 127.0.0.1,
 Redis, PostgreSQL (a scratch database created and dropped here), and real Celery worker processes.
@@ -520,7 +521,19 @@ def main() -> None:
         action="append",
         help="run only these stages (repeatable; for profiling: the targets need every stage)",
     )
+    parser.add_argument("--matrix", action="store_true", help="run the provider matrix (bench/matrix.py) instead")
+    parser.add_argument("--matrix-count", type=int, default=50_000, help="messages per matrix cell")
+    parser.add_argument(
+        "--matrix-baseline-count", type=int, default=None, help="messages per baseline run (default: the cell count)"
+    )
+    parser.add_argument("--matrix-providers", default="solapi,iwinv,aligo", help="comma-separated subset")
     args = parser.parse_args()
+    if args.matrix:
+        from bench.matrix import run_matrix
+
+        providers = tuple(p.strip() for p in args.matrix_providers.split(",") if p.strip())
+        run_matrix(args.matrix_count, args.matrix_baseline_count or args.matrix_count, providers)
+        return
     stages = args.only or [s for s in STAGES if s != "bulk_1m" or args.long]
     results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "machine": os.uname().nodename}
     with scratch_database() as db_url:

@@ -8,6 +8,8 @@ at start instead of failing at its first send.
 Provider settings are ``KMSG_<PROVIDER>_<KEY>``: keys the provider class declares in
 ``credential_keys`` are secrets (never logged or shown in a repr); every other key is an option
 (``KMSG_SOLAPI_BASE_URL``, ``KMSG_SOLAPI_DEFAULT_FROM``, ``KMSG_IWINV_BATCH_LIMIT`` ...).
+``KMSG_<PROVIDER>_MAX_IN_FLIGHT`` bounds the requests an HTTP adapter runs at once for one batch
+(default 8, at most the connection pool's 20; checked when the adapter is built).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from kmsg_worker.errors import ConfigurationError
 from kmsg_worker.message import MessageType, Priority, ValidationLimits
 from kmsg_worker.providers.base import ProviderConfig
-from kmsg_worker.providers.base_http import HttpProvider, provider_timeout
+from kmsg_worker.providers.base_http import HttpProvider, max_in_flight, provider_timeout
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.ratelimit import parse_rate_limits
 from kmsg_worker.routing import validate_routing
@@ -624,4 +626,7 @@ def _provider_config(env: Mapping[str, str], name: str) -> ProviderConfig:
             credentials[short] = value
         else:
             options[short] = value
-    return ProviderConfig(name=name, base_url=base_url, credentials=credentials, options=options)
+    config = ProviderConfig(name=name, base_url=base_url, credentials=credentials, options=options)
+    if issubclass(cls, HttpProvider):
+        max_in_flight(config)  # a bad KMSG_<P>_MAX_IN_FLIGHT stops the process at start
+    return config

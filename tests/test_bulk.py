@@ -886,3 +886,22 @@ def test_intake_lowers_the_switch_interval_only_while_it_runs(kmsg: KMsg, monkey
         )
     finally:
         sys.setswitchinterval(caller)
+
+
+def test_a_provider_side_refusal_inside_a_chunk_counts_against_the_provider_s_circuit(
+    kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher
+) -> None:
+    # Given a chunk whose call is answered per message: one 503 (the provider's failure), one
+    # invalid number (the message's), the rest accepted
+    down = {"mock": {"script": [{"outcome": "failure", "code": "NETWORK_SERVICE_UNAVAILABLE", "http_status": 503}]}}
+    bad = {"mock": {"script": [{"outcome": "failure", "code": "INVALID_RECIPIENT"}]}}
+    rows = [{"to": "01012340001", "provider_options": down}, {"to": "01012340002", "provider_options": bad}]
+    rows += [{"to": f"0101234{i:04d}"} for i in range(10, 20)]
+    receipt = kmsg.send_many(rows, defaults=DEFAULTS)
+    assert receipt.batch_id is not None
+    # When it is sent
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    # Then the call counted as one failure of the provider, as a whole-call 503 would
+    assert (result.sent, result.retrying, result.failed) == (10, 1, 1)
+    snap = runtime.circuits.snapshot("mock")
+    assert (snap.requests, snap.failures) == (1, 1)

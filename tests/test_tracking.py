@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from kmsg_worker.delivery import deliver
 from kmsg_worker.errors import ErrorCode, ProviderTransientError, ValidationError
 from kmsg_worker.message import Failover, Message, MessageType, Priority, count_bytes
 from kmsg_worker.producer import KMsg
+from kmsg_worker.providers.aligo import AligoProvider
 from kmsg_worker.providers.base import DeliveryState, StatusQuery, StatusReport
 from kmsg_worker.providers.mock import MockProvider
 from kmsg_worker.runtime import Runtime
@@ -308,8 +309,16 @@ def test_a_claim_holds_rows_away_from_another_sweep_until_the_hold_ends(rt: Runt
     assert poll_statuses(rt).delivered == 1
 
 
-def test_providers_without_a_status_api(make_rt: Any, clock: Clock) -> None:
-    # Aligo has no delivery-status API: by default the message is unknown at its first check
+def test_aligo_sms_is_tracked_to_delivered(rt: Runtime, clock: Clock) -> None:
+    mid = send_now(rt, to="01020000600", text="aligo", provider_id="aligo")
+    assert settle(rt, clock).delivered == 1
+    assert row_of(rt, mid).status == "delivered"
+
+
+def test_providers_without_a_status_api(make_rt: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A provider without a delivery-status API (Aligo made so here): by default the message is
+    # unknown at its first check
+    monkeypatch.setattr(AligoProvider, "capabilities", replace(AligoProvider.capabilities, status_query=False))
     rt: Runtime = make_rt()
     mid = send_now(rt, to="01020000601", text="aligo", provider_id="aligo")
     assert settle(rt, clock).unknown == 1

@@ -24,6 +24,21 @@ from kmsg_worker.storage.rows import SendRow
 __all__ = ["Called", "call_provider"]
 
 
+def _provider_side_error(outcomes: Sequence[SendOutcome]) -> ProviderError | None:
+    """The call's health for the circuit: the first refusal the provider's side caused, if any.
+
+    A batch answered per message can still carry the provider's own failure (one request of a
+    concurrent window answered 5xx or timed out while the others were accepted): that counts
+    against the provider, as a whole-call failure would. Refusals of a message (invalid number)
+    do not.
+    """
+    for outcome in outcomes:
+        error = outcome.error
+        if error is not None and not outcome.accepted and (error.blame == "provider" or error.retryable):
+            return error
+    return None
+
+
 @dataclass
 class Called(Applied):
     """:class:`Applied`, plus the call's latency (``None`` when throttled: no call was made)."""
@@ -66,7 +81,7 @@ def call_provider(
             observed = None if outcomes[0].accepted else refusal(outcomes[0], name)
         else:
             outcomes = provider.send_batch([r.message for r in rows])
-            observed = None
+            observed = _provider_side_error(outcomes)
     except ProviderError as exc:
         outcomes = [SendOutcome(r.id, False, error=exc) for r in rows]
         observed = exc

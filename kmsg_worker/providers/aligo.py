@@ -1,7 +1,8 @@
 """Aligo: SMS/LMS/MMS through its SMS API, AlimTalk/FriendTalk through its Kakao API.
 
-Wire contract: ``shared/reference/providers.md`` §3.3 (k-msg's adapter, error map, response shapes)
-and §E.2 (Aligo's SMS API spec). What the vendor makes us do, and the choices made here:
+Aligo's SMS API is documented at https://smartsms.aligo.in/admin/api/spec.html (send, send_mass,
+list, sms_list, remain, cancel); its Kakao API answers in the shapes handled below. What the vendor
+makes us do, and the choices made here:
 
 * **Two hosts.** SMS calls go to ``https://apis.aligo.in`` and Kakao calls to
   ``https://kakaoapi.aligo.in``; options ``sms_base_url`` / ``kakao_base_url`` override each, and a
@@ -11,24 +12,32 @@ and §E.2 (Aligo's SMS API spec). What the vendor makes us do, and the choices m
 * **Errors arrive with HTTP 200** and a negative ``result_code`` (or ``code``). Known codes are mapped
   through :data:`ERROR_CODES` / :data:`ERROR_BLAME`; any other failure code is treated as a transient
   ``PROVIDER_ERROR``. HTTP failures (5xx, 429) go through the base ``http_error``.
-* **Success shapes.** ``/send/`` and ``/remain/`` succeed with ``result_code`` 1; the Kakao endpoints
-  with ``result_code`` 0 (k-msg's shape) or ``{code: 0, info: {mid, scnt, fcnt}}`` (the shape public
-  Aligo clients show). Codes are accepted as strings or numbers.
-* **Batching.** ``/send/`` takes one text for up to 1,000 comma-separated receivers, so messages with
-  identical content (type, sender, text, title, image, schedule) share one request and different
-  contents never merge. The Kakao endpoints take ``receiver_1..receiver_N`` with a per-recipient
-  ``message_N``; we put up to 500 recipients in one Kakao request, the per-call maximum of Aligo's
-  Kakao API (its ``receiver_1`` .. ``receiver_500`` fields).
+* **Success shapes.** The SMS endpoints succeed with ``result_code`` 1; the Kakao endpoints with
+  ``result_code`` 0 or ``{code: 0, info: {mid, scnt, fcnt}}``. Codes are accepted as strings or
+  numbers.
+* **Batching.** ``/send/`` takes one text for up to 1,000 comma-separated receivers; ``/send_mass/``
+  takes up to 500 receiver/text pairs (``rec_N`` / ``msg_N``, their count in ``cnt``) sharing the
+  sender, ``msg_type``, title, schedule and image. A text shared by at least
+  :data:`SHARED_TEXT_MIN` receivers of a batch goes through ``/send/`` (one text, up to 1,000
+  receivers); every other SMS/LMS/MMS (a personalised campaign) is packed 500 to a ``/send_mass/``
+  request. The Kakao endpoints take ``receiver_1..receiver_N`` with a per-recipient ``message_N``,
+  up to 500 per request. A request never carries the same receiver twice, so a receiver names one
+  message of a request in the delivery results.
+* **Concurrency.** The requests of one batch are independent, so they run with at most
+  ``max_in_flight`` (``KMSG_ALIGO_MAX_IN_FLIGHT``) in flight (:meth:`HttpProvider.send_requests`).
 * **Ids.** Aligo returns one ``msg_id`` per request, so each recipient's provider message id is
   ``"<msg_id>:<n>"`` with ``n`` its 1-based position in that request (never the phone number).
-* **No delivery-status API** here: ``query_status`` raises the base class's ``UNSUPPORTED``.
-  **Balance** comes from ``POST /remain/`` and is the remaining *SMS count* (``SMS_CNT``), so
+* **Delivery results** (SMS/LMS/MMS): ``POST /sms_list/`` lists the receivers of one ``mid`` with
+  their ``sms_state`` text, read page by page; :meth:`AligoProvider.sent_list` reads ``POST /list/``
+  (the requests sent, by date). Kakao messages are not answered there: their statuses stay
+  "not known yet".
+* **Balance** comes from ``POST /remain/`` and is the remaining *SMS count* (``SMS_CNT``), so
   :class:`Balance` carries ``currency="SMS_CNT"``, not KRW.
 * **Dates** (``rdate``/``rtime``, ``reserve_date``/``reserve_time``) are Asia/Seoul wall-clock time
   whatever the process time zone, rounded *up* to the minute so a message never leaves early.
-* **Images.** A URL (``media.ref``) goes as the form field ``image`` (k-msg's wire); bytes
-  (``media.data_b64``) go as the file part ``image1``, which is what Aligo's SMS API documents
-  (``image1..3``, JPEG/PNG/GIF). FriendTalk takes an image URL only (``image_N``).
+* **Images.** A URL (``media.ref``) goes as the form field ``image``; bytes (``media.data_b64``) go
+  as the file part ``image1`` (``image1..3``, JPEG/PNG/GIF). FriendTalk takes an image URL only
+  (``image_N``).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
@@ -63,8 +73,10 @@ from kmsg_worker.providers.base import (
     ProviderConfig,
     SendOutcome,
     SendWarning,
+    StatusQuery,
+    StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider
+from kmsg_worker.providers.base_http import HttpProvider, encode_multipart, halts_batch, raise_whole
 
 __all__ = [
     "DEFAULT_KAKAO_BASE_URL",
@@ -72,26 +84,42 @@ __all__ = [
     "ERROR_BLAME",
     "ERROR_CODES",
     "KAKAO_BATCH_LIMIT",
+    "MASS_BATCH_LIMIT",
+    "SHARED_TEXT_MIN",
     "SMS_BATCH_LIMIT",
     "AligoProvider",
+    "sms_state",
 ]
 
 DEFAULT_SMS_BASE_URL = "https://apis.aligo.in"
 DEFAULT_KAKAO_BASE_URL = "https://kakaoapi.aligo.in"
 SEND_PATH = "/send/"
+SEND_MASS_PATH = "/send_mass/"
+LIST_PATH = "/list/"
+SMS_LIST_PATH = "/sms_list/"
 REMAIN_PATH = "/remain/"
 ALIMTALK_PATH = "/akv10/alimtalk/send/"
 DEFAULT_FRIENDTALK_PATH = "/akv10/friendtalk/send/"
 
 #: Receivers in one ``/send/`` request (comma-separated, identical text).
 SMS_BATCH_LIMIT = 1000
+#: Receiver/text pairs in one ``/send_mass/`` request (``rec_1``/``msg_1`` .. ``rec_500``/``msg_500``).
+MASS_BATCH_LIMIT = 500
+#: A text shared by this many receivers of a batch goes through ``/send/`` (one text, 1,000
+#: receivers per request); fewer share a ``/send_mass/`` request with other texts. From half a
+#: ``/send_mass/`` request up, ``/send/`` never takes more requests than packing them would.
+SHARED_TEXT_MIN = MASS_BATCH_LIMIT // 2
+#: Rows per ``/sms_list/`` page (Aligo takes 30-500).
+SMS_LIST_PAGE_SIZE = 500
+#: Pages read for one ``mid`` per status query (a ``/send/`` request has at most 1,000 receivers).
+SMS_LIST_MAX_PAGES = 4
 #: Recipients in one Kakao request (``receiver_1`` .. ``receiver_500``).
 KAKAO_BATCH_LIMIT = 500
 #: ``msg`` is 1-2,000 bytes and ``title`` 1-44 bytes (Aligo SMS API spec).
 MAX_MSG_BYTES = 2000
 MAX_TITLE_BYTES = 44
 
-#: Aligo failure codes we can classify (``providers.md`` §3.3); anything else -> PROVIDER_ERROR.
+#: Aligo failure codes we can classify; anything else -> PROVIDER_ERROR.
 ERROR_CODES: dict[str, ErrorCode] = {
     "-100": ErrorCode.AUTHENTICATION_FAILED,
     "-101": ErrorCode.AUTHENTICATION_FAILED,
@@ -140,7 +168,7 @@ class _Item:
 
     index: int  # position in the batch given to send_batch
     receiver: str
-    fields: dict[str, str] = field(default_factory=dict)  # Kakao per-recipient fields, without "_N"
+    fields: dict[str, str] = field(default_factory=dict)  # per-recipient fields, without "_N"
     warnings: list[SendWarning] = field(default_factory=list)
     native_fallback: bool = False
 
@@ -149,7 +177,7 @@ class _Item:
 class _Group:
     """Messages that can share requests: same endpoint and same request-level fields."""
 
-    kind: str  # "sms" or "kakao"
+    kind: str  # "sms" (/send/), "mass" (/send_mass/) or "kakao"
     url: str
     common: dict[str, str]
     files: dict[str, _File]
@@ -173,6 +201,35 @@ def _as_code(value: Any) -> str | None:
         value = int(value)
     text = str(value).strip()
     return text or None
+
+
+def sms_state(text: object) -> DeliveryState:
+    """Map an ``/sms_list/`` ``sms_state`` text to a state.
+
+    Aligo reports a receiver's result in words: ``발송완료`` (or a text saying 성공) is delivered;
+    waiting or reserved (대기, 예약) is still at Aligo; ``전송중`` / 발송중 / 처리중 is with the
+    carrier; no text is unknown; any other text is a failure (``전송실패`` and the reasons Aligo
+    gives, e.g. a number that does not exist).
+    """
+    word = str(text or "").strip()
+    if not word:
+        return DeliveryState.UNKNOWN
+    if "완료" in word or "성공" in word:
+        return DeliveryState.DELIVERED
+    if "대기" in word or "예약" in word:
+        return DeliveryState.PENDING
+    if any(w in word for w in ("전송중", "전송 중", "발송중", "발송 중", "처리중", "처리 중")):
+        return DeliveryState.SENT
+    return DeliveryState.FAILED
+
+
+def _seoul_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return datetime.strptime(value.strip()[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=_SEOUL).astimezone(UTC)
+    except ValueError:
+        return None
 
 
 def _as_int(value: Any) -> int | None:
@@ -223,7 +280,7 @@ def _aligo_buttons(buttons: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _alimtalk_text(message: Message) -> str:
-    """The full rendered AlimTalk text Aligo wants in ``message_N`` (``providers.md`` §2.7)."""
+    """The full rendered AlimTalk text Aligo wants in ``message_N`` (the template with its values filled in)."""
     variables = message.variables
     if variables.get("_full_text"):
         return variables["_full_text"]
@@ -233,14 +290,6 @@ def _alimtalk_text(message: Message) -> str:
     if message.text:
         return message.text
     return "\n".join(value for key, value in variables.items() if not key.startswith("_"))
-
-
-def _form(fields: Mapping[str, str], files: Mapping[str, _File]) -> dict[str, Any]:
-    # httpx only builds multipart when it has "files"; (None, value) makes a plain form field, so
-    # every call is multipart/form-data as Aligo documents, with or without an attachment.
-    form: dict[str, Any] = {name: (None, value) for name, value in fields.items()}
-    form.update(files)
-    return form
 
 
 class AligoProvider(HttpProvider):
@@ -266,8 +315,8 @@ class AligoProvider(HttpProvider):
             {MessageType.SMS, MessageType.LMS, MessageType.MMS, MessageType.ALIMTALK, MessageType.FRIENDTALK}
         ),
         bulk_limit=SMS_BATCH_LIMIT,
-        status_query=False,
-        bulk_status=False,
+        status_query=True,
+        bulk_status=True,
         alimtalk_fallback="partial",
         balance=True,
         templates=False,
@@ -295,6 +344,7 @@ class AligoProvider(HttpProvider):
         )
         self.friendtalk_path = self._text_option("friendtalk_endpoint") or DEFAULT_FRIENDTALK_PATH
         self._sms_url = self.url(SEND_PATH, self.sms_base_url)
+        self._mass_url = self.url(SEND_MASS_PATH, self.sms_base_url)
         self._alimtalk_url = self.url(ALIMTALK_PATH, self.kakao_base_url)
         self._friendtalk_url = self.url(self.friendtalk_path, self.kakao_base_url)
         self._check_batch_limit()
@@ -474,8 +524,8 @@ class AligoProvider(HttpProvider):
         common["testMode"] = self._test_mode
         reserve = self._reservation(message)
         if reserve is not None:
-            # k-msg sends reserve/reserve_date/reserve_time; Aligo's Kakao API documents `senddate`
-            # (YYYYMMDDHHMMSS). Both name the same Seoul minute; unknown fields are ignored.
+            # reserve/reserve_date/reserve_time and Aligo's documented `senddate` (YYYYMMDDHHMMSS)
+            # name the same Seoul minute; the API ignores fields it does not know.
             common["reserve"] = "Y"
             common["reserve_date"] = reserve.strftime("%Y%m%d")
             common["reserve_time"] = reserve.strftime("%H%M")
@@ -581,12 +631,44 @@ class AligoProvider(HttpProvider):
             if group is None:
                 group = groups[key] = _Group(kind, url, common, files, limit)
             group.items.append(item)
-        return list(groups.values()), refused
+        return self._pack_personalised(groups), refused
+
+    def _pack_personalised(self, groups: Mapping[_GroupKey, _Group]) -> list[_Group]:
+        """Pack SMS texts shared by few receivers into ``/send_mass/`` groups (a text per receiver).
+
+        A text with no other text to share a request with stays on ``/send/`` (one message, or one
+        small same-text group, is one request either way).
+        """
+        planned: list[_Group] = []
+        packable: dict[_GroupKey, list[tuple[_GroupKey, _Group]]] = {}
+        for key, group in groups.items():
+            if group.kind != "sms" or len(group.items) >= SHARED_TEXT_MIN:
+                planned.append(group)
+                continue
+            shared = tuple((name, value) for name, value in group.common.items() if name != "msg")
+            packable.setdefault(("mass", shared, key[2]), []).append((key, group))
+        mass_limit = min(MASS_BATCH_LIMIT, self.batch_limit)
+        for texts in packable.values():
+            if len(texts) == 1:
+                planned.append(texts[0][1])
+                continue
+            first = texts[0][1]
+            shared_fields = {name: value for name, value in first.common.items() if name != "msg"}
+            mass = _Group("mass", self._mass_url, shared_fields, first.files, mass_limit)
+            for _, group in texts:
+                text = group.common["msg"]
+                for item in group.items:
+                    item.fields["msg"] = text
+                    mass.items.append(item)
+            planned.append(mass)
+        return planned
 
     # -- requests ---------------------------------------------------------------------------------
 
     def _post(self, url: str, fields: Mapping[str, str], files: Mapping[str, _File]) -> tuple[dict[str, Any], int]:
-        response = self.request("POST", url, files=_form(fields, files))
+        # Every call is multipart/form-data as Aligo documents, with or without an attachment.
+        body_bytes, content_type = encode_multipart(fields, files)
+        response = self.request("POST", url, headers={"Content-Type": content_type}, content=body_bytes)
         body = self.decode_json(response)
         if not isinstance(body, dict):
             raise ProviderTransientError(
@@ -599,13 +681,34 @@ class AligoProvider(HttpProvider):
 
     def _chunks(self, groups: Sequence[_Group]) -> Iterator[tuple[_Group, list[_Item]]]:
         for group in groups:
-            for start in range(0, len(group.items), group.limit):
-                yield group, group.items[start : start + group.limit]
+            # No receiver twice in one request: the delivery results name a message by receiver.
+            requests: list[tuple[list[_Item], set[str]]] = []
+            first_open = 0
+            for item in group.items:
+                for position in range(first_open, len(requests)):
+                    items, receivers = requests[position]
+                    if len(items) < group.limit and item.receiver not in receivers:
+                        break
+                else:
+                    items, receivers = [], set()
+                    requests.append((items, receivers))
+                items.append(item)
+                receivers.add(item.receiver)
+                while first_open < len(requests) and len(requests[first_open][0]) >= group.limit:
+                    first_open += 1
+            for items, _ in requests:
+                yield group, items
 
     def _fields(self, group: _Group, items: Sequence[_Item]) -> dict[str, str]:
         if group.kind == "sms":
             receivers = ",".join(item.receiver for item in items)
             return {"key": self._api_key, "user_id": self._user_id, "receiver": receivers, **group.common}
+        if group.kind == "mass":
+            fields = {"key": self._api_key, "user_id": self._user_id, **group.common, "cnt": str(len(items))}
+            for n, item in enumerate(items, 1):
+                fields[f"rec_{n}"] = item.receiver
+                fields[f"msg_{n}"] = item.fields["msg"]
+            return fields
         fields = {"apikey": self._api_key, "userid": self._user_id, **group.common}
         for n, item in enumerate(items, 1):
             fields[f"receiver_{n}"] = item.receiver
@@ -615,7 +718,7 @@ class AligoProvider(HttpProvider):
 
     def _send_chunk(self, messages: Sequence[Message], group: _Group, items: Sequence[_Item]) -> list[SendOutcome]:
         body, status = self._post(group.url, self._fields(group, items), group.files)
-        if group.kind == "sms":
+        if group.kind != "kakao":
             code = _as_code(body.get("result_code", body.get("code")))
             success_code, info = "1", {}
         else:
@@ -668,27 +771,29 @@ class AligoProvider(HttpProvider):
         groups, refused = self._plan(messages)
         outcomes: list[SendOutcome | None] = [refused.get(i) for i in range(len(messages))]
         chunks = list(self._chunks(groups))
-        accepted_any = False
-        for position, (group, items) in enumerate(chunks):
-            try:
-                results = self._send_chunk(messages, group, items)
-            except ProviderError as exc:
-                if isinstance(exc, ProviderRejected) and exc.blame == "message":
-                    # Specific to this chunk's content (template, text): the other chunks may go.
-                    self._fail(messages, outcomes, items, exc)
-                    continue
-                if not accepted_any:
-                    raise
-                # Earlier chunks were accepted: report per message so that no one resends them.
-                self._fail(messages, outcomes, items, exc)
-                unsent = exc if not isinstance(exc, ProviderTimeout) else self._not_sent(exc)
-                for _, rest in chunks[position + 1 :]:
-                    self._fail(messages, outcomes, rest, unsent)
-                break
-            for item, outcome in zip(items, results, strict=True):
-                outcomes[item.index] = outcome
-                accepted_any = accepted_any or outcome.accepted
-        return [o for o in outcomes if o is not None]
+        calls = [partial(self._send_chunk, messages, group, items) for group, items in chunks]
+        results = self.send_requests(calls, halts=halts_batch)
+        halt: ProviderError | None = None
+        unsent: list[list[_Item]] = []
+        for (_, items), result in zip(chunks, results, strict=True):
+            if result is None:
+                unsent.append(items)
+            elif isinstance(result, ProviderError):
+                self._fail(messages, outcomes, items, result)
+                if halt is None and halts_batch(result):
+                    halt = result
+            else:
+                for item, outcome in zip(items, result, strict=True):
+                    outcomes[item.index] = outcome
+        if halt is not None:
+            # Never sent because an earlier request failed: not "maybe accepted", even after a timeout.
+            never_left = halt if not isinstance(halt, ProviderTimeout) else self._not_sent(halt)
+            for items in unsent:
+                self._fail(messages, outcomes, items, never_left)
+        final = [o for o in outcomes if o is not None]
+        if halt is not None and raise_whole(final, halt):
+            raise halt
+        return final
 
     def _fail(
         self,
@@ -707,14 +812,108 @@ class AligoProvider(HttpProvider):
             code=ErrorCode.PROVIDER_ERROR,
         )
 
-    # -- balance ----------------------------------------------------------------------------------
+    # -- delivery results ---------------------------------------------------------------------------
 
-    def _balance(self) -> Balance:
-        fields = {"key": self._api_key, "user_id": self._user_id}
-        body, status = self._post(self.url(REMAIN_PATH, self.sms_base_url), fields, {})
+    def _query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
+        # Ids are "<mid>:<n>"; a request never has a receiver twice, so (mid, receiver) is one message.
+        by_mid: dict[str, dict[str, list[StatusQuery]]] = {}
+        for query in queries:
+            mid = query.provider_message_id.partition(":")[0].strip()
+            if query.type in _SMS_TYPES and mid:
+                by_mid.setdefault(mid, {}).setdefault(_receiver(query.to), []).append(query)
+        if not by_mid:
+            return []
+        mids = list(by_mid)
+        calls = [partial(self._mid_results, mid, by_mid[mid]) for mid in mids]
+        results = self.send_requests(calls, halts=lambda _: True)
+        reports: list[StatusReport] = []
+        first_error: ProviderError | None = None
+        for result in results:
+            if isinstance(result, ProviderError):
+                first_error = first_error or result
+            elif result is not None:
+                reports.extend(result)
+        if first_error is not None and not reports:
+            # Nothing answered: tracking backs the provider off with this error.
+            raise first_error
+        return reports
+
+    def _mid_results(self, mid: str, wanted: Mapping[str, list[StatusQuery]]) -> list[StatusReport]:
+        """Read ``/sms_list/`` for one ``mid`` until every wanted receiver is found or the pages end."""
+        reports: list[StatusReport] = []
+        missing = set(wanted)
+        for page in range(1, SMS_LIST_MAX_PAGES + 1):
+            fields = {
+                "key": self._api_key,
+                "user_id": self._user_id,
+                "mid": mid,
+                "page": str(page),
+                "page_size": str(SMS_LIST_PAGE_SIZE),
+            }
+            body = self._sms_api(SMS_LIST_PATH, fields)
+            rows = body.get("list")
+            rows = [r for r in rows if isinstance(r, Mapping)] if isinstance(rows, list) else []
+            for row in rows:
+                receiver = str(row.get("receiver") or "").strip()
+                if receiver not in missing:
+                    continue
+                missing.discard(receiver)
+                reports.extend(self._report(query, row) for query in wanted[receiver])
+            if not missing or not rows or str(body.get("next_yn") or "N").upper() != "Y":
+                break
+        return reports
+
+    @staticmethod
+    def _report(query: StatusQuery, row: Mapping[str, Any]) -> StatusReport:
+        text = str(row.get("sms_state") or "").strip()
+        state = sms_state(text)
+        sent = _seoul_time(row.get("send_date"))
+        return StatusReport(
+            query.message_id,
+            state,
+            code=text or None,
+            description=text or None,
+            sent_at=sent if state is not DeliveryState.PENDING else None,
+            delivered_at=sent if state is DeliveryState.DELIVERED else None,
+            failed_at=sent if state is DeliveryState.FAILED else None,
+            raw=row,
+        )
+
+    def sent_list(self, *, start_date: datetime | None = None, days: int = 7, page: int = 1) -> list[dict[str, Any]]:
+        """The SMS-API requests sent, newest first, from Aligo's ``POST /list/``.
+
+        Args:
+            start_date: The day to read back from (Asia/Seoul), default today.
+            days: How many days back from ``start_date`` (``limit_day``).
+            page: Page number (from 1; 500 requests per page).
+
+        Returns:
+            Aligo's rows (``mid``, ``type``, ``sender``, ``sms_count``, ``fail_count``,
+            ``reserve_state``, ``reg_date`` ...).
+        """
+        day = (start_date or self._clock()).astimezone(_SEOUL)
+        fields = {
+            "key": self._api_key,
+            "user_id": self._user_id,
+            "page": str(page),
+            "page_size": "500",
+            "start_date": day.strftime("%Y%m%d"),
+            "limit_day": str(days),
+        }
+        rows = self._sms_api(LIST_PATH, fields).get("list")
+        return [dict(r) for r in rows if isinstance(r, Mapping)] if isinstance(rows, list) else []
+
+    def _sms_api(self, path: str, fields: Mapping[str, str]) -> dict[str, Any]:
+        body, status = self._post(self.url(path, self.sms_base_url), fields, {})
         code = _as_code(body.get("result_code", body.get("code")))
         if code != "1":
             raise self._vendor_error(code, body, status)
+        return body
+
+    # -- balance ----------------------------------------------------------------------------------
+
+    def _balance(self) -> Balance:
+        body = self._sms_api(REMAIN_PATH, {"key": self._api_key, "user_id": self._user_id})
         try:
             amount = float(body["SMS_CNT"])
         except (KeyError, TypeError, ValueError):
@@ -722,6 +921,5 @@ class AligoProvider(HttpProvider):
                 f"{self.name}: /remain/ answered without a numeric SMS_CNT",
                 provider=self.name,
                 code=ErrorCode.PROVIDER_ERROR,
-                status_code=status,
             ) from None
         return Balance(amount=amount, currency="SMS_CNT", raw=body)

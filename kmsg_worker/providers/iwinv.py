@@ -44,6 +44,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
@@ -70,7 +71,14 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider, loads_json, parse_retry_after
+from kmsg_worker.providers.base_http import (
+    HttpProvider,
+    encode_multipart,
+    halts_batch,
+    loads_json,
+    parse_retry_after,
+    raise_whole,
+)
 
 __all__ = [
     "ALIMTALK_ERRORS",
@@ -544,21 +552,26 @@ class IwinvProvider(HttpProvider):
     def _send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
         outcomes: list[SendOutcome | None] = [None] * len(messages)
         jobs = self._plan(messages, outcomes)
+        # Independent requests (one per SMS text, per MMS, per AlimTalk template): up to
+        # max_in_flight at once; each writes only its own messages' outcomes.
+        calls = [partial(self._run, job, messages, outcomes) for job in jobs]
+        results = self.send_requests(calls, halts=halts_batch)
         failure: ProviderError | None = None
-        for job in jobs:
-            if failure is not None:
-                # Same cause, same answer: don't keep hitting a provider that refused us or is down.
-                self._settle(job, messages, outcomes, self._not_attempted(failure))
-                continue
-            try:
-                self._run(job, messages, outcomes)
-            except ProviderError as exc:
-                self._settle(job, messages, outcomes, exc)
-                if not (isinstance(exc, ProviderRejected) and exc.blame == "message"):
-                    failure = exc
-        if failure is not None and not any(o is not None and o.accepted for o in outcomes):
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, ProviderError):
+                self._settle(job, messages, outcomes, result)
+                if failure is None and halts_batch(result):
+                    failure = result
+        if failure is not None:
+            # Same cause, same answer: the requests not started after it are not sent at all.
+            never_left = self._not_attempted(failure)
+            for job, result in zip(jobs, results, strict=True):
+                if result is None:
+                    self._settle(job, messages, outcomes, never_left)
+        final = [o for o in outcomes if o is not None]
+        if failure is not None and raise_whole(final, failure):
             raise failure
-        return [o for o in outcomes if o is not None]
+        return final
 
     def _not_attempted(self, failure: ProviderError) -> ProviderError:
         if isinstance(failure, ProviderTimeout):
@@ -753,7 +766,7 @@ class IwinvProvider(HttpProvider):
         filename, content_type = image_filename(media.filename, media.content_type, data)
         return _Job("sms", common, [(index, phone)], {phone}, (filename, data, content_type), reserved)
 
-    def _run(self, job: _Job, messages: Sequence[Message], outcomes: list[SendOutcome | None]) -> None:
+    def _run(self, job: _Job, messages: Sequence[Message], outcomes: list[SendOutcome | None]) -> bool:
         try:
             body = self._post_job(job)
         except ProviderRejected as exc:
@@ -767,8 +780,9 @@ class IwinvProvider(HttpProvider):
                     if inner.blame != "message":
                         raise
                     self._settle(half, messages, outcomes, inner)
-            return
+            return True
         self._accept(job, body, messages, outcomes)
+        return True
 
     @staticmethod
     def _worth_splitting(job: _Job, exc: ProviderRejected) -> bool:
@@ -785,7 +799,8 @@ class IwinvProvider(HttpProvider):
         url = self.url(SMS_SEND_PATH, self.sms_base_url)
         if job.image is not None:
             form = {**job.common, "to": job.items[0][1]}
-            return self._call("sms", url, data=form, files={"image": job.image}, send=True)
+            fields = {name: str(value) for name, value in form.items()}
+            return self._call("sms", url, form=encode_multipart(fields, {"image": job.image}), send=True)
         return self._call("sms", url, json={**job.common, "to": [phone for _, phone in job.items]}, send=True)
 
     def _accept(
@@ -851,21 +866,25 @@ class IwinvProvider(HttpProvider):
         url: str,
         *,
         json: Any = None,
-        data: Mapping[str, Any] | None = None,
-        files: Mapping[str, Any] | None = None,
+        form: tuple[bytes, str] | None = None,
         send: bool = False,
     ) -> dict[str, Any]:
         if api == "alimtalk":
             headers: dict[str, str] | None = self._alimtalk_headers
         else:
-            headers = self._sms_form_headers if files else self._sms_json_headers
+            headers = self._sms_form_headers if form else self._sms_json_headers
         if headers is None:
             raise ProviderRejected(
                 "iwinv: the SMS v2 API needs KMSG_IWINV_SMS_API_KEY and KMSG_IWINV_SMS_AUTH_KEY",
                 provider=self.name,
                 code=ErrorCode.UNSUPPORTED,
             )
-        response = self.request("POST", url, headers=headers, json=json, data=data, files=files)
+        content: bytes | None = None
+        if form is not None:
+            # A multipart body encoded in one piece (encode_multipart): a few writes, not one per part.
+            content, content_type = form
+            headers = {**headers, "Content-Type": content_type}
+        response = self.request("POST", url, headers=headers, json=json, content=content)
         code, body = self._vendor_code(api, response)
         ok = 200 if api == "alimtalk" else 0
         if code == ok and response.status_code < 300:

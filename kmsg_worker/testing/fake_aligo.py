@@ -5,6 +5,17 @@ Endpoints (all ``POST``, multipart/form-data or urlencoded):
 * ``/send/`` — ``key``, ``user_id``, ``sender``, ``receiver`` (comma-separated, at most 1,000),
   ``msg`` (1-2,000 bytes), ``msg_type`` (SMS/LMS/MMS), ``title`` (at most 44 bytes), ``rdate`` /
   ``rtime``, ``image`` (URL) or ``image1..3`` (JPEG/PNG/GIF file), ``testmode_yn``;
+* ``/send_mass/`` — ``key``, ``user_id``, ``sender``, ``msg_type`` (required), ``cnt`` (1-500) and
+  ``rec_N`` / ``msg_N`` for N = 1..cnt (each text 1-2,000 bytes, at most 90 for SMS), ``title``,
+  ``rdate`` / ``rtime``, the image fields, ``testmode_yn``; one ``msg_id`` for the request;
+* ``/sms_list/`` — ``key``, ``user_id``, ``mid``, ``page`` (from 1), ``page_size`` (30-500, default
+  30) -> ``list`` of ``{mdid, type, sender, receiver, sms_state, reg_date, send_date,
+  reserve_date}`` in request order and ``next_yn``; ``sms_state`` progresses with the ledger's
+  delivery rules: ``대기중`` (this fake's word for "not handed over yet"), ``전송중``, then
+  ``발송완료`` or the rule's ``message`` / ``code`` (default ``전송실패``);
+* ``/list/`` — ``key``, ``user_id``, ``page``, ``page_size``, ``start_date`` (YYYYMMDD, default
+  today), ``limit_day`` (default 7) -> ``list`` of the requests sent ``{mid, type, sender,
+  sms_count, reserve_state, msg, fail_count, reg_date, reserve}``, newest first, and ``next_yn``;
 * ``/remain/`` — ``key``, ``user_id`` -> ``SMS_CNT``, ``LMS_CNT``, ``MMS_CNT``;
 * ``/akv10/alimtalk/send/`` and ``/akv10/friendtalk/send/`` — ``apikey``, ``userid``,
   ``senderkey``, ``tpl_code`` (AlimTalk), ``sender``, ``receiver_N`` / ``subject_N`` /
@@ -17,7 +28,8 @@ Like Aligo, every refusal is HTTP 200 with a negative code and a message. Codes 
 ``-101`` wrong ``key``/``user_id`` (or ``apikey``/``userid``) — Aligo's authentication error
 ``-103`` a required field is missing or a value is out of range (text bytes, title bytes, dates,
          image, button JSON, no valid receiver) — one of Aligo's documented invalid-request codes
-``-105`` too many receivers in one request (more than 1,000 on ``/send/``, 500 on Kakao)
+``-105`` too many receivers in one request (more than 1,000 on ``/send/``, 500 on ``/send_mass/``
+         and Kakao)
 ``-201`` not enough remaining messages (see :attr:`FakeAligoServer.remain`)
 ``-501`` unknown AlimTalk template code
 ``-990`` the sender number is not registered — **this fake's own code**; the real code is not in
@@ -25,13 +37,13 @@ Like Aligo, every refusal is HTTP 200 with a negative code and a message. Codes 
 ``-991`` the Kakao sender key is unknown — **this fake's own code**, same caveat
 ======== ==========================================================================================
 
-A successful ``/send/`` answers ``{result_code, message, msg_id, success_cnt, error_cnt,
+A successful ``/send/`` or ``/send_mass/`` answers ``{result_code, message, msg_id, success_cnt, error_cnt,
 msg_type}``; receivers that are not domestic numbers (``0`` + 8-10 digits) are counted in
 ``error_cnt`` and not accepted. Each accepted recipient is recorded in the :class:`Ledger` under the
 id ``"<msg_id>:<n>"`` (``n`` = its 1-based position in the request), the id the adapter reports.
 
-``response_shape`` chooses between the shapes Aligo is seen to use (``providers.md`` §3.3):
-``"result_code_string"`` (k-msg's tested shape: ``"1"`` / ``"0"`` strings, the default),
+``response_shape`` chooses between the shapes Aligo is seen to use:
+``"result_code_string"`` (``"1"`` / ``"0"`` strings, the default),
 ``"result_code_number"`` (the same with numbers) and ``"code_info"`` (Kakao endpoints answer
 ``{code: 0, message, info: {type, mid, current, unit, total, scnt, fcnt}}``; the SMS endpoints
 then use numeric ``result_code``). Requests in test mode (``testmode_yn``/``testMode`` = ``Y``) are
@@ -46,7 +58,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from kmsg_worker.message import count_bytes
 from kmsg_worker.testing.fakeserver import (
@@ -90,7 +105,29 @@ _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{4}$")
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8")
 _SMS_MAX_RECEIVERS = 1000
+_MASS_MAX_RECEIVERS = 500
 _KAKAO_MAX_RECEIVERS = 500
+_SEOUL = ZoneInfo("Asia/Seoul")
+#: Aligo-like ``sms_state`` words per ledger state (the final FAILED word comes from the rule).
+_SMS_STATES = {"PENDING": "대기중", "SENT": "전송중", "DELIVERED": "발송완료"}
+
+
+@dataclass
+class _SentRequest:
+    """One accepted SMS-API request, as ``/list/`` and ``/sms_list/`` report it."""
+
+    mid: int
+    msg_type: str
+    sender: str
+    msg: str
+    accepted_at: float
+    reserve: str | None
+    refused: int
+    entries: list[LedgerEntry] = field(default_factory=list)
+
+
+def _seoul_text(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, _SEOUL).strftime("%Y-%m-%d %H:%M:%S")
 
 
 class _Refusal(Exception):
@@ -147,9 +184,14 @@ class FakeAligoServer(FakeProviderServer):
         self.remain: dict[str, int] = {"SMS": 10**9, "LMS": 10**9, "MMS": 10**9, **(remain or {})}
         #: Media types of the request bodies seen (``multipart/form-data`` ...), for wire checks.
         self.content_types: Counter[str] = Counter()
+        #: Accepted SMS-API requests by ``mid`` (what ``/list/`` and ``/sms_list/`` read).
+        self.sent: dict[int, _SentRequest] = {}
         self._lock = threading.Lock()
         self._routes = {
             "/send/": self._send,
+            "/send_mass/": self._send_mass,
+            "/list/": self._list,
+            "/sms_list/": self._sms_list,
             "/remain/": self._remain,
             "/akv10/alimtalk/send/": self._alimtalk,
             "/akv10/friendtalk/send/": self._friendtalk,
@@ -272,44 +314,173 @@ class FakeAligoServer(FakeProviderServer):
 
     # -- endpoints --------------------------------------------------------------------------------
 
-    def _send(self, form: Mapping[str, Any]) -> FakeResponse:
-        self._check_auth(form, "key", "user_id")
-        sender = self._check_sender(form)
-        msg = form.get("msg")
+    @staticmethod
+    def _check_text(msg: Any, msg_type: str | None) -> str:
         if not isinstance(msg, str) or not 1 <= (size := count_bytes(msg)) <= 2000:
             raise _Refusal(-103, "메시지 내용은 1~2,000 byte 입니다.")
-        msg_type = form.get("msg_type") or ("LMS" if size > 90 else "SMS")
-        if msg_type not in ("SMS", "LMS", "MMS") or (msg_type == "SMS" and size > 90):
+        kind = msg_type or ("LMS" if size > 90 else "SMS")
+        if kind not in ("SMS", "LMS", "MMS") or (kind == "SMS" and size > 90):
             raise _Refusal(-103, "메시지 타입이 올바르지 않습니다.")
+        return kind
+
+    def _check_request(self, form: Mapping[str, Any], msg_type: str) -> dict[str, Any]:
+        """Checks shared by ``/send/`` and ``/send_mass/``; returns the request-level fields."""
         title = form.get("title")
         if title is not None and (not isinstance(title, str) or not 1 <= count_bytes(title) <= 44):
             raise _Refusal(-103, "제목은 1~44 byte 입니다.")
         image = self._check_image(form) if msg_type == "MMS" else None
         rdate, rtime = form.get("rdate"), form.get("rtime")
         self._check_schedule(rdate, rtime)
+        test_mode = str(form.get("testmode_yn", "N")).upper() == "Y"
+        return {"title": title, "rdate": rdate, "rtime": rtime, "image": image, "test_mode": test_mode}
+
+    def _accept_sms(
+        self, sender: str, msg_type: str, fields: dict[str, Any], pairs: list[tuple[int, str, str]], total: int
+    ) -> FakeResponse:
+        """Charge, record and answer the valid ``(n, receiver, text)`` pairs of one SMS-API request."""
+        if not fields["test_mode"]:
+            self._charge(msg_type, len(pairs))
+        msg_id = self._next_msg_id()
+        now = self.ledger.clock()
+        fields = {"sender": sender, **fields}  # shared by every recipient of the request (read-only)
+        group, rule = str(msg_id), self.ledger.default_rule  # accept() sets each entry's real rule
+        entries = [
+            LedgerEntry(f"{msg_id}:{n}", r, msg_type, now, None, group, text, fields, rule) for n, r, text in pairs
+        ]
+        reserve = f"{fields['rdate']}{fields['rtime']}" if fields.get("rdate") else None
+        with self._lock:
+            self.sent[msg_id] = _SentRequest(
+                msg_id, msg_type, sender, pairs[0][2], now, reserve, total - len(pairs), entries
+            )
+        self._finish(entries)
+        return FakeResponse(200, self._sms_success(msg_id, len(pairs), total - len(pairs), msg_type))
+
+    def _send(self, form: Mapping[str, Any]) -> FakeResponse:
+        self._check_auth(form, "key", "user_id")
+        sender = self._check_sender(form)
+        msg = form.get("msg")
+        msg_type = self._check_text(msg, form.get("msg_type"))
+        fields = self._check_request(form, msg_type)
         receivers = [r.strip() for r in str(form.get("receiver") or "").split(",")]
         if len(receivers) > _SMS_MAX_RECEIVERS:
             raise _Refusal(-105, "수신자는 최대 1,000명입니다.")
-        valid = [(n, r) for n, r in enumerate(receivers, 1) if _RECEIVER.match(r)]
+        valid = [(n, r, str(msg)) for n, r in enumerate(receivers, 1) if _RECEIVER.match(r)]
         if not valid:
             raise _Refusal(-103, "올바른 수신번호가 없습니다.")
-        test_mode = str(form.get("testmode_yn", "N")).upper() == "Y"
-        if not test_mode:
-            self._charge(msg_type, len(valid))
-        msg_id = self._next_msg_id()
+        return self._accept_sms(sender, msg_type, fields, valid, len(receivers))
+
+    def _send_mass(self, form: Mapping[str, Any]) -> FakeResponse:
+        self._check_auth(form, "key", "user_id")
+        sender = self._check_sender(form)
+        msg_type = form.get("msg_type")
+        if msg_type not in ("SMS", "LMS", "MMS"):
+            raise _Refusal(-103, "msg_type(SMS, LMS, MMS)은 필수입니다.")
+        try:
+            count = int(str(form.get("cnt")))
+        except ValueError:
+            raise _Refusal(-103, "cnt 가 올바르지 않습니다.") from None
+        if count > _MASS_MAX_RECEIVERS:
+            raise _Refusal(-105, "수신자는 최대 500명입니다.")
+        if count < 1:
+            raise _Refusal(-103, "cnt 가 올바르지 않습니다.")
+        fields = self._check_request(form, msg_type)
+        pairs: list[tuple[int, str, str]] = []
+        for n in range(1, count + 1):
+            receiver, msg = form.get(f"rec_{n}"), form.get(f"msg_{n}")
+            if not isinstance(receiver, str) or not receiver:
+                raise _Refusal(-103, f"rec_{n} 가 없습니다.")
+            self._check_text(msg, msg_type)
+            if _RECEIVER.match(receiver.strip()):
+                pairs.append((n, receiver.strip(), str(msg)))
+        if not pairs:
+            raise _Refusal(-103, "올바른 수신번호가 없습니다.")
+        return self._accept_sms(sender, msg_type, fields, pairs, count)
+
+    @staticmethod
+    def _paging(form: Mapping[str, Any], default_size: int, low: int) -> tuple[int, int]:
+        try:
+            page = int(str(form.get("page") or 1))
+            size = int(str(form.get("page_size") or default_size))
+        except ValueError:
+            raise _Refusal(-103, "page / page_size 가 올바르지 않습니다.") from None
+        if page < 1 or not low <= size <= 500:
+            raise _Refusal(-103, "page / page_size 가 올바르지 않습니다.")
+        return page, size
+
+    def _sms_state(self, entry: LedgerEntry, now: float) -> str:
+        state, _, message = entry.state(now)
+        if state == "FAILED":
+            return message or entry.rule.code or "전송실패"
+        return _SMS_STATES.get(state, state)
+
+    def _sms_list(self, form: Mapping[str, Any]) -> FakeResponse:
+        self._check_auth(form, "key", "user_id")
+        try:
+            mid = int(str(form.get("mid")))
+        except ValueError:
+            raise _Refusal(-103, "mid 가 올바르지 않습니다.") from None
+        page, size = self._paging(form, 30, 30)
+        with self._lock:
+            sent = self.sent.get(mid)
+        entries = sent.entries if sent is not None else []
+        rows = entries[(page - 1) * size : page * size]
         now = self.ledger.clock()
-        # One fields dict shared by every recipient of the request (read-only by convention).
-        fields = {
-            "sender": sender,
-            "title": title,
-            "rdate": rdate,
-            "rtime": rtime,
-            "image": image,
-            "test_mode": test_mode,
-        }
-        group, rule = str(msg_id), self.ledger.default_rule  # accept() sets each entry's real rule
-        self._finish([LedgerEntry(f"{msg_id}:{n}", r, msg_type, now, None, group, msg, fields, rule) for n, r in valid])
-        return FakeResponse(200, self._sms_success(msg_id, len(valid), len(receivers) - len(valid), msg_type))
+        listed = [
+            {
+                "mdid": f"{mid}{n:04d}",
+                "type": entry.type,
+                "sender": entry.fields.get("sender"),
+                "receiver": entry.to,
+                "sms_state": self._sms_state(entry, now),
+                "reg_date": _seoul_text(entry.accepted_at),
+                "send_date": _seoul_text(entry.accepted_at + entry.rule.sent_after),
+                "reserve_date": sent.reserve if sent is not None else None,
+            }
+            for n, entry in enumerate(rows, (page - 1) * size + 1)
+        ]
+        more = len(entries) > page * size
+        return FakeResponse(
+            200, {"result_code": self._code(1), "message": "success", "list": listed, "next_yn": "Y" if more else "N"}
+        )
+
+    def _list(self, form: Mapping[str, Any]) -> FakeResponse:
+        self._check_auth(form, "key", "user_id")
+        page, size = self._paging(form, 30, 1)
+        now = self.ledger.clock()
+        raw_start = form.get("start_date")
+        try:
+            start = (
+                datetime.strptime(str(raw_start), "%Y%m%d").replace(tzinfo=_SEOUL)
+                if raw_start
+                else datetime.fromtimestamp(now, _SEOUL).replace(hour=0, minute=0, second=0, microsecond=0)
+            )
+            days = int(str(form.get("limit_day") or 7))
+        except ValueError:
+            raise _Refusal(-103, "start_date / limit_day 가 올바르지 않습니다.") from None
+        # Aligo reads back from start_date over limit_day days.
+        low, high = (start - timedelta(days=days - 1)).timestamp(), (start + timedelta(days=1)).timestamp()
+        with self._lock:
+            chosen = [r for r in self.sent.values() if low <= r.accepted_at < high]
+        chosen.sort(key=lambda r: r.mid, reverse=True)
+        rows = chosen[(page - 1) * size : page * size]
+        listed = [
+            {
+                "mid": r.mid,
+                "type": r.msg_type,
+                "sender": r.sender,
+                "sms_count": len(r.entries),
+                "reserve_state": "예약대기중" if r.reserve else "",
+                "msg": r.msg,
+                "fail_count": r.refused,
+                "reg_date": _seoul_text(r.accepted_at),
+                "reserve": r.reserve or "",
+            }
+            for r in rows
+        ]
+        more = len(chosen) > page * size
+        return FakeResponse(
+            200, {"result_code": self._code(1), "message": "success", "list": listed, "next_yn": "Y" if more else "N"}
+        )
 
     def _remain(self, form: Mapping[str, Any]) -> FakeResponse:
         self._check_auth(form, "key", "user_id")

@@ -334,6 +334,11 @@ class FakeResponse:
         return json.dumps(self.body, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8"
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib's listen backlog of 5 resets connections when 50 clients connect at once.
+    request_queue_size = 128
+
+
 class _DropConnection(Exception):
     """Raised inside a handler to close the socket without answering."""
 
@@ -360,7 +365,11 @@ class FakeProviderServer:
         self.ledger = Ledger(clock, self.type_names)
         self.faults = Faults()
         self._rng = random.Random(1234)
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        #: Vendor requests being answered right now, and the most ever at once (``reset_peak``).
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._flight_lock = threading.Lock()
+        self._httpd = _Server((host, port), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -395,6 +404,11 @@ class FakeProviderServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak of concurrent vendor requests afresh."""
+        with self._flight_lock:
+            self.peak_in_flight = self.in_flight
 
     def set_faults(self, **values: Any) -> None:
         """Replace the injected faults (unknown names raise ``TypeError``)."""
@@ -438,7 +452,7 @@ class FakeProviderServer:
     def _control(self, request: FakeRequest) -> FakeResponse:
         action = request.path.removeprefix("/_fake/")
         if action == "stats":
-            return FakeResponse(200, self.ledger.stats())
+            return FakeResponse(200, {**self.ledger.stats(), "peak_in_flight": self.peak_in_flight})
         if action == "faults" and request.method == "POST":
             payload = request.json() or {}
             unknown = sorted(set(payload) - {f.name for f in dataclass_fields(Faults)})
@@ -460,18 +474,27 @@ class FakeProviderServer:
         if action == "reset" and request.method == "POST":
             self.ledger.reset()
             self.faults = Faults()
+            self.reset_peak()
             return FakeResponse(200, {"ok": True})
         return FakeResponse(404, {"error": "unknown control action"})
 
     def _dispatch(self, request: FakeRequest) -> FakeResponse:
         if request.path.startswith("/_fake/"):
             return self._control(request)
-        self.ledger.requests += 1
-        self.ledger.per_endpoint[f"{request.method} {request.path.rstrip('/') or '/'}"] += 1
-        injected = self._pre_faults()
-        if injected is not None:
-            return injected
-        return self.handle(request)
+        with self._flight_lock:
+            # Under the lock: concurrent requests would otherwise lose counts.
+            self.ledger.requests += 1
+            self.ledger.per_endpoint[f"{request.method} {request.path.rstrip('/') or '/'}"] += 1
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            injected = self._pre_faults()
+            if injected is not None:
+                return injected
+            return self.handle(request)
+        finally:
+            with self._flight_lock:
+                self.in_flight -= 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self

@@ -148,6 +148,10 @@ def error_of(provider: AligoProvider, message: Message) -> ProviderError:
 class TestAligoContract(ProviderContract):
     secrets = (API_KEY,)
 
+    def failed_code(self) -> str:
+        # Aligo reports a receiver's result as a text (sms_state), which is kept as the code.
+        return "결번"
+
     def bad_credentials(self) -> dict[str, str]:
         return {"api_key": "not-the-right-key"}
 
@@ -208,7 +212,12 @@ def test_capabilities_and_credential_keys() -> None:
         MessageType.ALIMTALK,
         MessageType.FRIENDTALK,
     }
-    assert (caps.bulk_limit, caps.status_query, caps.alimtalk_fallback) == (1000, False, "partial")
+    assert (caps.bulk_limit, caps.status_query, caps.bulk_status, caps.alimtalk_fallback) == (
+        1000,
+        True,
+        True,
+        "partial",
+    )
     assert (caps.balance, caps.file_upload, caps.lookup_by_reference) == (True, False, False)
     assert AligoProvider.credential_keys == {"api_key"} == AligoProvider.required_credentials
 
@@ -502,13 +511,15 @@ def test_2500_identical_texts_take_three_requests(fake: FakeAligoServer, make_pr
     assert max(fake.ledger.per_recipient.values()) == 1
 
 
-def test_different_texts_are_not_merged_and_ids_map_back(fake: FakeAligoServer, make_provider: Any) -> None:
+def test_different_texts_share_one_send_mass_request_and_ids_map_back(
+    fake: FakeAligoServer, make_provider: Any
+) -> None:
     provider: AligoProvider = make_provider()
     texts = ["A 안내", "B 안내", "A 안내", "C 안내", "B 안내"]
     messages = [sms(to=f"0105555000{i}", text=t) for i, t in enumerate(texts)]
     outcomes = provider.send_batch(messages)
 
-    assert fake.ledger.requests == 3  # A, B, C
+    assert fake.ledger.requests == 1  # one /send_mass/ with a text per receiver
     for message, outcome in zip(messages, outcomes, strict=True):
         entry = fake.ledger.get(outcome.provider_message_id or "")
         assert entry is not None
@@ -720,12 +731,15 @@ def test_a_later_failure_never_hides_earlier_acceptances() -> None:
             raise httpx.ReadTimeout("slow", request=request)
         return httpx.Response(200, json=SMS_OK)
 
-    config = ProviderConfig(name="aligo", credentials={"api_key": API_KEY}, options={"user_id": USER_ID})
+    config = ProviderConfig(
+        name="aligo", credentials={"api_key": API_KEY}, options={"user_id": USER_ID, "max_in_flight": "1"}
+    )
     provider = AligoProvider(config, make_http_client(transport=httpx.MockTransport(flaky)))
+    # Three senders: three requests, whatever the texts
     batch = [
         sms(to="01030000001", text="첫째"),
-        sms(to="01030000002", text="둘째"),
-        sms(to="01030000003", text="셋째"),
+        sms(to="01030000002", text="둘째", sender="15881234"),
+        sms(to="01030000003", text="셋째", sender="01000000000"),
     ]
 
     # When it is sent

@@ -578,11 +578,12 @@ def test_different_content_is_not_merged(fake: FakeIwinvServer, make_provider: A
     outcomes = provider.send_batch(messages)
     assert all(o.accepted for o in outcomes)
     bodies = [json.loads(r.body) for r in fake.recent]
-    assert [(b["text"], b["to"]) for b in bodies] == [
-        ("첫째", ["01010000001", "01010000003"]),
-        ("둘째", ["01010000002"]),
-        ("첫째", ["01010000004"]),
-        ("첫째", ["01010000005"]),
+    # The four requests run concurrently: their order at the fake is not the batch's.
+    assert sorted((b["text"], b["to"], b["from"], b.get("msgType")) for b in bodies) == [
+        ("둘째", ["01010000002"], SENDER, "SMS"),
+        ("첫째", ["01010000001", "01010000003"], SENDER, "SMS"),
+        ("첫째", ["01010000004"], "0311112222", "SMS"),
+        ("첫째", ["01010000005"], SENDER, None),
     ]
     assert outcomes[0].provider_message_id == outcomes[2].provider_message_id != outcomes[1].provider_message_id
 
@@ -827,7 +828,8 @@ def test_provider_failure_after_an_accepted_request_is_reported_per_message() ->
         return httpx.Response(503, text="busy")
 
     recorder = Recorder(answer)
-    outcomes = mocked(recorder).send_batch([sms(text="a"), sms(text="b"), sms(text="c")])
+    # One request at a time, so that "first" and "second" are well defined (concurrent windows: test_concurrency)
+    outcomes = mocked(recorder, max_in_flight=1).send_batch([sms(text="a"), sms(text="b"), sms(text="c")])
     assert outcomes[0].accepted
     assert isinstance(outcomes[1].error, ProviderTransientError) and outcomes[1].error.status_code == 503
     # Not tried after the provider failed: retryable, and not an unknown outcome.
@@ -845,7 +847,8 @@ def test_timeout_mid_batch_marks_only_that_request_unknown() -> None:
             raise httpx.ReadTimeout("slow", request=request)
         return httpx.Response(200, json={"resultCode": 0, "requestNo": f"R{calls}"})
 
-    outcomes = mocked(Recorder(answer)).send_batch([sms(text="a"), sms(text="b"), sms(text="c")])
+    batch = [sms(text="a"), sms(text="b"), sms(text="c")]
+    outcomes = mocked(Recorder(answer), max_in_flight=1).send_batch(batch)
     assert outcomes[0].accepted
     assert isinstance(outcomes[1].error, ProviderTimeout) and outcomes[1].state is DeliveryState.UNKNOWN
     assert type(outcomes[2].error) is ProviderTransientError and outcomes[2].state is DeliveryState.FAILED

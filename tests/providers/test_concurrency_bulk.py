@@ -1,0 +1,144 @@
+"""A bulk chunk whose provider requests run concurrently, one of them failing: what PostgreSQL records.
+
+``send_many`` stores 40 personalised SMS for IWINV (one request per text, 4 in flight), and the
+chunk is processed by the real bulk path (``process_chunk``) against a fake IWINV on loopback that
+misbehaves for one recipient. The rows must say what happened: accepted ones ``sent`` with one
+accepted attempt each; the failed and never-started ones ``retrying`` and not marked
+outcome-unknown; a request that timed out after IWINV accepted it ends ``unknown`` (IWINV cannot be
+asked by our id) and is never sent again. Processing the chunk again once the retries are due
+delivers every other message, and the fake holds each recipient exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from kmsg_worker.bulk import process_chunk
+from sqlalchemy import select
+
+from kmsg_worker.producer import KMsg
+from kmsg_worker.providers.base_http import make_http_client
+from kmsg_worker.providers.iwinv import IwinvProvider
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.storage.models import Attempt, MessageRow
+from kmsg_worker.testing.servers import fake_env
+from tests.conftest import Clock, RecordingDispatcher, truncate
+from tests.providers.test_concurrency import CLIENT_TIMEOUT, ScriptedIwinv
+
+
+@pytest.fixture
+def fake() -> Iterator[ScriptedIwinv]:
+    server = ScriptedIwinv()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_runtime(pg_url: str, settings_factory: Any, fake: ScriptedIwinv) -> Iterator[Any]:
+    truncate(pg_url)
+    made: list[Runtime] = []
+    clients: list[httpx.Client] = []
+
+    def make() -> tuple[Runtime, RecordingDispatcher, Clock]:
+        dispatcher, clock = RecordingDispatcher(), Clock()
+        env = {
+            **fake_env({"iwinv": fake}),
+            "KMSG_PROVIDERS": "iwinv",
+            "KMSG_IWINV_MAX_IN_FLIGHT": "4",
+        }
+        rt = Runtime(settings_factory(pg_url, **env), dispatcher=dispatcher, clock=clock)
+        # The process's adapter, on a client that gives up after CLIENT_TIMEOUT (the hanging request)
+        client = make_http_client(timeout=httpx.Timeout(CLIENT_TIMEOUT, connect=3.0))
+        clients.append(client)
+        rt.set_provider("iwinv", IwinvProvider(rt.settings.provider_config("iwinv"), client))
+        made.append(rt)
+        return rt, dispatcher, clock
+
+    yield make
+    for rt in made:
+        rt.close()
+    for client in clients:
+        client.close()
+
+
+def rows(rt: Runtime, batch_id: str) -> list[MessageRow]:
+    with rt.store.sessions() as s:
+        return list(s.scalars(select(MessageRow).where(MessageRow.batch_id == batch_id).order_by(MessageRow.recipient)))
+
+
+def accepted_attempts(rt: Runtime) -> Counter[str]:
+    with rt.store.sessions() as s:
+        return Counter(s.scalars(select(Attempt.message_id).where(Attempt.outcome == "accepted")))
+
+
+def send_and_process(rt: Runtime, dispatcher: RecordingDispatcher, count: int) -> str:
+    receipt = KMsg(runtime=rt).send_many(
+        [{"to": f"0105{i:07d}", "variables": {"n": str(i)}} for i in range(count)],
+        defaults={"text": "#{n}번 고객님 안내", "sender": "0212345678", "type": "SMS"},
+    )
+    for batch_id, chunk, _ in list(dispatcher.chunks):
+        process_chunk(rt, batch_id, chunk)
+    return receipt.batch_id
+
+
+def process_again(rt: Runtime, clock: Clock, batch_id: str) -> None:
+    clock.advance(3600)  # every retry is due
+    chunks = {r.chunk for r in rows(rt, batch_id) if r.status == "retrying"}
+    for chunk in chunks:
+        process_chunk(rt, batch_id, chunk)
+
+
+@pytest.mark.parametrize("rule", ["fail", "throttle"])
+def test_a_failed_or_throttled_request_in_a_chunk(make_runtime: Any, fake: ScriptedIwinv, rule: str) -> None:
+    rt, dispatcher, clock = make_runtime()
+    fake.script.rules["01050000005"] = rule
+    fake.set_faults(latency_ms=20)
+
+    batch_id = send_and_process(rt, dispatcher, 40)
+
+    stored = rows(rt, batch_id)
+    by_status = Counter(r.status for r in stored)
+    assert set(by_status) == {"sent", "retrying"}
+    assert by_status["sent"] == fake.ledger.per_recipient.total() >= 5
+    assert not any(r.outcome_unknown for r in stored)
+    bad = next(r for r in stored if r.recipient == "01050000005")
+    assert bad.status == "retrying"
+    attempts = accepted_attempts(rt)
+    assert all(attempts[r.id] == 1 for r in stored if r.status == "sent")
+
+    fake.script.rules.clear()
+    process_again(rt, clock, batch_id)
+
+    assert Counter(r.status for r in rows(rt, batch_id)) == {"sent": 40}
+    assert set(fake.ledger.per_recipient.values()) == {1} and len(fake.ledger.per_recipient) == 40
+    assert set(accepted_attempts(rt).values()) == {1}
+
+
+def test_a_request_accepted_then_timed_out_ends_unknown_and_is_never_resent(
+    make_runtime: Any, fake: ScriptedIwinv
+) -> None:
+    rt, dispatcher, clock = make_runtime()
+    fake.script.rules["01050000002"] = "accept_then_hang"
+    fake.set_faults(latency_ms=100)  # the other slots cannot finish the chunk while it hangs
+
+    batch_id = send_and_process(rt, dispatcher, 60)
+
+    stored = rows(rt, batch_id)
+    hung = next(r for r in stored if r.recipient == "01050000002")
+    assert hung.status == "unknown" and hung.error_code == "OUTCOME_UNKNOWN"
+    others = Counter(r.status for r in stored if r is not hung)
+    assert set(others) == {"sent", "retrying"}
+    assert not any(r.outcome_unknown for r in stored if r.status == "retrying")
+
+    fake.script.rules.clear()
+    process_again(rt, clock, batch_id)
+
+    final = Counter(r.status for r in rows(rt, batch_id))
+    assert final == {"sent": 59, "unknown": 1}
+    # IWINV had the timed-out one: every recipient holds exactly one message
+    assert set(fake.ledger.per_recipient.values()) == {1} and len(fake.ledger.per_recipient) == 60
