@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from kmsg_worker.bulk import process_chunk
 from sqlalchemy import select
 
+from kmsg_worker.delivery import process_chunk
 from kmsg_worker.producer import KMsg
 from kmsg_worker.providers.base_http import make_http_client
 from kmsg_worker.providers.iwinv import IwinvProvider
