@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-from config import observability
 from config.beat import beat_schedule
 from config.celeryconfig import build_config
 from kmsg_worker.dispatch import CeleryDispatcher
+from kmsg_worker.logging import add_event_counter
+from kmsg_worker.observability.events import metrics_processor
 from kmsg_worker.settings import Settings
 
 __all__ = ["app", "dispatcher", "settings"]
@@ -26,9 +27,9 @@ app = Celery(
 app.config_from_object(build_config(settings))
 app.conf.beat_schedule = beat_schedule(settings)
 
-# Event counters and the publish hook (correlation header) in every process that loads the app;
-# the metrics hooks in workers.
-observability.install(settings)
+# Every process that loads the app (workers and the producers that publish through it) counts its log
+# events into the Prometheus metrics; the worker's own hooks are in tasks/signals.py.
+add_event_counter(metrics_processor)
 
 
 def dispatcher() -> CeleryDispatcher:

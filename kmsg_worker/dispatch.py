@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
+from kmsg_worker.logging import CORRELATION_HEADER, correlation_for_publish
 from kmsg_worker.message import Priority
 
 __all__ = ["CELERY_APP", "QUEUES", "TASK_NAMES", "CeleryDispatcher", "Dispatcher", "NullDispatcher", "queue_for"]
@@ -89,12 +90,14 @@ class CeleryDispatcher:
         queue = queue_for(priority)
         with self.app.producer_or_acquire() as producer:
             for message_id in message_ids:
+                kwargs = {"message_id": message_id}
                 self.app.send_task(
                     TASK_NAMES["send"],
-                    kwargs={"message_id": message_id},
+                    kwargs=kwargs,
                     queue=queue,
                     countdown=countdown,
                     producer=producer,
+                    headers=_correlation(kwargs),
                 )
 
     def chunk(self, batch_id: str, chunks: Sequence[int], *, countdown: float | None = None) -> None:
@@ -103,10 +106,18 @@ class CeleryDispatcher:
             return
         with self.app.producer_or_acquire() as producer:
             for number in chunks:
+                kwargs = {"batch_id": batch_id, "chunk": int(number)}
                 self.app.send_task(
                     TASK_NAMES["chunk"],
-                    kwargs={"batch_id": batch_id, "chunk": int(number)},
+                    kwargs=kwargs,
                     queue=QUEUES["bulk"],
                     countdown=countdown,
                     producer=producer,
+                    headers=_correlation(kwargs),
                 )
+
+
+def _correlation(kwargs: Mapping[str, Any]) -> dict[str, str] | None:
+    """The message header that carries the correlation id into the worker (it binds it in its logs)."""
+    correlation = correlation_for_publish(kwargs)
+    return {CORRELATION_HEADER: correlation} if correlation else None

@@ -76,7 +76,7 @@ def _drop_below(level: int) -> Any:
 def add_event_counter(counter: Processor) -> None:
     """Run ``counter`` on every event of this process, before the level filter.
 
-    The app's configuration installs the Prometheus counters this way (``config/observability.py``),
+    The app's configuration installs the Prometheus counters this way (``config/celery.py``),
     so this module never imports the metrics. Adding the same counter twice keeps one; a process
     whose logging is already configured is configured again with the same level and output.
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,6 +22,8 @@ from config.celery import settings
 from kmsg_worker.dispatch import QUEUES
 from kmsg_worker.gctune import tune_worker
 from kmsg_worker.logging import CORRELATION_HEADER, configure_logging, correlation_for_publish, stdlib_formatter
+from kmsg_worker.observability.multiprocess import mark_process_dead, node_dir, prepare_multiprocess_dir
+from kmsg_worker.observability.server import spawn_metrics_server
 from kmsg_worker.settings import stop_unless_sendable
 from tasks.context import get_runtime, reset_runtime
 
@@ -96,7 +100,7 @@ def _bind_context(task_id: str | None = None, task: Any = None, kwargs: Any = No
     values: dict[str, Any] = {"task_id": task_id, "task": getattr(task, "name", None)}
     if isinstance(kwargs, dict) and isinstance(kwargs.get("message_id"), str):
         values["message_id"] = kwargs["message_id"]
-    # The producer's correlation id arrives as a message header (config.observability adds it);
+    # The producer's correlation id arrives as a message header (the dispatcher adds it);
     # tasks published without one (another client, an old message) fall back to their message id.
     header = getattr(getattr(task, "request", None), CORRELATION_HEADER, None)
     correlation = header if isinstance(header, str) and header else None
@@ -150,3 +154,47 @@ class OutageSafeConsumer(Consumer):  # type: ignore[misc]
             # Celery calls ``connection.close`` on this very object next: shadow it for that call.
             connection.close = guarded_close
         super().on_connection_error_after_connected(exc)
+
+
+# -- the worker's Prometheus metrics -------------------------------------------------------------
+
+_metrics_server: subprocess.Popen[bytes] | None = None
+
+
+@signals.worker_init.connect
+def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
+    """Empty this worker's metric folder, switch prometheus-client to multiprocess mode, spawn the server.
+
+    In the main process, before the pool forks: every prefork child then writes its own files in
+    ``<var>/metrics/<node>`` (or ``PROMETHEUS_MULTIPROC_DIR``). With ``KMSG_METRICS_PORT`` the metrics
+    server is a child *process*: a scrape thread in the main process could hold an import lock while
+    the pool forks, and the new child would deadlock on it.
+    """
+    global _metrics_server
+    node = str(getattr(sender, "hostname", "") or f"worker-{os.getpid()}")
+    explicit = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    folder = prepare_multiprocess_dir(Path(explicit) if explicit else node_dir(settings, node))
+    if settings.metrics_port and _metrics_server is None:
+        # A taken port makes the server exit with metrics.server_failed; the worker sends regardless.
+        _metrics_server = spawn_metrics_server(settings.metrics_port, settings.metrics_addr, folder)
+        log.info(
+            "metrics.server_spawned", pid=_metrics_server.pid, port=settings.metrics_port, node=node, folder=str(folder)
+        )
+
+
+@signals.worker_process_shutdown.connect
+def _child_exits(pid: int | None = None, **_: Any) -> None:
+    mark_process_dead(pid or os.getpid())
+
+
+@signals.worker_shutdown.connect
+def _stop_worker_metrics(**_: Any) -> None:
+    global _metrics_server
+    if _metrics_server is not None:
+        _metrics_server.terminate()
+        try:
+            _metrics_server.wait(5)
+        except subprocess.TimeoutExpired:
+            _metrics_server.kill()
+            _metrics_server.wait()
+        _metrics_server = None

@@ -47,7 +47,7 @@ def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def metrics() -> Iterator[Metrics]:
-    # What config/observability.py does where the app is configured.
+    # What config/celery.py does where the app is configured.
     add_event_counter(metrics_processor)
     configure_logging("INFO")
     with use_metrics(Metrics()) as fresh:
@@ -412,7 +412,7 @@ def test_scrapes_never_see_counters_fall_while_exited_children_are_folded(tmp_pa
 
 def test_the_app_configuration_installs_the_event_counters(tmp_path: Path) -> None:
     # Logging knows nothing of metrics: a process counts events once it loaded the Celery app
-    # (a producer does, to publish), because config/observability.py adds the counter there.
+    # (a producer does, to publish), because config/celery.py adds the counter there.
     code = textwrap.dedent(
         """
         from kmsg_worker.logging import get_logger

@@ -38,7 +38,7 @@ def _broker_lengths(settings: Settings, queues: Iterable[str]) -> dict[str, int]
     url = settings.broker_url
     if url.startswith(("redis://", "rediss://", "unix://")):
         # Imported here, a real cost: redis takes ~380 ms to import (python -X importtime), and
-        # every process that loads the app (config/observability.py) or the command line imports
+        # every process that loads the app (config/celery.py) or the command line imports
         # this module; a filesystem broker never needs it.
         import redis
 

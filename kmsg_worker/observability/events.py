@@ -6,7 +6,7 @@
 The pipeline makes no metric calls, and a counter can never disagree with the log line it was
 derived from. A field an event does not carry becomes the label value ``unknown``.
 
-The app's configuration (``config/observability.py``) installs the processor as an event counter
+The app's configuration (``config/celery.py``) installs the processor as an event counter
 of :mod:`kmsg_worker.logging`; logging itself knows nothing of metrics. This module depends on
 prometheus-client only.
 """
