@@ -31,19 +31,19 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import (
-    _VAR_PATTERN,
     TEXT_TYPES,
+    VAR_PATTERN,
     Message,
-    _check_text,
-    _infer_type,
-    _stringify,
-    _variables,
     check_message_id,
     check_storable,
     check_tenant,
+    check_text,
     count_bytes,
+    infer_type,
     normalize,
     normalize_phone,
+    parse_variables,
+    stringify,
 )
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
@@ -82,7 +82,7 @@ class _TemplateText:
 
     def __init__(self, text: str) -> None:
         # With its one group, split() alternates: text, key, text, key, ..., text.
-        pieces = _VAR_PATTERN.split(text)
+        pieces = VAR_PATTERN.split(text)
         self.text = text
         self.bytes = count_bytes(text)
         self.head = pieces[0]
@@ -120,7 +120,7 @@ class _Template:
                 probe, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
             )
             # The same checks as normalize (a mapping, string keys, scalar values, storable text).
-            self.base_vars = _variables(self.defaults, rt.settings.limits)
+            self.base_vars = parse_variables(self.defaults, rt.settings.limits)
             check_storable(self.base_vars, "variables")
         except ValidationError:
             # Some field is only valid per row (e.g. text given per row): no fast path.
@@ -139,7 +139,7 @@ class _Template:
         to = normalize_phone(item.get("to"), "to")
         variables = self.base_vars
         if item.get("variables") is not None:
-            row_vars = _variables(item, self.limits)
+            row_vars = parse_variables(item, self.limits)
             check_storable(row_vars, "variables")
             if row_vars:
                 variables = {**self.base_vars, **row_vars}
@@ -152,9 +152,9 @@ class _Template:
             nbytes = 0 if text_value is None else count_bytes(text_value)
         mtype = msg.type
         if msg.type_inferred:
-            mtype = _infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
+            mtype = infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
         if mtype in TEXT_TYPES or text_value is not None:
-            _check_text(mtype, text_value, msg.subject, self.limits, nbytes)
+            check_text(mtype, text_value, msg.subject, self.limits, nbytes)
         row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, type=mtype.value)
@@ -175,7 +175,7 @@ class _Template:
             for key, value in custom.items():
                 if not isinstance(key, str):
                     raise ValidationError("custom_fields", "type", "keys must be strings")
-                extra[key] = _stringify(value, f"custom_fields.{key}")
+                extra[key] = stringify(value, f"custom_fields.{key}")
             check_storable(extra, "custom_fields")
             merged = {**msg.custom_fields, **extra}
             if merged:

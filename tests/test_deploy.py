@@ -309,3 +309,17 @@ def test_the_lock_files_pin_every_dependency_and_are_what_installs_use() -> None
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert "pip install --quiet -r requirements/dev.lock" in makefile and "--no-deps -e ." in makefile
     assert "make install" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_every_package_of_the_code_is_in_the_distribution() -> None:
+    # A package missing from pyproject's list installs fine in editable mode (tests, CI) and is
+    # missing from the image, which installs the project itself.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("kmsg_worker", "tasks", "config")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found == listed

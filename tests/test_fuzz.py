@@ -33,7 +33,8 @@ from sqlalchemy import text as sql
 
 from kmsg_worker import ValidationError
 from kmsg_worker.errors import BatchValidationError, IdempotencyConflictError, KmsgError, _storable
-from kmsg_worker.message import _ALIASES, _KNOWN, Message, MessageType, count_bytes
+from kmsg_worker.message import Message, MessageType, count_bytes
+from kmsg_worker.message.validate import _ALIASES, _KNOWN
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
