@@ -289,8 +289,10 @@ class Settings:
             ) from exc
 
         providers = tuple(p.strip().lower() for p in (_env(env, "KMSG_PROVIDERS") or "mock").split(",") if p.strip())
-        configs = {name: _provider_config(env, name) for name in providers}
-        if "mock" in configs and not configs["mock"].option("call_log"):
+        # The mock provider is configured even when it is not enabled: test messages (kmsg_worker.sandbox)
+        # reach it whatever KMSG_PROVIDERS says.
+        configs = {name: _provider_config(env, name) for name in (*providers, "mock")}
+        if not configs["mock"].option("call_log"):
             # Scripted mock outcomes and reconciliation must see calls made by every worker process.
             mock = configs["mock"]
             configs["mock"] = ProviderConfig(
