@@ -108,10 +108,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> N
     """
     import uvicorn
 
-    from kmsg_worker.logging import configure_logging
-
+    # The app factory configures the structured logs in each server process.
     settings = Settings.from_env()
-    configure_logging(settings.log_level, json_output=settings.log_json, metrics=False)
     uvicorn.run(
         "kmsg_worker.api:create_app",
         factory=True,

@@ -39,7 +39,7 @@ from kmsg_worker.api.intake import batch_defaults, batch_rows, message_input, nd
 from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain, problem_response, validation_problem
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import KmsgError, ValidationError
-from kmsg_worker.logging import get_logger
+from kmsg_worker.logging import configure_logging, get_logger
 from kmsg_worker.producer import KMsg, MessageInfo
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.sandbox import is_sandbox_content
@@ -590,6 +590,9 @@ def create_app(
     """
     owned = runtime is None
     kmsg = KMsg(settings, runtime=runtime, dispatcher=dispatcher)
+    if owned:
+        # The server's own process (uvicorn --factory): structured logs with phone numbers masked.
+        configure_logging(kmsg.settings.log_level, json_output=kmsg.settings.log_json, metrics=False)
     api = _Api(kmsg, config or ApiConfig.from_env())
 
     @asynccontextmanager
