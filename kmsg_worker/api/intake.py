@@ -15,7 +15,7 @@ import orjson
 from kmsg_worker.api.auth import Principal
 from kmsg_worker.api.problems import Problem
 from kmsg_worker.errors import ValidationError
-from kmsg_worker.sandbox import sandboxed
+from kmsg_worker.sandbox import SIMULATOR, is_sandbox_content, sandboxed
 
 __all__ = ["RefusedRow", "batch_rows", "message_input", "ndjson_rows", "parse_json"]
 
@@ -61,6 +61,16 @@ def _no_tenant(data: Mapping[str, Any], where: str) -> None:
         raise ValidationError(f"{where}tenant", "forbidden", "the tenant is the API key's; remove this field")
 
 
+def _no_forged_sandbox(data: Mapping[str, Any], where: str) -> None:
+    # A live key's message marked as a test one would be simulated yet answered as live: refused.
+    for name in ("provider_options", "providerOptions"):
+        options = data.get(name)
+        if isinstance(options, Mapping) and is_sandbox_content({"provider_options": options}):
+            raise ValidationError(
+                f"{where}{name}.{SIMULATOR}.sandbox", "forbidden", "test messages are sent with a test key"
+            )
+
+
 def message_input(raw: Any, principal: Principal, idempotency_header: str | None) -> dict[str, Any]:
     """The producer's input for one message posted by ``principal``.
 
@@ -70,6 +80,8 @@ def message_input(raw: Any, principal: Principal, idempotency_header: str | None
     if not isinstance(raw, dict):
         raise ValidationError("body", "type", "must be a JSON object")
     _no_tenant(raw, "")
+    if not principal.test:
+        _no_forged_sandbox(raw, "")
     data = dict(raw)
     if idempotency_header is not None:
         body_key = data.get("idempotency_key", data.get("idempotencyKey"))
@@ -92,6 +104,8 @@ def batch_defaults(defaults: Any, principal: Principal) -> dict[str, Any]:
     if not isinstance(defaults, dict):
         raise ValidationError("defaults", "type", "must be a JSON object")
     _no_tenant(defaults, "defaults.")
+    if not principal.test:
+        _no_forged_sandbox(defaults, "defaults.")
     out = {**defaults, "tenant": principal.tenant}
     return sandboxed(out) if principal.test else out
 
@@ -103,12 +117,14 @@ def batch_rows(rows: Iterable[Any], defaults: Mapping[str, Any], principal: Prin
             if "tenant" in row:
                 yield RefusedRow("tenant", "forbidden", "the tenant is the API key's; remove this field")
                 continue
-            if principal.test:
-                try:
+            try:
+                if principal.test:
                     row = sandboxed(row, defaults)
-                except ValidationError as exc:
-                    yield RefusedRow(exc.field, exc.rule, exc.detail)
-                    continue
+                elif "provider_options" in row or "providerOptions" in row:
+                    _no_forged_sandbox(row, "")
+            except ValidationError as exc:
+                yield RefusedRow(exc.field, exc.rule, exc.detail)
+                continue
         yield row  # anything else: the producer reports it (row, type)
 
 

@@ -114,3 +114,18 @@ def test_a_test_keys_batch_goes_to_the_simulator_only(live_runtime: Runtime, sol
         providers = set(s.scalars(select(MessageRow.provider).where(MessageRow.batch_id == receipt["batch_id"])))
     assert providers == {"mock"}
     assert solapi.ledger.requests == 0
+
+
+def test_a_live_key_cannot_mark_its_messages_as_test_ones(live_runtime: Runtime) -> None:
+    rt = live_runtime
+    store = TenantStore(rt.engine)
+    store.create_tenant("shop-a", now=rt.now())
+    live_key = bearer(store.create_key("shop-a", now=rt.now()).token)
+    forged = {"to": "01012345678", "text": "x", "provider_options": {"mock": {"sandbox": True}}}
+    with TestClient(create_app(runtime=rt, config=ApiConfig(auth_cache_seconds=0))) as client:
+        refused = client.post("/v1/messages", json=forged, headers=live_key)
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["field"] == "provider_options.mock.sandbox"
+        batch = {"messages": [forged], "on_invalid": "skip"}
+        answer = client.post("/v1/batches", json=batch, headers=live_key).json()
+        assert answer["accepted"] == 0 and answer["invalid"][0]["rule"] == "forbidden"
