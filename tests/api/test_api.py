@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from fastapi.testclient import TestClient
@@ -198,3 +199,26 @@ def test_an_ndjson_batch_streams_in_with_defaults_in_the_query(
     )
     assert _problem(rejected, 422, "batch-validation")["errors_total"] == 2
     assert stored_count(runtime) == 2997
+
+
+def test_a_json_batch_over_its_limit_is_413_and_ndjson_defaults_may_come_in_a_header(
+    client: TestClient, keys: Keys, runtime: Runtime
+) -> None:
+    rows = [{"to": f"0101111{i:04d}", "custom_fields": {"pad": "x" * 200}} for i in range(400)]
+    big = {"defaults": {"text": "쿠폰", "sender": "0212345678"}, "messages": rows}
+    _problem(client.post("/v1/batches", json=big, headers=keys.a_live), 413, "payload-too-large")
+    assert stored_count(runtime) == 0
+    headers = {
+        **keys.a_live,
+        "Content-Type": "application/x-ndjson",
+        # a header is ASCII: JSON's \u escapes carry the Hangul
+        "Kmsg-Defaults": json.dumps({"text": "쿠폰 #{n}", "sender": "0212345678"}),
+    }
+    answer = client.post("/v1/batches", content=_ndjson(10), headers=headers)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["accepted"] == 10
+    both = client.post("/v1/batches", params={"defaults": "{}"}, content=_ndjson(1), headers=headers)
+    assert _problem(both, 422, "validation")["errors"][0]["rule"] == "duplicate_field"  # type: ignore[index]
+    bad_defaults = {**headers, "Kmsg-Defaults": "{not json"}
+    _problem(client.post("/v1/batches", content=_ndjson(1), headers=bad_defaults), 400, "malformed-json")
+    assert stored_count(runtime) == 10

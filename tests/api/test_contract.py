@@ -96,3 +96,18 @@ def test_admin_functions_manage_tenants_and_keys(backend_url: str, settings_fact
     assert [t["name"] for t in admin.list_tenants(settings=settings)] == ["agency-1"]
     with pytest.raises(MessageNotFoundError):
         admin.revoke_key("ffffffffffff", settings=settings)
+
+
+def test_the_api_settings_come_from_the_environment_and_refuse_nonsense() -> None:
+    from kmsg_worker.api.config import ApiConfig
+    from kmsg_worker.errors import ConfigurationError
+
+    config = ApiConfig.from_env(
+        {"KMSG_API_RATE_LIMIT": "12.5", "KMSG_API_CORS_ORIGINS": "https://a.example, https://b"}
+    )
+    assert config.rate_limit == 12.5 and config.cors_origins == ("https://a.example", "https://b")
+    assert ApiConfig.from_env({}) == ApiConfig()
+    for name, value in (("KMSG_API_RATE_LIMIT", "fast"), ("KMSG_API_MAX_BODY_BYTES", "10")):
+        with pytest.raises(ConfigurationError) as bad:
+            ApiConfig.from_env({name: value})
+        assert bad.value.variable == name
