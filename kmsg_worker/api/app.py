@@ -181,7 +181,39 @@ class _Api:
         )
         self.zone = ZoneInfo(kmsg.settings.timezone)
 
+    async def run(self, principal: Principal, work: Callable[..., Any], *args: Any) -> Any:
+        """Take the key's request token, then do ``work``: both in one trip to the thread pool.
+
+        The token comes first, so a flood of invalid requests is rate limited like any other.
+        """
+
+        def call() -> Any:
+            self.auth.take_token(principal.key_id)
+            return work(*args)
+
+        return await run_in_threadpool(call)
+
     # -- blocking helpers, run in the thread pool ------------------------------------------------
+
+    def send_one(self, body: bytes, principal: Principal, idempotency_key: str | None) -> dict[str, Any]:
+        data = message_input(parse_json(body), principal, idempotency_key)
+        receipt = self.kmsg.send(data)
+        return {
+            "id": receipt.message_id,
+            "status": receipt.status,
+            "type": receipt.type,
+            "route": list(receipt.route),
+            "duplicate": receipt.duplicate,
+            "test": principal.test,
+        }
+
+    def list_messages(self, principal: Principal, filters: dict[str, Any], limit: int) -> dict[str, Any]:
+        rows = self.tenants.messages(principal.tenant, limit=limit + 1, **filters)
+        page = rows[:limit]
+        return {
+            "data": [_summary_out(r) for r in page],
+            "next_cursor": _encode_cursor(page[-1]) if len(rows) > limit else None,
+        }
 
     def owned_row(self, message_id: str, principal: Principal) -> MessageRow:
         row = self.kmsg.runtime.store.get(message_id)
@@ -219,8 +251,12 @@ def _app_of(request: Request) -> _Api:
 
 
 async def _principal(request: Request) -> Principal:
-    api = _app_of(request)
-    principal = await run_in_threadpool(api.auth.authenticate, request.headers.get("authorization"))
+    auth = _app_of(request).auth
+    parsed = auth.parse(request.headers.get("authorization"))
+    hit, record = auth.cached(parsed.key_id)
+    if not hit:
+        record = await run_in_threadpool(auth.load, parsed.key_id)
+    principal = auth.check(parsed, record)
     # For the access log (the key's public id only, never the key).
     request.state.key_id = principal.key_id
     return principal
@@ -334,17 +370,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         api = _app_of(request)
         if _media_type(request) not in _JSON_TYPES:
             raise Problem("unsupported-media-type", "send the message as application/json")
-        raw = parse_json(await _read_body(request, api.config.max_body_bytes))
-        data = message_input(raw, principal, idempotency_key)
-        receipt = await run_in_threadpool(api.kmsg.send, data)
-        return {
-            "id": receipt.message_id,
-            "status": receipt.status,
-            "type": receipt.type,
-            "route": list(receipt.route),
-            "duplicate": receipt.duplicate,
-            "test": principal.test,
-        }
+        body = await _read_body(request, api.config.max_body_bytes)
+        result: dict[str, Any] = await api.run(principal, api.send_one, body, principal, idempotency_key)
+        return result
 
     @app.get(
         "/v1/messages",
@@ -368,23 +396,15 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         unknown = [s for s in statuses if s not in _STATUSES]
         if unknown:
             raise ValidationError("status", "enum", f"unknown status; one of {', '.join(sorted(_STATUSES))}")
-        before = _decode_cursor(cursor) if cursor else None
-        rows = await run_in_threadpool(
-            lambda: api.tenants.messages(
-                principal.tenant,
-                statuses=statuses,
-                batch_id=batch_id,
-                since=api.aware(since),
-                until=api.aware(until),
-                before=before,
-                limit=limit + 1,
-            )
-        )
-        page = rows[:limit]
-        return {
-            "data": [_summary_out(r) for r in page],
-            "next_cursor": _encode_cursor(page[-1]) if len(rows) > limit else None,
+        filters = {
+            "statuses": statuses,
+            "batch_id": batch_id,
+            "since": api.aware(since),
+            "until": api.aware(until),
+            "before": _decode_cursor(cursor) if cursor else None,
         }
+        result: dict[str, Any] = await api.run(principal, api.list_messages, principal, filters, limit)
+        return result
 
     @app.get(
         "/v1/messages/{message_id}",
@@ -394,7 +414,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         responses=_errors(404),
     )
     async def get_message(request: Request, principal: Auth, message_id: MessageId) -> dict[str, Any]:
-        return await run_in_threadpool(_app_of(request).message, message_id, principal)
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.message, message_id, principal)
+        return result
 
     @app.post(
         "/v1/messages/{message_id}/cancel",
@@ -404,7 +426,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         responses=_errors(404, 409),
     )
     async def cancel_message(request: Request, principal: Auth, message_id: MessageId) -> dict[str, Any]:
-        return await run_in_threadpool(_app_of(request).cancel, message_id, principal)
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.cancel, message_id, principal)
+        return result
 
     @app.post(
         "/v1/batches",
@@ -445,7 +469,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         responses=_errors(404),
     )
     async def get_batch(request: Request, principal: Auth, batch_id: BatchId) -> dict[str, Any]:
-        return await run_in_threadpool(_app_of(request).batch, batch_id, principal)
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.batch, batch_id, principal)
+        return result
 
     @app.post(
         "/v1/batches/{batch_id}/cancel",
@@ -455,7 +481,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         responses=_errors(404),
     )
     async def cancel_batch(request: Request, principal: Auth, batch_id: BatchId) -> dict[str, Any]:
-        return await run_in_threadpool(lambda: _app_of(request).batch(batch_id, principal, cancel=True))
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, lambda: api.batch(batch_id, principal, cancel=True))
+        return result
 
 
 def _body(model: str) -> dict[str, Any]:
@@ -486,7 +514,14 @@ def _receipt(receipt: Any, principal: Principal, ids: bool) -> dict[str, Any]:
 
 
 async def _json_batch(api: _Api, request: Request, principal: Principal, key: str | None) -> dict[str, Any]:
-    body = parse_json(await _read_body(request, api.config.max_batch_bytes))
+    raw = await _read_body(request, api.config.max_batch_bytes)
+    result: dict[str, Any] = await api.run(principal, _store_json_batch, api, raw, principal, key)
+    return result
+
+
+def _store_json_batch(api: _Api, raw: bytes, principal: Principal, key: str | None) -> dict[str, Any]:
+    # In the thread pool: parsing up to KMSG_API_MAX_BATCH_BYTES of JSON must not stall the event loop.
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise ValidationError("body", "type", "must be a JSON object {defaults, messages, on_invalid}")
     for name in body:
@@ -499,14 +534,12 @@ async def _json_batch(api: _Api, request: Request, principal: Principal, key: st
     if on_invalid not in ("reject", "skip"):
         raise ValidationError("on_invalid", "enum", "must be reject or skip")
     shared = batch_defaults(body.get("defaults"), principal)
-    receipt = await run_in_threadpool(
-        lambda: api.kmsg.send_many(
-            batch_rows(messages, shared, principal),
-            defaults=shared,
-            on_invalid=on_invalid,
-            idempotency_key=key,
-            tenant=principal.tenant,
-        )
+    receipt = api.kmsg.send_many(
+        batch_rows(messages, shared, principal),
+        defaults=shared,
+        on_invalid=on_invalid,
+        idempotency_key=key,
+        tenant=principal.tenant,
     )
     return _receipt(receipt, principal, ids=True)
 
@@ -530,6 +563,7 @@ async def _ndjson_batch(
                 yield chunk
 
     def store() -> Any:
+        api.auth.take_token(principal.key_id)
         rows = batch_rows(ndjson_rows(chunks(), api.config.max_line_bytes), shared, principal)
         return api.kmsg.send_many(
             rows, defaults=shared, on_invalid=on_invalid, idempotency_key=key, tenant=principal.tenant

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from kmsg_worker.api.problems import Problem
 from kmsg_worker.logging import get_logger
 from kmsg_worker.ratelimit import RateLimiter
-from kmsg_worker.storage.tenants import KeyRecord, TenantStore, parse_key
+from kmsg_worker.storage.tenants import KeyRecord, ParsedKey, TenantStore, parse_key
 
 __all__ = ["Authenticator", "Principal"]
 
@@ -40,7 +40,7 @@ def _refused(detail: str) -> Problem:
 
 
 class Authenticator:
-    """Checks ``Authorization: Bearer <key>`` and takes one token from the key's bucket.
+    """Checks ``Authorization: Bearer <key>``; takes one token per request from the key's bucket.
 
     A key's state (hash, revocation, tenant disabled) is read from the database and kept for
     ``cache_seconds`` at most, so a revoked key or a disabled tenant is refused within that time
@@ -71,12 +71,20 @@ class Authenticator:
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._lock = threading.Lock()
 
-    def _record(self, key_id: str) -> KeyRecord | None:
-        now = self.clock()
+    def cached(self, key_id: str) -> tuple[bool, KeyRecord | None]:
+        """``(True, state)`` when the key's state was read less than ``cache_seconds`` ago, else ``(False, None)``.
+
+        No I/O: the event loop asks this first and only goes to the thread pool on a miss.
+        """
         with self._lock:
             cached = self._cache.get(key_id)
-        if cached is not None and now - cached[0] < self.cache_seconds:
-            return cached[1]
+        if cached is not None and self.clock() - cached[0] < self.cache_seconds:
+            return True, cached[1]
+        return False, None
+
+    def load(self, key_id: str) -> KeyRecord | None:
+        """Read the key's state from the database and cache it (unknown ids too, as ``None``)."""
+        now = self.clock()
         record = self.tenants.key_record(key_id)
         with self._lock:
             if len(self._cache) >= _CACHE_MAX:
@@ -84,11 +92,12 @@ class Authenticator:
             self._cache[key_id] = (now, record)
         return record
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of a request, after its rate limit.
+    @staticmethod
+    def parse(authorization: str | None) -> ParsedKey:
+        """The key of an ``Authorization`` header.
 
         Raises:
-            Problem: ``unauthorized`` (401) or ``rate-limited`` (429, with ``Retry-After``).
+            Problem: ``unauthorized``: missing, or not ``Bearer <kmsg key>``.
         """
         if not authorization:
             raise _refused("send the key as 'Authorization: Bearer kmsg_live_...'")
@@ -96,14 +105,36 @@ class Authenticator:
         parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
         if parsed is None:
             raise _refused("the Authorization header is not 'Bearer <kmsg key>'")
-        record = self._record(parsed.key_id)
+        return parsed
+
+    @staticmethod
+    def check(parsed: ParsedKey, record: KeyRecord | None) -> Principal:
+        """The principal of a parsed key, given its stored state.
+
+        Raises:
+            Problem: ``unauthorized``: unknown id, wrong secret or kind, revoked key, disabled tenant.
+        """
         # One answer for unknown, wrong, revoked and disabled: the response tells an attacker nothing.
         if record is None or not record.matches(parsed.secret) or record.kind != parsed.kind or not record.usable:
             raise _refused("unknown, revoked or disabled API key")
-        self._take_token(record.key_id)
         return Principal(record.key_id, record.tenant, record.kind)
 
-    def _take_token(self, key_id: str) -> None:
+    def identify(self, authorization: str | None) -> Principal:
+        """:meth:`parse`, the cached or loaded state, :meth:`check` (blocking on a cache miss).
+
+        Raises:
+            Problem: ``unauthorized`` (401).
+        """
+        parsed = self.parse(authorization)
+        hit, record = self.cached(parsed.key_id)
+        return self.check(parsed, record if hit else self.load(parsed.key_id))
+
+    def take_token(self, key_id: str) -> None:
+        """Take one request from the key's bucket (blocking: a Redis call when Redis is configured).
+
+        Raises:
+            Problem: ``rate-limited`` (429) with ``Retry-After``.
+        """
         import redis
 
         try:

@@ -71,13 +71,13 @@ def test_key_state_is_reused_for_at_most_the_cache_time(runtime: Runtime, keys: 
     now = [100.0]
     auth = Authenticator(keys.store, LocalRateLimiter(), rate=1000, cache_seconds=2.0, clock=lambda: now[0])
     header = keys.a_live["Authorization"]
-    assert auth.authenticate(header).tenant == "shop-a"
+    assert auth.identify(header).tenant == "shop-a"
     keys.store.revoke_key(keys.a_live_id, now=runtime.now())
     now[0] += 1.9
-    assert auth.authenticate(header).tenant == "shop-a"  # within the cache time
+    assert auth.identify(header).tenant == "shop-a"  # within the cache time
     now[0] += 0.2
     with pytest.raises(Problem) as refused:
-        auth.authenticate(header)
+        auth.identify(header)
     assert refused.value.status == 401
 
 
