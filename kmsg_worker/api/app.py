@@ -236,7 +236,8 @@ class _Api:
     def batch(self, batch_id: str, principal: Principal, *, cancel: bool = False) -> dict[str, Any]:
         self.owned_batch(batch_id, principal)
         summary = self.kmsg.cancel_batch(batch_id) if cancel else self.kmsg.batch_summary(batch_id)
-        return {**asdict(summary), "done": summary.done}
+        sample = self.tenants.batch_content(batch_id)
+        return {**asdict(summary), "done": summary.done, "test": sample is not None and is_sandbox_content(sample)}
 
     def aware(self, value: datetime | None) -> datetime | None:
         # Naive times are in the deployment's zone, as for scheduled_at.

@@ -174,6 +174,7 @@ class BatchSummaryOut(BaseModel):
     total: int
     invalid: int
     done: bool
+    test: bool = Field(description="Sent with a test key (every message of a batch is of the same kind)")
     by_status: dict[str, int]
     by_provider: dict[str, int]
     by_type: dict[str, int]

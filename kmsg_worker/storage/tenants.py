@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -247,6 +248,15 @@ class TenantStore:
         with self.sessions() as s:
             value = s.scalar(select(Batch.tenant).where(Batch.id == batch_id))
         return None if value is None else str(value)
+
+    def batch_content(self, batch_id: str) -> dict[str, Any] | None:
+        """The content of one message of a batch (``None`` for an empty batch): a batch is all test or all live.
+
+        Served by ``ix_kmsg_messages_batch_chunk`` (one probe).
+        """
+        with self.sessions() as s:
+            value = s.scalar(select(MessageRow.content).where(MessageRow.batch_id == batch_id).limit(1))
+        return None if value is None else dict(value)
 
     def messages(
         self,

@@ -166,7 +166,7 @@ def test_a_json_batch_rejects_or_skips_invalid_rows(client: TestClient, keys: Ke
     assert receipt["accepted"] == 1 and len(receipt["message_ids"]) == 1
     assert [e["row"] for e in receipt["invalid"]] == [2, 3]
     summary = client.get(f"/v1/batches/{receipt['batch_id']}", headers=keys.a_live).json()
-    assert summary["total"] == 1 and summary["by_status"] == {"queued": 1}
+    assert summary["total"] == 1 and summary["by_status"] == {"queued": 1} and summary["test"] is False
     _problem(client.post("/v1/batches", json={**body, "extra": 1}, headers=keys.a_live), 422, "validation")
     cancelled = client.post(f"/v1/batches/{receipt['batch_id']}/cancel", headers=keys.a_live).json()
     assert cancelled["by_status"] == {"cancelled": 1}

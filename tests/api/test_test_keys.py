@@ -99,6 +99,7 @@ def test_a_test_keys_batch_goes_to_the_simulator_only(live_runtime: Runtime, sol
         body = {"defaults": {"text": "쿠폰", "sender": "0212345678"}, "messages": rows}
         receipt = client.post("/v1/batches", json=body, headers=test_key).json()
         assert receipt["test"] is True and receipt["accepted"] == 3
+        assert client.get(f"/v1/batches/{receipt['batch_id']}", headers=test_key).json()["test"] is True
         for message_id in receipt["message_ids"]:
             got = client.get(f"/v1/messages/{message_id}", headers=test_key).json()
             assert got["route"] == ["mock"] and got["test"] is True
