@@ -1,10 +1,10 @@
 """Routing: which providers a message goes to, in failover order.
 
 Order of precedence (an unusable provider the caller named is an error, never silently skipped):
-explicit ``provider_id`` (that provider only) -> the by-type rule (``KMSG_ROUTING``) -> the default provider -> every
-enabled provider that supports the type, in ``KMSG_PROVIDERS`` order. The first provider of the
-route gets the message; the others are the failover chain. An unknown or incapable provider is an
-error at the producer.
+a test message (:mod:`kmsg_worker.sandbox`) goes to the simulator only -> explicit ``provider_id``
+(that provider only) -> the by-type rule (``KMSG_ROUTING``) -> the default provider -> every enabled
+provider that supports the type, in ``KMSG_PROVIDERS`` order. The first provider of the route gets the
+message; the others are the failover chain. An unknown or incapable provider is an error at the producer.
 
 ``KMSG_ROUTING`` example::
 
@@ -35,6 +35,7 @@ from kmsg_worker.errors import ConfigurationError, ValidationError
 from kmsg_worker.message import Message, MessageType
 from kmsg_worker.providers.base import ProviderConfig
 from kmsg_worker.providers.registry import provider_class
+from kmsg_worker.sandbox import SIMULATOR, is_sandbox
 
 __all__ = ["STRATEGIES", "Router", "validate_routing"]
 
@@ -209,6 +210,9 @@ class Router:
             ValidationError: Unknown/incapable explicit provider, or no provider for the type.
         """
         mtype = message.type
+        if is_sandbox(message):
+            # A test message only ever reaches the simulator, whatever the rules (kmsg_worker.sandbox).
+            return [SIMULATOR]
         if message.provider_id:
             # Explicit means explicit: the caller chose the provider, so there is no failover chain.
             self._check(message.provider_id, mtype, "provider_id")

@@ -371,8 +371,10 @@ class Settings:
         providers = tuple(p.strip().lower() for p in (providers_raw or "").split(",") if p.strip())
         if providers_raw is None:
             providers = ("mock",)
-        configs = {name: _provider_config(env, name) for name in providers}
-        if "mock" in configs and not configs["mock"].option("call_log"):
+        # The mock provider is configured even when it is not enabled: test messages
+        # (kmsg_worker.sandbox) reach it whatever KMSG_PROVIDERS says.
+        configs = {name: _provider_config(env, name) for name in (*providers, "mock")}
+        if not configs["mock"].option("call_log"):
             # Scripted mock outcomes and reconciliation must see calls made by every worker process.
             mock = configs["mock"]
             configs["mock"] = ProviderConfig(

@@ -46,6 +46,7 @@ from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, MessageType, ValidationLimits, count_bytes, normalize
 from kmsg_worker.providers.base import DeliveryState, Provider, StatusQuery, StatusReport
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import is_sandbox, sandbox_child
 from kmsg_worker.settings import TrackingPolicy
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.models import MessageRow
@@ -172,6 +173,8 @@ def fallback_message(parent: Message, *, limits: ValidationLimits | None = None)
             "tenant": parent.tenant,
             "priority": parent.priority.value,
             "custom_fields": dict(parent.custom_fields),
+            # A test message's fallback is simulated too: it must never reach a real provider.
+            **(sandbox_child() if is_sandbox(parent) else {}),
         },
         limits=limits,
     )

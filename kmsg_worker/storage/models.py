@@ -33,6 +33,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "SEND_STATE_COLUMNS",
     "SENT_CLEARS",
+    "ApiKey",
     "Attempt",
     "Base",
     "Batch",
@@ -41,6 +42,7 @@ __all__ = [
     "Heartbeat",
     "IdempotencyKey",
     "MessageRow",
+    "Tenant",
 ]
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
@@ -306,3 +308,31 @@ class Heartbeat(Base):
     beat_at: Mapped[datetime] = mapped_column(TS)
     host: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)
+
+
+class Tenant(Base):
+    """A customer of the HTTP API; its name is the ``tenant`` of every message its keys send."""
+
+    __tablename__ = "kmsg_tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    #: Set when the tenant is disabled: every one of its keys is refused from then on.
+    disabled_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class ApiKey(Base):
+    """An HTTP API key: its public id and kind are in the key itself, its secret only as a SHA-256 hash."""
+
+    __tablename__ = "kmsg_api_keys"
+
+    #: The public part of the key (``kmsg_live_<id>_<secret>``): found by primary key, then the
+    #: secret's hash is compared in constant time.
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    #: ``live`` or ``test`` (a test key's messages only ever reach the simulator).
+    kind: Mapped[str] = mapped_column(String(8))
+    label: Mapped[str | None] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    revoked_at: Mapped[datetime | None] = mapped_column(TS)

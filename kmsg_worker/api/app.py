@@ -1,0 +1,661 @@
+"""The HTTP API: one more producer on the one engine.
+
+Every request authenticates a key (:mod:`kmsg_worker.api.auth`), acts for the key's tenant only
+and calls the same intake as :class:`~kmsg_worker.KMsg`; the API never sends anything itself. A
+message or batch of another tenant is ``404``, exactly like a missing one.
+
+Handlers are ``async`` and run the producer's blocking calls (SQLAlchemy, Redis) in the thread
+pool; an NDJSON batch is read chunk by chunk from the event loop by the thread that stores it, so
+it is never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import orjson
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from kmsg_worker.api import schemas
+from kmsg_worker.api.auth import Authenticator, Principal
+from kmsg_worker.api.config import ApiConfig
+from kmsg_worker.api.intake import batch_defaults, batch_rows, message_input, ndjson_rows, parse_json
+from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain, problem_response, validation_problem
+from kmsg_worker.dispatch import Dispatcher
+from kmsg_worker.errors import KmsgError, ValidationError
+from kmsg_worker.logging import configure_logging, get_logger
+from kmsg_worker.producer import KMsg, MessageInfo
+from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import is_sandbox_content
+from kmsg_worker.settings import Settings
+from kmsg_worker.status import MessageStatus
+from kmsg_worker.storage.models import MessageRow
+from kmsg_worker.storage.tenants import TenantStore
+
+__all__ = ["API_VERSION", "create_app"]
+
+API_VERSION = "1.0.0"
+log = get_logger("kmsg.api")
+_JSON_TYPES = ("application/json",)
+_NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+_STATUSES = frozenset(s.value for s in MessageStatus)
+_PROBLEM_RESPONSE = {"model": schemas.ProblemOut, "content": {"application/problem+json": {}}}
+_COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {**_PROBLEM_RESPONSE, "description": "Missing, malformed, unknown or revoked key"},
+    429: {**_PROBLEM_RESPONSE, "description": "Rate limit of the key; see Retry-After"},
+    503: {**_PROBLEM_RESPONSE, "description": "The system of record is unavailable"},
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    out = dict(_COMMON_ERRORS)
+    for status in statuses:
+        out[status] = {**_PROBLEM_RESPONSE, "description": _describe(status)}
+    return out
+
+
+def _describe(status: int) -> str:
+    return "; ".join(title for code, title in PROBLEM_TYPES.values() if code == status)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes (never read further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Problem("payload-too-large", f"the body may be at most {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem("payload-too-large", f"the body may be at most {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _encode_cursor(row: MessageRow) -> str:
+    raw = orjson.dumps([row.created_at.isoformat(), row.id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, message_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        moment = datetime.fromisoformat(at)
+        if moment.tzinfo is None or not isinstance(message_id, str):
+            raise ValueError(cursor)
+        return moment, message_id
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise ValidationError("cursor", "format", "not a cursor this API returned") from None
+
+
+def _attempt_out(a: Any) -> dict[str, Any]:
+    return {
+        "attempt_no": a.attempt_no,
+        "provider": a.provider,
+        "outcome": a.outcome,
+        "error_code": a.error_code,
+        "provider_code": a.provider_code,
+        "http_status": a.http_status,
+        "latency_ms": a.latency_ms,
+        "at": a.at,
+    }
+
+
+def _message_out(info: MessageInfo, test: bool) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "status": info.status,
+        "type": info.type,
+        "to": info.to,
+        "test": test,
+        "provider": info.provider,
+        "provider_message_id": info.provider_message_id,
+        "route": info.route,
+        "attempts": [_attempt_out(a) for a in info.attempts],
+        "error_code": info.error_code,
+        "error_message": info.error_message,
+        "provider_status_code": info.provider_status_code,
+        "provider_status_message": info.provider_status_message,
+        "created_at": info.created_at,
+        "scheduled_at": info.scheduled_at,
+        "sent_at": info.sent_at,
+        "delivered_at": info.delivered_at,
+        "failed_at": info.failed_at,
+        "final_at": info.final_at,
+        "parent_id": info.parent_id,
+        "children": info.children,
+        "batch_id": info.batch_id,
+        "warnings": info.warnings,
+        "fallback_state": info.fallback_state,
+    }
+
+
+def _summary_out(row: MessageRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "status": row.status,
+        "type": row.type,
+        "to": row.recipient,
+        "test": is_sandbox_content(row.content or {}),
+        "provider": row.provider or (row.route[row.route_index] if row.route else None),
+        "batch_id": row.batch_id,
+        "error_code": row.error_code,
+        "created_at": row.created_at,
+        "final_at": row.final_at,
+    }
+
+
+class _Api:
+    """The state the handlers share: the producer, the tenant store, the authenticator, the limits."""
+
+    def __init__(self, kmsg: KMsg, config: ApiConfig) -> None:
+        self.kmsg = kmsg
+        self.config = config
+        self.tenants = TenantStore(kmsg.runtime.engine)
+        self.auth = Authenticator(
+            self.tenants,
+            kmsg.runtime.rate_limiter,
+            rate=config.rate_limit,
+            cache_seconds=config.auth_cache_seconds,
+        )
+        self.zone = ZoneInfo(kmsg.settings.timezone)
+
+    async def run(self, principal: Principal, work: Callable[..., Any], *args: Any) -> Any:
+        """Take the key's request token, then do ``work``: both in one trip to the thread pool.
+
+        The token comes first, so a flood of invalid requests is rate limited like any other.
+        """
+
+        def call() -> Any:
+            self.auth.take_token(principal.key_id)
+            return work(*args)
+
+        return await run_in_threadpool(call)
+
+    # -- blocking helpers, run in the thread pool ------------------------------------------------
+
+    def send_one(self, body: bytes, principal: Principal, idempotency_key: str | None) -> dict[str, Any]:
+        data = message_input(parse_json(body), principal, idempotency_key)
+        receipt = self.kmsg.send(data)
+        return {
+            "id": receipt.message_id,
+            "status": receipt.status,
+            "type": receipt.type,
+            "route": list(receipt.route),
+            "duplicate": receipt.duplicate,
+            "test": principal.test,
+        }
+
+    def list_messages(self, principal: Principal, filters: dict[str, Any], limit: int) -> dict[str, Any]:
+        rows = self.tenants.messages(principal.tenant, limit=limit + 1, **filters)
+        page = rows[:limit]
+        return {
+            "data": [_summary_out(r) for r in page],
+            "next_cursor": _encode_cursor(page[-1]) if len(rows) > limit else None,
+        }
+
+    def owned_row(self, message_id: str, principal: Principal) -> MessageRow:
+        row = self.kmsg.runtime.store.get(message_id)
+        if row is None or row.tenant != principal.tenant:
+            raise Problem("not-found", f"no message {message_id!r}")
+        return row
+
+    def owned_batch(self, batch_id: str, principal: Principal) -> None:
+        if self.tenants.batch_tenant(batch_id) != principal.tenant:
+            raise Problem("not-found", f"no batch {batch_id!r}")
+
+    def message(self, message_id: str, principal: Principal) -> dict[str, Any]:
+        row = self.owned_row(message_id, principal)
+        return _message_out(self.kmsg.get(message_id), is_sandbox_content(row.content or {}))
+
+    def cancel(self, message_id: str, principal: Principal) -> dict[str, Any]:
+        row = self.owned_row(message_id, principal)
+        return _message_out(self.kmsg.cancel(message_id), is_sandbox_content(row.content or {}))
+
+    def batch(self, batch_id: str, principal: Principal, *, cancel: bool = False) -> dict[str, Any]:
+        self.owned_batch(batch_id, principal)
+        summary = self.kmsg.cancel_batch(batch_id) if cancel else self.kmsg.batch_summary(batch_id)
+        sample = self.tenants.batch_content(batch_id)
+        return {**asdict(summary), "done": summary.done, "test": sample is not None and is_sandbox_content(sample)}
+
+    def aware(self, value: datetime | None) -> datetime | None:
+        # Naive times are in the deployment's zone, as for scheduled_at.
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=self.zone)
+
+
+def _app_of(request: Request) -> _Api:
+    api: _Api = request.app.state.api
+    return api
+
+
+async def _principal(request: Request) -> Principal:
+    auth = _app_of(request).auth
+    parsed = auth.parse(request.headers.get("authorization"))
+    hit, record = auth.cached(parsed.key_id)
+    if not hit:
+        record = await run_in_threadpool(auth.load, parsed.key_id)
+    principal = auth.check(parsed, record)
+    # For the access log (the key's public id only, never the key).
+    request.state.key_id = principal.key_id
+    return principal
+
+
+Auth = Annotated[Principal, Depends(_principal)]
+MessageId = Annotated[str, Path(max_length=80)]
+BatchId = Annotated[str, Path(max_length=40)]
+
+
+class _AccessLog:
+    """One masked line per request through :mod:`kmsg_worker.logging` (uvicorn's own access log is off).
+
+    The line has the method, the path (ids only; never a query string, which may carry numbers),
+    the status, the time taken and the key's public id: never the ``Authorization`` header.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            state = scope.get("state") or {}
+            log.info(
+                "api.request",
+                method=scope.get("method"),
+                path=scope.get("path"),
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                key_id=state.get("key_id"),
+            )
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        return problem_response(exc, request.url.path)
+
+    @app.exception_handler(KmsgError)
+    async def _domain(request: Request, exc: KmsgError) -> Response:
+        problem = problem_from_domain(exc)
+        if problem is None:
+            log.error("api.unhandled_domain_error", error=type(exc).__name__)
+            problem = Problem("internal")
+        return problem_response(problem, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _params(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {
+                "field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "request",
+                "rule": str(e.get("type", "invalid")),
+                "message": str(e.get("msg", "invalid")),
+            }
+            for e in exc.errors()
+        ]
+        return problem_response(validation_problem(errors, "invalid request parameters"), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+        return problem_response(Problem(slug), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        # The type only: a message or traceback may quote the body (numbers, text).
+        log.error("api.internal_error", error=type(exc).__name__, path=request.url.path)
+        return problem_response(Problem("internal"), request.url.path)
+
+
+def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpoint
+    @app.get("/livez", tags=["health"], summary="The process answers")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="The database and the broker answer")
+    async def readyz(request: Request) -> Response:
+        api = _app_of(request)
+        checks = await run_in_threadpool(_readiness, api)
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.post(
+        "/v1/messages",
+        status_code=202,
+        response_model=schemas.MessageReceiptOut,
+        tags=["messages"],
+        summary="Send one message",
+        openapi_extra={"requestBody": _body("MessageRequest")},
+        responses=_errors(400, 409, 413, 415, 422),
+    )
+    async def post_message(
+        request: Request,
+        principal: Auth,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    ) -> dict[str, Any]:
+        api = _app_of(request)
+        if _media_type(request) not in _JSON_TYPES:
+            raise Problem("unsupported-media-type", "send the message as application/json")
+        body = await _read_body(request, api.config.max_body_bytes)
+        result: dict[str, Any] = await api.run(principal, api.send_one, body, principal, idempotency_key)
+        return result
+
+    @app.get(
+        "/v1/messages",
+        response_model=schemas.MessageListOut,
+        tags=["messages"],
+        summary="List messages, newest first",
+        responses=_errors(422),
+    )
+    async def list_messages(
+        request: Request,
+        principal: Auth,
+        status: Annotated[str | None, Query(description="Comma-separated statuses", max_length=200)] = None,
+        batch_id: Annotated[str | None, Query(max_length=40)] = None,
+        since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601)")] = None,
+        until: Annotated[datetime | None, Query(description="Created before (ISO 8601)")] = None,
+        cursor: Annotated[str | None, Query(max_length=400)] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    ) -> dict[str, Any]:
+        api = _app_of(request)
+        statuses = [s.strip() for s in (status or "").split(",") if s.strip()]
+        unknown = [s for s in statuses if s not in _STATUSES]
+        if unknown:
+            raise ValidationError("status", "enum", f"unknown status; one of {', '.join(sorted(_STATUSES))}")
+        filters = {
+            "statuses": statuses,
+            "batch_id": batch_id,
+            "since": api.aware(since),
+            "until": api.aware(until),
+            "before": _decode_cursor(cursor) if cursor else None,
+        }
+        result: dict[str, Any] = await api.run(principal, api.list_messages, principal, filters, limit)
+        return result
+
+    @app.get(
+        "/v1/messages/{message_id}",
+        response_model=schemas.MessageOut,
+        tags=["messages"],
+        summary="A message, its attempts and its fallback children",
+        responses=_errors(404),
+    )
+    async def get_message(request: Request, principal: Auth, message_id: MessageId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.message, message_id, principal)
+        return result
+
+    @app.post(
+        "/v1/messages/{message_id}/cancel",
+        response_model=schemas.MessageOut,
+        tags=["messages"],
+        summary="Cancel a message not yet sent",
+        responses=_errors(404, 409),
+    )
+    async def cancel_message(request: Request, principal: Auth, message_id: MessageId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.cancel, message_id, principal)
+        return result
+
+    @app.post(
+        "/v1/batches",
+        status_code=202,
+        response_model=schemas.BatchReceiptOut,
+        tags=["batches"],
+        summary="Send a batch (JSON, or NDJSON streamed row by row)",
+        openapi_extra={"requestBody": _batch_body()},
+        responses=_errors(400, 409, 413, 415, 422),
+    )
+    async def post_batch(
+        request: Request,
+        principal: Auth,
+        on_invalid: Annotated[str | None, Query(pattern="^(reject|skip)$", description="NDJSON bodies")] = None,
+        defaults: Annotated[str | None, Query(description="NDJSON bodies: the defaults as JSON text")] = None,
+        defaults_header: Annotated[str | None, Header(alias="Kmsg-Defaults", include_in_schema=False)] = None,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    ) -> dict[str, Any]:
+        api = _app_of(request)
+        media = _media_type(request)
+        if media in _JSON_TYPES:
+            if on_invalid is not None or defaults is not None or defaults_header is not None:
+                raise ValidationError("query", "forbidden", "a JSON batch carries defaults and on_invalid in its body")
+            return await _json_batch(api, request, principal, idempotency_key)
+        if media in _NDJSON_TYPES:
+            if defaults is not None and defaults_header is not None:
+                raise ValidationError("defaults", "duplicate_field", "give the defaults in the query or the header")
+            raw_defaults = defaults if defaults is not None else defaults_header
+            shared = parse_json(raw_defaults.encode()) if raw_defaults else None
+            return await _ndjson_batch(api, request, principal, shared, on_invalid or "reject", idempotency_key)
+        raise Problem("unsupported-media-type", "send a batch as application/json or application/x-ndjson")
+
+    @app.get(
+        "/v1/batches/{batch_id}",
+        response_model=schemas.BatchSummaryOut,
+        tags=["batches"],
+        summary="A batch's counts by status, provider, type and error",
+        responses=_errors(404),
+    )
+    async def get_batch(request: Request, principal: Auth, batch_id: BatchId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.batch, batch_id, principal)
+        return result
+
+    @app.post(
+        "/v1/batches/{batch_id}/cancel",
+        response_model=schemas.BatchSummaryOut,
+        tags=["batches"],
+        summary="Stop a batch: what is not sent yet is cancelled",
+        responses=_errors(404),
+    )
+    async def cancel_batch(request: Request, principal: Auth, batch_id: BatchId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, lambda: api.batch(batch_id, principal, cancel=True))
+        return result
+
+
+def _body(model: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}
+
+
+def _batch_body() -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
+            "application/x-ndjson": {
+                "schema": {"type": "string", "description": "One message object per line, merged over defaults"}
+            },
+        },
+    }
+
+
+def _receipt(receipt: Any, principal: Principal, ids: bool) -> dict[str, Any]:
+    return {
+        "batch_id": receipt.batch_id,
+        "accepted": len(receipt.message_ids),
+        "message_ids": list(receipt.message_ids) if ids else None,
+        "invalid": [{"row": e.row, "field": e.field, "rule": e.rule, "message": e.message} for e in receipt.invalid],
+        "duplicate": receipt.duplicate,
+        "test": principal.test,
+    }
+
+
+async def _json_batch(api: _Api, request: Request, principal: Principal, key: str | None) -> dict[str, Any]:
+    raw = await _read_body(request, api.config.max_batch_bytes)
+    result: dict[str, Any] = await api.run(principal, _store_json_batch, api, raw, principal, key)
+    return result
+
+
+def _store_json_batch(api: _Api, raw: bytes, principal: Principal, key: str | None) -> dict[str, Any]:
+    # In the thread pool: parsing up to KMSG_API_MAX_BATCH_BYTES of JSON must not stall the event loop.
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise ValidationError("body", "type", "must be a JSON object {defaults, messages, on_invalid}")
+    for name in body:
+        if name not in ("defaults", "messages", "on_invalid"):
+            raise ValidationError(name, "unknown_field", "unknown field; known fields: defaults, messages, on_invalid")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValidationError("messages", "required", "must be a list of message objects")
+    on_invalid = body.get("on_invalid", "reject")
+    if on_invalid not in ("reject", "skip"):
+        raise ValidationError("on_invalid", "enum", "must be reject or skip")
+    shared = batch_defaults(body.get("defaults"), principal)
+    receipt = api.kmsg.send_many(
+        batch_rows(messages, shared, principal),
+        defaults=shared,
+        on_invalid=on_invalid,
+        idempotency_key=key,
+        tenant=principal.tenant,
+    )
+    return _receipt(receipt, principal, ids=True)
+
+
+async def _ndjson_batch(
+    api: _Api, request: Request, principal: Principal, defaults: Any, on_invalid: str, key: str | None
+) -> dict[str, Any]:
+    shared = batch_defaults(defaults, principal)
+    stream: AsyncIterator[bytes] = request.stream().__aiter__()
+
+    async def pull() -> bytes | None:
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def chunks() -> Iterator[bytes]:
+        # Runs in the storing thread: each chunk is fetched from the event loop when the rows need it.
+        while (chunk := anyio.from_thread.run(pull)) is not None:
+            if chunk:
+                yield chunk
+
+    def store() -> Any:
+        api.auth.take_token(principal.key_id)
+        rows = batch_rows(ndjson_rows(chunks(), api.config.max_line_bytes), shared, principal)
+        return api.kmsg.send_many(
+            rows, defaults=shared, on_invalid=on_invalid, idempotency_key=key, tenant=principal.tenant
+        )
+
+    receipt = await anyio.to_thread.run_sync(store)
+    return _receipt(receipt, principal, ids=False)
+
+
+def _readiness(api: _Api) -> dict[str, str]:
+    from kmsg_worker.doctor import DoctorReport, _check_broker
+
+    checks: dict[str, str] = {}
+    try:
+        api.tenants.touch()
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any driver error means "not ready"
+        checks["database"] = type(exc).__name__
+    report = DoctorReport()
+    checks["broker"] = "ok" if _check_broker(api.kmsg.settings, report, 2.0) else "unreachable"
+    return checks
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (schemas.MessageRequest, schemas.BatchRequest):
+                components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schema["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "kmsg_live_... or kmsg_test_..."}
+            }
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    dispatcher: Dispatcher | None = None,
+    config: ApiConfig | None = None,
+) -> FastAPI:
+    """Build the ASGI app.
+
+    Args:
+        settings: Defaults to :meth:`Settings.from_env` (ignored when ``runtime`` is given).
+        runtime: An existing runtime to share (tests); the app then does not close it.
+        dispatcher: Where to publish tasks (default: the Celery app, as for :class:`~kmsg_worker.KMsg`).
+        config: The API's limits; defaults to :meth:`ApiConfig.from_env`.
+
+    Returns:
+        The FastAPI application (``uvicorn --factory kmsg_worker.api:create_app`` serves it).
+    """
+    owned = runtime is None
+    kmsg = KMsg(settings, runtime=runtime, dispatcher=dispatcher)
+    if owned:
+        # The server's own process (uvicorn --factory): structured logs with phone numbers masked.
+        configure_logging(kmsg.settings.log_level, json_output=kmsg.settings.log_json, metrics=False)
+    api = _Api(kmsg, config or ApiConfig.from_env())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            kmsg.close()
+
+    app = FastAPI(
+        title="kmsg-worker API",
+        version=API_VERSION,
+        description="Send and follow Korean SMS/LMS/MMS and Kakao messages. Errors are RFC 9457 problem details.",
+        # No docs page: the default ones load their scripts from a CDN. The schema is at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.api = api
+    _install_handlers(app)
+    _routes(app)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    if api.config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(api.config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Kmsg-Defaults"],
+        )
+    app.add_middleware(_AccessLog)
+    return app

@@ -1,0 +1,202 @@
+"""The API's documented shapes (OpenAPI components).
+
+Request bodies are *validated by the domain* (:func:`kmsg_worker.message.normalize`, the same
+rules as :class:`~kmsg_worker.KMsg`), not by these models: the request models only document the
+fields, and a test checks that they list exactly the fields the domain accepts. Responses are
+built from these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kmsg_worker.message import MessageType, Priority
+
+__all__ = [
+    "AttemptOut",
+    "BatchReceiptOut",
+    "BatchRequest",
+    "BatchSummaryOut",
+    "MessageListOut",
+    "MessageOut",
+    "MessageReceiptOut",
+    "MessageRequest",
+    "MessageSummaryOut",
+    "ProblemOut",
+    "RowErrorOut",
+]
+
+
+class MessageRequest(BaseModel):
+    """One message. Unknown fields are refused; ``tenant`` comes from the key, never from the body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(description="Recipient, e.g. 010-1234-5678 or +821012345678")
+    type: MessageType | None = Field(None, description="Omitted: SMS, LMS or MMS from the text and media")
+    id: str | None = Field(None, description="Your own message id (1-64 of A-Z a-z 0-9 _ . : -)")
+    sender: str | None = None
+    text: str | None = Field(None, description="Text; #{name} is replaced from variables")
+    subject: str | None = None
+    template_id: str | None = None
+    variables: dict[str, Any] | None = None
+    media: dict[str, Any] | None = None
+    image_url: str | None = None
+    buttons: list[dict[str, Any]] | None = None
+    kakao: dict[str, Any] | None = None
+    naver: dict[str, Any] | None = None
+    voice: dict[str, Any] | None = None
+    fax: dict[str, Any] | None = None
+    rcs: dict[str, Any] | None = None
+    failover: dict[str, Any] | None = None
+    provider_id: str | None = None
+    provider_options: dict[str, Any] | None = None
+    scheduled_at: str | None = Field(None, description="ISO 8601; naive times are in the server's zone")
+    country: str | None = None
+    custom_fields: dict[str, Any] | None = None
+    priority: Priority | None = None
+    idempotency_key: str | None = Field(None, description="Same as the Idempotency-Key header")
+
+
+class BatchRequest(BaseModel):
+    """A JSON batch (an NDJSON body sends the same rows, one object per line)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] = Field(description="Rows, each merged over defaults")
+    defaults: dict[str, Any] | None = Field(None, description="Fields shared by every row")
+    on_invalid: Literal["reject", "skip"] = "reject"
+
+
+class RowErrorOut(BaseModel):
+    """One invalid row (``row`` counts from 1)."""
+
+    row: int
+    field: str
+    rule: str
+    message: str
+
+
+class MessageReceiptOut(BaseModel):
+    """A message was stored and will be sent."""
+
+    id: str
+    status: str
+    type: str
+    route: list[str]
+    duplicate: bool
+    test: bool
+
+
+class BatchReceiptOut(BaseModel):
+    """A batch was stored; follow it with GET /v1/batches/{id}."""
+
+    batch_id: str
+    accepted: int
+    message_ids: list[str] | None = Field(None, description="Ids in input order (JSON batches only)")
+    invalid: list[RowErrorOut]
+    duplicate: bool
+    test: bool
+
+
+class AttemptOut(BaseModel):
+    """One provider call."""
+
+    attempt_no: int
+    provider: str
+    outcome: str
+    error_code: str | None
+    provider_code: str | None
+    http_status: int | None
+    latency_ms: float | None
+    at: datetime
+
+
+class MessageOut(BaseModel):
+    """A message as the system of record knows it."""
+
+    id: str
+    status: str
+    type: str
+    to: str
+    test: bool
+    provider: str | None
+    provider_message_id: str | None
+    route: list[str]
+    attempts: list[AttemptOut]
+    error_code: str | None
+    error_message: str | None
+    provider_status_code: str | None
+    provider_status_message: str | None
+    created_at: datetime
+    scheduled_at: datetime | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    failed_at: datetime | None
+    final_at: datetime | None
+    parent_id: str | None
+    children: list[str]
+    batch_id: str | None
+    warnings: list[dict[str, Any]]
+    fallback_state: str | None
+
+
+class MessageSummaryOut(BaseModel):
+    """A message in a list."""
+
+    id: str
+    status: str
+    type: str
+    to: str
+    test: bool
+    provider: str | None
+    batch_id: str | None
+    error_code: str | None
+    created_at: datetime
+    final_at: datetime | None
+
+
+class MessageListOut(BaseModel):
+    """A page of messages, newest first."""
+
+    data: list[MessageSummaryOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page")
+
+
+class BatchSummaryOut(BaseModel):
+    """A batch's counts, from its messages."""
+
+    batch_id: str
+    status: str
+    total: int
+    invalid: int
+    done: bool
+    test: bool = Field(description="Sent with a test key (every message of a batch is of the same kind)")
+    by_status: dict[str, int]
+    by_provider: dict[str, int]
+    by_type: dict[str, int]
+    by_error_code: dict[str, int]
+    cost_estimate_krw: float
+    created_at: datetime | None
+    first_sent_at: datetime | None
+    last_sent_at: datetime | None
+    finished_at: datetime | None
+    cancelled_at: datetime | None
+    throughput_per_s: float | None
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="urn:kmsg:problem:<slug>, stable per kind of error")
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Validation: {field, rule, message}; batch rows: {row, field, rule, message}"
+    )
