@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from kmsg_worker.errors import (
@@ -49,10 +48,10 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.chunks import IDLE_LEASE
 from kmsg_worker.storage.intake import SliceWriter, batch_key, repeated_batch, store_totals, stored_batch_key
+from kmsg_worker.storage.messages import stored_ids
 from kmsg_worker.storage.models import (
     Batch,
     ChunkLease,
-    MessageRow,
 )
 from kmsg_worker.storage.rows import new_message_columns, shared_columns
 
@@ -324,10 +323,7 @@ def _without_stored_ids(
             buffer.clear()
             return
         wanted = [r["id"] for _, r in buffer if isinstance(r, dict) and r["id"] in explicit]
-        taken: set[str] = set()
-        if wanted:
-            with rt.store.sessions() as s:
-                taken = set(s.scalars(select(MessageRow.id).where(MessageRow.id.in_(wanted))))
+        taken = stored_ids(rt.store, wanted)
         for index, row in buffer:
             if isinstance(row, dict) and row["id"] in taken:
                 yield index, RowError(index, "id", "duplicate", "a message with this id already exists")

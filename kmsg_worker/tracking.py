@@ -37,8 +37,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kmsg_worker.errors import ErrorCode, ProviderError, ValidationError
@@ -49,6 +47,7 @@ from kmsg_worker.runtime import Runtime
 from kmsg_worker.sandbox import is_sandbox, sandbox_child
 from kmsg_worker.settings import TrackingPolicy
 from kmsg_worker.status import MessageStatus
+from kmsg_worker.storage.messages import insert_child, set_fallback_state
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.rows import new_message_row
 
@@ -181,10 +180,6 @@ def fallback_message(parent: Message, *, limits: ValidationLimits | None = None)
     return child.with_id(f"{parent.id}:fallback")
 
 
-def _set_fallback_state(s: Session, message_id: str, state: str) -> None:
-    s.execute(update(MessageRow).where(MessageRow.id == message_id).values(fallback_state=state[:64]))
-
-
 def _build_fallback(rt: Runtime, row: MessageRow) -> tuple[Message, list[str]] | str | None:
     """The child and its route, ``None`` when no fallback was asked for, or the reason to skip it."""
     parent = Message.from_content(row.content)
@@ -212,16 +207,13 @@ def _create_fallback(rt: Runtime, s: Session, row: MessageRow, now: datetime) ->
     if built is None:
         return None
     if isinstance(built, str):
-        _set_fallback_state(s, row.id, f"skipped:{built}")
+        set_fallback_state(s, row.id, f"skipped:{built}")
         log.info("failover.skipped", message_id=row.id, reason=built)
         return None
     child, route = built
-    try:
-        with s.begin_nested():
-            s.execute(insert(MessageRow), new_message_row(child, route, now, parent_id=row.id))
-    except IntegrityError:
+    if not insert_child(s, new_message_row(child, route, now, parent_id=row.id)):
         return None  # created by someone else already: exactly once
-    _set_fallback_state(s, row.id, "created")
+    set_fallback_state(s, row.id, "created")
     return child.id
 
 

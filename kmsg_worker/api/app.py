@@ -627,7 +627,7 @@ def create_app(
     kmsg = KMsg(settings, runtime=runtime, dispatcher=dispatcher)
     if owned:
         # The server's own process (uvicorn --factory): structured logs with phone numbers masked.
-        configure_logging(kmsg.settings.log_level, json_output=kmsg.settings.log_json, metrics=False)
+        configure_logging(kmsg.settings.log_level, json_output=kmsg.settings.log_json, counters=False)
     api = _Api(kmsg, config or ApiConfig.from_env())
 
     @asynccontextmanager

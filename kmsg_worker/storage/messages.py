@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, insert, or_, text, update
+from sqlalchemy import Table, bindparam, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kmsg_worker.providers.base import SendOutcome
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttemptRow",
+    "insert_child",
+    "set_fallback_state",
+    "stored_ids",
     "Transition",
     "attempt_row",
     "count_undecided",
@@ -134,6 +138,33 @@ def count_undecided(
     )
     with store.sessions.begin() as s:
         return {str(i): int(n) for i, n in s.execute(stmt)}
+
+
+def insert_child(session: Session, row: Mapping[str, Any]) -> bool:
+    """Insert a fallback child (built by :func:`~kmsg_worker.storage.rows.new_message_row`) in ``session``.
+
+    Its id is derived from its parent's, so a second insert collides: ``False`` then, and the
+    caller's transaction goes on (a savepoint holds the attempt): the child exists exactly once.
+    """
+    try:
+        with session.begin_nested():
+            session.execute(insert(MessageRow), dict(row))
+    except IntegrityError:
+        return False
+    return True
+
+
+def set_fallback_state(session: Session, message_id: str, state: str) -> None:
+    """Record on a parent what became of its fallback (``created`` or ``skipped:<reason>``)."""
+    session.execute(update(MessageRow).where(MessageRow.id == message_id).values(fallback_state=state[:64]))
+
+
+def stored_ids(store: Store, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are stored already."""
+    if not ids:
+        return set()
+    with store.sessions() as s:
+        return set(s.scalars(select(MessageRow.id).where(MessageRow.id.in_(list(ids)))))
 
 
 # -- sent -------------------------------------------------------------------------------------------
