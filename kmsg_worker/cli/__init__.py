@@ -7,7 +7,7 @@ Data goes to stdout, progress and notes to stderr; ``--json`` prints JSON instea
 
 from __future__ import annotations
 
-from kmsg_worker.cli import batches, demo, messages, operations  # noqa: F401 - each registers its commands
+from kmsg_worker.cli import api, batches, demo, messages, operations  # noqa: F401 - each registers its commands
 from kmsg_worker.cli.app import cli, main
 
 __all__ = ["cli", "main"]
