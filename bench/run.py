@@ -6,7 +6,7 @@
 
 Everything runs on this machine: the fake provider servers in their own process on 127.0.0.1,
 Redis, PostgreSQL (a scratch database created and dropped here), and real Celery worker processes.
-Results are printed and written as JSON under bench/results/. Targets (issue 5) are checked here,
+Results are printed and written as JSON under bench/results/. Targets are checked here,
 never in unit tests.
 """
 

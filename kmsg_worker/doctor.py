@@ -9,7 +9,7 @@ Checks, in order:
 * **database**: reachable (``SELECT 1``), and its clock read for the skew check (PostgreSQL).
 * **migrations**: PostgreSQL at the newest Alembic revision; SQLite has every table.
 * **broker**: Redis answers ``PING`` and keeps ``maxmemory-policy noeviction`` (eviction deletes
-  kombu's bindings, ``celery-production.md`` B14); the embedded broker's folder is writable.
+  kombu's bindings); the embedded broker's folder is writable.
 * **consumption**: workers *consume*, not merely run: the oldest ``queued`` message per queue is
   younger than ``--max-queue-age``, scheduled sends are not overdue, status checks are not far behind
   (B13: a worker can stay alive and stop consuming after a Redis reconnect).

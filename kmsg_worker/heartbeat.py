@@ -2,8 +2,8 @@
 
 The maintenance sweep and the status poll each overwrite one row of ``kmsg_heartbeats`` when they
 run in a worker. A fresh row proves three things at once: beat fires, the task reached the broker,
-and a worker consumed its queue — process liveness alone proves none of them
-(``celery-production.md`` B13). ``kmsg doctor`` and the ``kmsg_beat_heartbeat_age_seconds`` gauge
+and a worker consumed its queue — process liveness alone proves none of them (a beat can run while
+its publishes fail). ``kmsg doctor`` and the ``kmsg_beat_heartbeat_age_seconds`` gauge
 read them.
 """
 

@@ -1,14 +1,14 @@
 """Global rate limits: a token bucket per provider, per sender number and per tenant.
 
-Celery's ``rate_limit`` is per worker (``celery-production.md`` B5), so N workers would send N
-times the rate. These buckets live in Redis and every worker takes from the same ones::
+Celery's ``rate_limit`` is per worker, so N workers would send N times the rate
+(https://docs.celeryq.dev/en/stable/userguide/tasks.html#Task.rate_limit). These buckets live in Redis and every worker takes from the same ones::
 
     KMSG_RATE_LIMITS='{"solapi": 100, "iwinv": 50, "sender:0212345678": 10, "tenant:shop-a": 20}'
 
 Rates are units per second, and a message costs :attr:`~kmsg_worker.message.Message.parts` units
 (an LMS/MMS costs more than an SMS). A send takes from every bucket that applies to it (its
 provider, its sender number, its tenant) in **one** Lua script, all or nothing, so a message refused
-by its sender's bucket does not use up provider capacity (D.2 of ``celery-production.md``):
+by its sender's bucket does not use up provider capacity:
 
 * the time is Redis' own (``TIME`` inside the script), so workers on hosts with skewed clocks agree;
 * a bucket holds at most one second of capacity, so an idle provider never gets a burst larger

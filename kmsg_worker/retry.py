@@ -23,7 +23,9 @@ def backoff_delay(
 
     Exponential (``base * 2**(attempt-1)``), capped at ``max_delay``, with *bounded* jitter
     (+-``jitter`` of the delay) so retries spread out but never collapse to zero — Celery's own
-    full jitter can pick 0 (``celery-production.md`` B6). A provider's ``Retry-After`` is a floor.
+    full jitter can pick 0
+    (https://docs.celeryq.dev/en/stable/userguide/tasks.html#Task.retry_jitter). A provider's
+    ``Retry-After`` is a floor.
 
     Returns:
         Seconds, always > 0.

@@ -57,7 +57,7 @@ S = MessageStatus
 log = get_logger("kmsg.tracking")
 #: Status codes meaning "this recipient cannot get AlimTalk": Solapi 3104 (not a KakaoTalk user) and
 #: 3107 (no KakaoTalk use lately, or AlimTalk blocked), Kakao 3018 (NoSendAvailable), 3019
-#: (MessageNoUser) and 3020 (AlimTalk receipt blocked) (``providers.md`` E.1, E.3).
+#: (MessageNoUser) and 3020 (AlimTalk receipt blocked), from Solapi's and Kakao's published result codes.
 NON_KAKAO_CODES = frozenset({"3104", "3107", "3018", "3019", "3020"})
 #: Messages per call to a bulk status API (the adapter pages the vendor's own limit itself).
 BULK_STATUS_BATCH = 1000

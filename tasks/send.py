@@ -37,7 +37,7 @@ class SendMessageTask(Task):  # type: ignore[misc]
             when = _scheduled_from_options(options)
             if when is not None and fields.get("scheduled_at") is None:
                 # A Celery ETA/countdown becomes a stored schedule: a long ETA sits in a worker's
-                # memory and is redelivered past the visibility timeout (celery-production.md B1).
+                # memory and is redelivered past the visibility timeout (https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout).
                 fields["scheduled_at"] = when
             receipt = get_producer().send(fields)
             result = AsyncResult(receipt.message_id, app=self.app)

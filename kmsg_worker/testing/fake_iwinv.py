@@ -8,9 +8,9 @@ answered as an AlimTalk authentication failure. Point the adapter's ``base_url``
 and leave ``sms_base_url`` unset: both APIs then reach this port.
 
 Business errors are answered with HTTP 200 and the code in the body (``{"code": 401, ...}`` /
-``{"resultCode": 14, ...}``), as IWINV does: k-msg's adapter, the only description of the API,
-treats any non-2xx status as a network failure and reads every refusal from the body. Codes
-IWINV documents are used for what they mean (``providers.md`` §3.2); where the fake needs a code
+``{"resultCode": 14, ...}``), as IWINV does: a client treats any non-2xx status as a network
+failure and reads every refusal from the body. Codes IWINV's API guide documents are used for
+what they mean; where the fake needs a code
 IWINV does not document (malformed body, empty list), it uses one from the documented
 "invalid request" ranges (AlimTalk 502-517, SMS 41/43) so that the adapter's mapping is the same.
 

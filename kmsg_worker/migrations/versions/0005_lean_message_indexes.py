@@ -6,7 +6,7 @@ Create Date: 2026-11-30 04:40:00
 
 A bulk message row is written three times (intake COPY, chunk claim, result) and every index adds
 about 3 us to each write; the attempts foreign key added a per-row trigger (about 14 us per row).
-Measured with ``bench/run.py`` and the index experiment noted in issue 5.
+Measured with ``bench/run.py``; the figures are in docs/PERFORMANCE.md (History).
 """
 
 from __future__ import annotations
