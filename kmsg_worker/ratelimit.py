@@ -1,7 +1,8 @@
 """Global rate limits: a token bucket per provider, per sender number and per tenant.
 
 Celery's ``rate_limit`` is per worker, so N workers would send N times the rate
-(https://docs.celeryq.dev/en/stable/userguide/tasks.html#Task.rate_limit). These buckets live in Redis and every worker takes from the same ones::
+(https://docs.celeryq.dev/en/stable/userguide/tasks.html#Task.rate_limit). These buckets live in
+Redis and every worker takes from the same ones::
 
     KMSG_RATE_LIMITS='{"solapi": 100, "iwinv": 50, "sender:0212345678": 10, "tenant:shop-a": 20}'
 
