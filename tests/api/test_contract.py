@@ -16,7 +16,7 @@ from kmsg_worker.api import admin, create_app
 from kmsg_worker.api.problems import PROBLEM_TYPES
 from kmsg_worker.api.schemas import MessageRequest
 from kmsg_worker.errors import MessageNotFoundError, ValidationError
-from kmsg_worker.message import _KNOWN
+from kmsg_worker.message.validate import _KNOWN
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.storage.tenants import parse_key
 from tests.api.conftest import Keys
