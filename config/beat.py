@@ -51,6 +51,8 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
 
 #: Celery's beat logger: the per-entry line keeps its usual logger name.
 _celery_beat_log = logging.getLogger("celery.beat")
+#: Celery's own wording of that line (a stdlib log format, not one of kmsg's events).
+_SENDING_DUE_TASK = "Scheduler: Sending due task %s (%s)"
 
 
 class OutageQuietScheduler(PersistentScheduler):  # type: ignore[misc]
@@ -71,7 +73,7 @@ class OutageQuietScheduler(PersistentScheduler):  # type: ignore[misc]
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         """Publish one due entry; a broker outage is reported per outage, not per entry."""
         # The line Celery's own apply_entry writes for every due entry (operators grep for it).
-        _celery_beat_log.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        _celery_beat_log.info(_SENDING_DUE_TASK, entry.name, entry.task)
         try:
             self.apply_async(entry, producer=producer, advance=False)
         except Exception as exc:  # noqa: BLE001 - everything but an outage goes to Celery's handler
