@@ -50,10 +50,18 @@ class Scripted:
 
     def __init__(self) -> None:
         self.rules: dict[str, str] = {}
+        #: Hold a ``fail``/``throttle`` answer until this many requests were answered normally, so a
+        #: test does not depend on where the scripted receiver lands in the window (rows are
+        #: claimed in id order, which is random), only on the adapter's stop-after-refusal rule.
+        self.hold_until_answered = 0
+        self._answered = 0
+        self._answered_changed = threading.Condition()
 
     def before(self, receivers: Sequence[str]) -> FakeResponse | None:
         for receiver in receivers:
             rule = self.rules.get(receiver)
+            if rule in ("fail", "throttle"):
+                self._hold()
             if rule == "fail":
                 return FakeResponse(503, {"message": "scripted failure"})
             if rule == "throttle":
@@ -63,6 +71,17 @@ class Scripted:
     def after(self, receivers: Sequence[str]) -> None:
         if any(self.rules.get(r) == "accept_then_hang" for r in receivers):
             time.sleep(CLIENT_TIMEOUT + 0.5)
+        with self._answered_changed:
+            self._answered += 1
+            self._answered_changed.notify_all()
+
+    def _hold(self) -> None:
+        with self._answered_changed:
+            # bounded: a test whose batch has fewer requests than asked for fails on its own
+            # assertions instead of hanging
+            self._answered_changed.wait_for(
+                lambda: self._answered >= self.hold_until_answered, timeout=CLIENT_TIMEOUT * 0.8
+            )
 
 
 class ScriptedIwinv(FakeIwinvServer):

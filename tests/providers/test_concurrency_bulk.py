@@ -97,6 +97,7 @@ def process_again(rt: Runtime, clock: Clock, batch_id: str) -> None:
 def test_a_failed_or_throttled_request_in_a_chunk(make_runtime: Any, fake: ScriptedIwinv, rule: str) -> None:
     rt, dispatcher, clock = make_runtime()
     fake.script.rules["01050000005"] = rule
+    fake.script.hold_until_answered = 5  # wherever the bad receiver lands among the 40 requests
     fake.set_faults(latency_ms=20)
 
     batch_id = send_and_process(rt, dispatcher, 40)
