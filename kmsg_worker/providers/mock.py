@@ -101,6 +101,58 @@ def read_call_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
 
 
+class _CallIndex:
+    """The call log folded into per-message counts and acceptances, read incrementally.
+
+    Status queries, lookups and scripted sends all ask "what happened to these ids?"; re-reading the
+    whole log for each of them made a 100,000-message run quadratic. Only the bytes (or in-memory
+    records) appended since the last look are read. A torn last line (another process is mid-write;
+    writes are single ``O_APPEND`` calls, but a reader can still see part of one) is left for the next
+    look.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.position = 0
+        #: Calls per message id.
+        self.counts: dict[str, int] = {}
+        #: The latest accepted record per message id.
+        self.accepted: dict[str, dict[str, Any]] = {}
+
+    def reset(self) -> None:
+        self.offset = self.position = 0
+        self.counts.clear()
+        self.accepted.clear()
+
+    def add(self, record: dict[str, Any]) -> None:
+        message_id = record["message_id"]
+        self.counts[message_id] = self.counts.get(message_id, 0) + 1
+        if record.get("accepted"):
+            self.accepted[message_id] = record
+
+    def read_list(self, calls: Sequence[dict[str, Any]]) -> None:
+        if len(calls) < self.position:  # the list was cleared
+            self.reset()
+        for record in calls[self.position :]:
+            self.add(record)
+        self.position = len(calls)
+
+    def read_file(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:  # truncated or replaced
+                    self.reset()
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            if line.strip():
+                self.add(json.loads(line))
+        self.offset += end
+
+
 class MockProvider(Provider):
     """A provider that never leaves the process; for the demo, tests and benchmarks.
 
@@ -125,6 +177,7 @@ class MockProvider(Provider):
         self._log_path = Path(log) if log else None
         self._latency = float(self.config.option("latency_ms", 0)) / 1000.0
         self._lock = threading.Lock()
+        self._index = _CallIndex()
         #: Every call in this process, in order (also written to the log file when configured).
         self.calls: list[dict[str, Any]] = []
         #: Send requests made by this process (one per ``send_batch``).
@@ -132,10 +185,14 @@ class MockProvider(Provider):
 
     # -- call log ---------------------------------------------------------------------------------
 
-    def _records(self) -> list[dict[str, Any]]:
-        if self._log_path is not None:
-            return read_call_log(self._log_path)
-        return list(self.calls)
+    def _refresh(self) -> _CallIndex:
+        """The call index, brought up to date with what was logged since the last look."""
+        with self._lock:
+            if self._log_path is not None:
+                self._index.read_file(self._log_path)
+            else:
+                self._index.read_list(self.calls)
+            return self._index
 
     def _record(self, rows: Sequence[dict[str, Any]]) -> None:
         with self._lock:
@@ -151,7 +208,7 @@ class MockProvider(Provider):
 
     def calls_for(self, message_id: str) -> int:
         """How many times ``message_id`` reached this provider (all processes, when logging to a file)."""
-        return sum(1 for r in self._records() if r["message_id"] == message_id)
+        return self._refresh().counts.get(message_id, 0)
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -169,10 +226,7 @@ class MockProvider(Provider):
         if self._latency:
             time.sleep(self._latency)
         scripted = any(m.provider_options.get("mock") for m in messages)
-        counts: dict[str, int] = {}
-        if scripted:
-            for record in self._records():
-                counts[record["message_id"]] = counts.get(record["message_id"], 0) + 1
+        counts = self._refresh().counts if scripted else {}
         outcomes: list[SendOutcome] = []
         records: list[dict[str, Any]] = []
         lost: ProviderTimeout | None = None
@@ -226,17 +280,16 @@ class MockProvider(Provider):
 
     def _lookup(self, message_ids: Sequence[str], hints: Mapping[str, LookupHint]) -> dict[str, SendOutcome]:
         # The mock keeps every record by our id: hints would not narrow anything.
-        wanted = set(message_ids)
+        accepted = self._refresh().accepted
         found: dict[str, SendOutcome] = {}
-        for record in self._records():
-            if record["message_id"] in wanted and record.get("accepted"):
-                found[record["message_id"]] = SendOutcome(
-                    record["message_id"], True, record["pmid"], DeliveryState.SENT, raw=record
-                )
+        for message_id in message_ids:
+            record = accepted.get(message_id)
+            if record is not None:
+                found[message_id] = SendOutcome(message_id, True, record["pmid"], DeliveryState.SENT, raw=record)
         return found
 
     def _query_status(self, queries: Sequence[StatusQuery]) -> list[StatusReport]:
-        accepted = {r["message_id"]: r for r in self._records() if r.get("accepted")}
+        accepted = self._refresh().accepted
         reports = []
         for query in queries:
             record = accepted.get(query.message_id)
