@@ -5,7 +5,7 @@ and calls the same intake as :class:`~kmsg_worker.KMsg`; the API never sends any
 message or batch of another tenant is ``404``, exactly like a missing one.
 
 Handlers are ``async`` and run the producer's blocking calls (SQLAlchemy, Redis) in the thread
-pool; an NDJSON batch is read chunk by chunk from the event loop by the thread that stores it, so
+pool; an NDJSON or CSV batch is read chunk by chunk from the event loop by the thread that stores it, so
 it is never held whole in memory.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import datetime
@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from kmsg_worker.api import schemas
 from kmsg_worker.api.auth import Authenticator, Principal
 from kmsg_worker.api.config import ApiConfig
-from kmsg_worker.api.intake import batch_defaults, batch_rows, message_input, ndjson_rows, parse_json
+from kmsg_worker.api.intake import batch_defaults, batch_rows, csv_rows, message_input, ndjson_rows, parse_json
 from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain, problem_response, validation_problem
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import KmsgError, ValidationError
@@ -54,6 +54,7 @@ API_VERSION = "1.0.0"
 log = get_logger("kmsg.api")
 _JSON_TYPES = ("application/json",)
 _NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+_CSV_TYPES = ("text/csv", "application/csv")
 _STATUSES = frozenset(s.value for s in MessageStatus)
 _PROBLEM_RESPONSE = {"model": schemas.ProblemOut, "content": {"application/problem+json": {}}}
 _COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -436,15 +437,15 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         status_code=202,
         response_model=schemas.BatchReceiptOut,
         tags=["batches"],
-        summary="Send a batch (JSON, or NDJSON streamed row by row)",
+        summary="Send a batch (JSON, or NDJSON or CSV streamed row by row)",
         openapi_extra={"requestBody": _batch_body()},
         responses=_errors(400, 409, 413, 415, 422),
     )
     async def post_batch(
         request: Request,
         principal: Auth,
-        on_invalid: Annotated[str | None, Query(pattern="^(reject|skip)$", description="NDJSON bodies")] = None,
-        defaults: Annotated[str | None, Query(description="NDJSON bodies: the defaults as JSON text")] = None,
+        on_invalid: Annotated[str | None, Query(pattern="^(reject|skip)$", description="NDJSON and CSV bodies")] = None,
+        defaults: Annotated[str | None, Query(description="NDJSON and CSV bodies: the defaults as JSON text")] = None,
         defaults_header: Annotated[str | None, Header(alias="Kmsg-Defaults", include_in_schema=False)] = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
     ) -> dict[str, Any]:
@@ -454,13 +455,16 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
             if on_invalid is not None or defaults is not None or defaults_header is not None:
                 raise ValidationError("query", "forbidden", "a JSON batch carries defaults and on_invalid in its body")
             return await _json_batch(api, request, principal, idempotency_key)
-        if media in _NDJSON_TYPES:
+        if media in _NDJSON_TYPES or media in _CSV_TYPES:
             if defaults is not None and defaults_header is not None:
                 raise ValidationError("defaults", "duplicate_field", "give the defaults in the query or the header")
             raw_defaults = defaults if defaults is not None else defaults_header
             shared = parse_json(raw_defaults.encode()) if raw_defaults else None
-            return await _ndjson_batch(api, request, principal, shared, on_invalid or "reject", idempotency_key)
-        raise Problem("unsupported-media-type", "send a batch as application/json or application/x-ndjson")
+            parse = ndjson_rows if media in _NDJSON_TYPES else csv_rows
+            return await _streamed_batch(
+                api, request, principal, parse, shared, on_invalid or "reject", idempotency_key
+            )
+        raise Problem("unsupported-media-type", "send a batch as application/json, application/x-ndjson or text/csv")
 
     @app.get(
         "/v1/batches/{batch_id}",
@@ -498,6 +502,14 @@ def _batch_body() -> dict[str, Any]:
             "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
             "application/x-ndjson": {
                 "schema": {"type": "string", "description": "One message object per line, merged over defaults"}
+            },
+            "text/csv": {
+                "schema": {
+                    "type": "string",
+                    "description": "A header line, then one message per line: the columns to, id, text, type, "
+                    "subject, sender, from, template_id, scheduled_at are message fields, every other column "
+                    "a #{variable}; merged over defaults",
+                }
             },
         },
     }
@@ -545,8 +557,14 @@ def _store_json_batch(api: _Api, raw: bytes, principal: Principal, key: str | No
     return _receipt(receipt, principal, ids=True)
 
 
-async def _ndjson_batch(
-    api: _Api, request: Request, principal: Principal, defaults: Any, on_invalid: str, key: str | None
+async def _streamed_batch(
+    api: _Api,
+    request: Request,
+    principal: Principal,
+    parse: Callable[[Iterable[bytes], int], Iterator[Any]],
+    defaults: Any,
+    on_invalid: str,
+    key: str | None,
 ) -> dict[str, Any]:
     shared = batch_defaults(defaults, principal)
     stream: AsyncIterator[bytes] = request.stream().__aiter__()
@@ -565,7 +583,7 @@ async def _ndjson_batch(
 
     def store() -> Any:
         api.auth.take_token(principal.key_id)
-        rows = batch_rows(ndjson_rows(chunks(), api.config.max_line_bytes), shared, principal)
+        rows = batch_rows(parse(chunks(), api.config.max_line_bytes), shared, principal)
         return api.kmsg.send_many(
             rows, defaults=shared, on_invalid=on_invalid, idempotency_key=key, tenant=principal.tenant
         )

@@ -7,6 +7,8 @@ line that is not JSON into an invalid row, and streams an NDJSON body row by row
 
 from __future__ import annotations
 
+import codecs
+import csv
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -15,9 +17,10 @@ import orjson
 from kmsg_worker.api.auth import Principal
 from kmsg_worker.api.problems import Problem
 from kmsg_worker.errors import ValidationError
+from kmsg_worker.message.tabular import csv_message_rows
 from kmsg_worker.sandbox import SIMULATOR, is_sandbox_content, sandboxed
 
-__all__ = ["RefusedRow", "batch_rows", "message_input", "ndjson_rows", "parse_json"]
+__all__ = ["RefusedRow", "batch_rows", "csv_rows", "message_input", "ndjson_rows", "parse_json"]
 
 
 class RefusedRow(Mapping[str, Any]):
@@ -154,3 +157,35 @@ def _row(line: bytes, max_line_bytes: int) -> Any:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
         return RefusedRow("row", "json", "the line is not valid JSON")
+
+
+def csv_rows(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[dict[str, Any]]:
+    """Message rows of a streamed UTF-8 CSV body (header line first; a leading BOM is ignored).
+
+    Raises:
+        Problem: ``payload-too-large`` when a line exceeds ``max_line_bytes``; ``malformed-csv``
+            when the body is not UTF-8 or not CSV.
+    """
+    try:
+        yield from csv_message_rows(_text_lines(chunks, max_line_bytes))
+    except UnicodeDecodeError:
+        raise Problem("malformed-csv", "the body is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise Problem("malformed-csv", f"the body is not CSV ({exc})") from None
+
+
+def _text_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    pending = ""
+    for chunk in chunks:
+        lines = (pending + decoder.decode(chunk)).split("\n")
+        pending = lines.pop()
+        # characters, not bytes: a UTF-8 character is at least one byte, so this bound is looser
+        # by at most 4x, and it is only a guard against a body with no line breaks at all
+        if len(pending) > max_line_bytes:
+            raise Problem("payload-too-large", f"a CSV line is longer than {max_line_bytes} bytes")
+        for line in lines:
+            yield line + "\n"
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending

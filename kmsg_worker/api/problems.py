@@ -34,6 +34,7 @@ MAX_LISTED_ERRORS = 1000
 #: slug -> (HTTP status, title). The slug is the stable part of ``type``.
 PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "malformed-json": (400, "The body is not valid JSON"),
+    "malformed-csv": (400, "The body is not UTF-8 CSV"),
     "bad-request": (400, "The request is malformed"),
     "unauthorized": (401, "Missing, malformed, unknown or revoked API key"),
     "not-found": (404, "No such resource"),

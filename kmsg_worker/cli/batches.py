@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from collections.abc import Generator
@@ -16,37 +15,18 @@ from kmsg_worker.cli import app
 from kmsg_worker.cli.app import EXIT_ERROR, cli
 from kmsg_worker.cli.messages import JSON_OPTION
 from kmsg_worker.cli.output import echo_json, echo_table, is_terminal, note, plain
+from kmsg_worker.message.tabular import csv_message_rows
 
 if TYPE_CHECKING:
     from kmsg_worker.batches import BatchSummary
 
 __all__ = ["csv_rows", "summary_line"]
 
-#: CSV columns that are message fields; every other column is a #{variable}.
-MESSAGE_COLUMNS = frozenset({"to", "id", "text", "type", "subject", "sender", "from", "template_id", "scheduled_at"})
-
 
 def csv_rows(path: Path) -> Generator[dict[str, Any], None, None]:
-    """Message rows from a CSV: known columns are message fields, every other column a variable.
-
-    Read lazily, so a million-row file streams into the batch without being held in memory.
-    """
+    """Message rows from a CSV file (see :func:`kmsg_worker.message.tabular.csv_message_rows`)."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        for record in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            variables = {}
-            for key, value in record.items():
-                if key is None:
-                    continue  # a row with more cells than the header: the extra ones have no name
-                name = key.strip()
-                if name in MESSAGE_COLUMNS:
-                    if value not in (None, ""):
-                        row[name] = value
-                elif value is not None:
-                    variables[name] = value
-            if variables:
-                row["variables"] = variables
-            yield row
+        yield from csv_message_rows(fh)
 
 
 def _counts(summary: BatchSummary) -> tuple[int, int, int, int]:

@@ -222,3 +222,53 @@ def test_a_json_batch_over_its_limit_is_413_and_ndjson_defaults_may_come_in_a_he
     bad_defaults = {**headers, "Kmsg-Defaults": "{not json"}
     _problem(client.post("/v1/batches", content=_ndjson(1), headers=bad_defaults), 400, "malformed-json")
     assert stored_count(runtime) == 10
+
+
+def _stored_contents(runtime: Runtime) -> dict[str, dict[str, object]]:
+    from sqlalchemy import select
+
+    from kmsg_worker.storage.models import MessageRow
+
+    with runtime.store.sessions() as s:
+        return {row.recipient: row.content for row in s.scalars(select(MessageRow))}
+
+
+def _chunked(body: bytes, size: int) -> Iterator[bytes]:
+    # cut through multi-byte characters and quoted cells, as a network does
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def test_a_csv_batch_streams_in_with_columns_as_fields_and_variables(
+    client: TestClient, keys: Keys, runtime: Runtime
+) -> None:
+    lines = ["\ufeffto,name,text", '010-2000-0001,김하나,"#{name}님,\n두 줄 안내"']
+    lines += [f"0102000{i:04d},고객{i}," for i in range(2, 1001)]
+    body = ("\r\n".join(lines) + "\r\n").encode()
+    headers = {**keys.a_live, "Content-Type": "text/csv; charset=utf-8"}
+    params = {"defaults": '{"text": "#{name}님 쿠폰", "sender": "0212345678"}'}
+    answer = client.post("/v1/batches", params=params, content=_chunked(body, 7), headers=headers)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["accepted"] == 1000 and answer.json()["invalid"] == []
+    stored = _stored_contents(runtime)
+    assert len(stored) == 1000
+    # a quoted cell spanning two lines is one cell; an empty text cell leaves the default's text
+    assert stored["01020000001"]["text"] == "김하나님,\n두 줄 안내"
+    assert stored["01020000999"]["text"] == "고객999님 쿠폰"
+
+
+def test_a_csv_batch_that_is_not_utf8_or_has_a_bad_row_stores_nothing(
+    client: TestClient, keys: Keys, runtime: Runtime
+) -> None:
+    headers = {**keys.a_live, "Content-Type": "text/csv"}
+    params = {"defaults": '{"text": "안내", "sender": "0212345678"}'}
+    euc_kr = "to,name\n01020000001,김하나\n".encode("euc-kr")
+    _problem(client.post("/v1/batches", params=params, content=euc_kr, headers=headers), 400, "malformed-csv")
+    bad_row = b"to\n01020000001\n12\n"
+    rejected = _problem(
+        client.post("/v1/batches", params=params, content=bad_row, headers=headers), 422, "batch-validation"
+    )
+    assert rejected["errors"][0]["row"] == 2 and rejected["errors"][0]["field"] == "to"  # type: ignore[index]
+    endless = b"to,name\n01020000001," + b"x" * 200_000
+    _problem(client.post("/v1/batches", params=params, content=endless, headers=headers), 413, "payload-too-large")
+    assert stored_count(runtime) == 0
