@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select
+from sqlalchemy import Engine, and_, literal_column, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from kmsg_worker.errors import InvalidStateError, MessageNotFoundError, ValidationError
+from kmsg_worker.message.values import DEFAULT_TENANT
 from kmsg_worker.storage.db import make_sessionmaker
 from kmsg_worker.storage.models import ApiKey, Batch, MessageRow, Tenant
 
@@ -278,6 +279,10 @@ class TenantStore:
         if limit < 1:
             raise InvalidStateError("limit must be at least 1")
         conditions = [MessageRow.tenant == tenant]
+        if tenant != DEFAULT_TENANT:
+            # The partial index's predicate, as a literal: a prepared (generic) plan can only use
+            # the index when the statement itself implies it.
+            conditions.append(MessageRow.tenant != literal_column(f"'{DEFAULT_TENANT}'"))
         if statuses:
             conditions.append(MessageRow.status.in_(list(statuses)))
         if batch_id is not None:
