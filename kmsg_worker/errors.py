@@ -14,7 +14,8 @@
         ├── ProviderTransientError    retry the same provider later (timeouts, 5xx, busy)
         │   ├── ProviderTimeout       the request may or may not have reached the provider
         │   ├── ProviderConnectionError
-        │   └── ProviderRateLimited   429 or "too many requests"; honour ``retry_after``
+        │   ├── ProviderRateLimited   429 or "too many requests"; honour ``retry_after``
+        │   └── ProviderNotAttempted  never sent: an earlier request of the same batch failed
         └── ProviderRejected          never retried on the same provider: fail over or fail
 
 A :class:`ProviderError` also says whose fault it was (``blame``): ``"message"`` (invalid number,
@@ -40,6 +41,7 @@ __all__ = [
     "MessageNotFoundError",
     "ProviderConnectionError",
     "ProviderError",
+    "ProviderNotAttempted",
     "ProviderRateLimited",
     "ProviderRejected",
     "ProviderTimeout",
@@ -299,6 +301,29 @@ class ProviderConnectionError(ProviderTransientError):
 
 class ProviderRateLimited(ProviderTransientError):
     """The provider throttled us; wait ``retry_after`` seconds."""
+
+
+class ProviderNotAttempted(ProviderTransientError):
+    """Never sent: an earlier request of the same batch failed, and the requests after it were held back.
+
+    The provider never saw the message, so it is not "maybe accepted" (never reconciled) and the
+    call does not count against the message's attempts on that provider. It carries the code,
+    status and ``retry_after`` of the failure that held it back, so the same policy applies to it.
+    """
+
+    @classmethod
+    def held_back_by(cls, cause: ProviderError) -> ProviderNotAttempted:
+        """The error of a request that was not made because ``cause`` stopped the batch."""
+        # A held-back message did not time out itself: its stored code must not say it might be sent.
+        code = ErrorCode.PROVIDER_ERROR if isinstance(cause, ProviderTimeout) else cause.code
+        return cls(
+            f"{cause.provider}: not sent because an earlier request of the batch failed ({cause.code.value})",
+            provider=cause.provider,
+            code=code,
+            status_code=cause.status_code,
+            retry_after=cause.retry_after,
+            blame=cause.blame,
+        )
 
 
 class ProviderRejected(ProviderError):

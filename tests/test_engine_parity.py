@@ -65,6 +65,13 @@ CASES = [
         outcomes=("retryable", "accepted"),
     ),
     Case(
+        # a throttle is not the message's failure: more 429s than the attempt budget, still no failover
+        "429s do not spend attempts",
+        [{"outcome": "failure", "code": "RATE_LIMIT_EXCEEDED", "http_status": 429, "retry_after": 2}] * 3,
+        env={**FAILOVER_ROUTE, "KMSG_RETRY_MAX_ATTEMPTS": "2"},
+        outcomes=("retryable", "retryable", "retryable", "accepted"),
+    ),
+    Case(
         "timeout, the provider holds the message",
         [{"outcome": "lost_response"}],
         outcomes=("timeout", "reconciled_sent"),

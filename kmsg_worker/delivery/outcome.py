@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected
+from kmsg_worker.errors import ErrorCode, ProviderError, ProviderNotAttempted, ProviderRateLimited, ProviderRejected
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.retry import Action, decide
 from kmsg_worker.settings import RetryPolicy, Settings
@@ -66,6 +66,10 @@ class Decision:
         error: The classified error.
         delay: Seconds until the next try (``retry`` and ``reconcile``).
         reason: Why, in words (logs).
+        spent: Whether the call counts against the message's attempts on this provider: not when
+            the provider only throttled us (429) or the request was never made (held back behind a
+            failed one). Those wait and retry, bounded by the message's maximum age; a provider
+            that is really down is the circuit breaker's to skip.
     """
 
     message_id: str
@@ -74,6 +78,7 @@ class Decision:
     error: ProviderError
     delay: float = 0.0
     reason: str = ""
+    spent: bool = True
 
     @property
     def status(self) -> MessageStatus:
@@ -128,10 +133,12 @@ def decide_outcomes(
         policy = policies.get(key)
         if policy is None:
             policy = policies[key] = settings.retry_for(*key)
-        error = classify(refusal(outcome, row.provider), settings.error_policy)
+        raw = refusal(outcome, row.provider)
+        error = classify(raw, settings.error_policy)
+        spent = not (error.retryable and isinstance(raw, (ProviderRateLimited, ProviderNotAttempted)))
         decided = decide(
             error,
-            provider_attempts=row.provider_attempts + 1,
+            provider_attempts=row.provider_attempts + int(spent),
             age_seconds=(now - row.created_at).total_seconds(),
             has_next_provider=row.route_index + 1 < len(row.route),
             policy=policy,
@@ -142,7 +149,9 @@ def decide_outcomes(
             action = A.RECONCILE if can_lookup else A.UNKNOWN
             decisions.append(Decision(row.id, action, AttemptOutcome.TIMEOUT, error, RECONCILE_DELAY, decided.reason))
         elif decided.action is Action.RETRY:
-            decisions.append(Decision(row.id, A.RETRY, AttemptOutcome.RETRYABLE, error, decided.delay, decided.reason))
+            decisions.append(
+                Decision(row.id, A.RETRY, AttemptOutcome.RETRYABLE, error, decided.delay, decided.reason, spent)
+            )
         elif decided.action is Action.FAILOVER:
             decisions.append(Decision(row.id, A.FAILOVER, kind, error, 0.0, decided.reason))
         else:

@@ -125,7 +125,9 @@ def _apply_failures(
     per_message_events: bool,
 ) -> None:
     attempts: list[dict[str, Any]] = []
-    groups: dict[tuple[DeliveryAction, str, str, str], tuple[list[str], list[float]]] = defaultdict(lambda: ([], []))
+    groups: dict[tuple[DeliveryAction, str, str, str, bool], tuple[list[str], list[float]]] = defaultdict(
+        lambda: ([], [])
+    )
     for d in decisions:
         row = by_id[d.message_id]
         error = d.error
@@ -141,13 +143,13 @@ def _apply_failures(
                 detail=str(error)[:500],
             )
         )
-        ids, waits = groups[(d.action, d.error_code, error_text(error), row.provider)]
+        ids, waits = groups[(d.action, d.error_code, error_text(error), row.provider, d.spent)]
         ids.append(row.id)
         waits.append(d.delay)
         if per_message_events:
             _log_failure(row, d, error)
     transitions: list[Transition] = []
-    for (action, code, message, provider), (ids, waits) in groups.items():
+    for (action, code, message, provider, spent), (ids, waits) in groups.items():
         common: dict[str, Any] = {
             "attempts": MessageRow.attempts + 1,
             "error_code": code,
@@ -160,7 +162,7 @@ def _apply_failures(
             wait = max(waits)
             publish = wakes_by_countdown(rt.settings, wait)
             common.update(
-                provider_attempts=MessageRow.provider_attempts + 1,
+                provider_attempts=MessageRow.provider_attempts + int(spent),
                 next_attempt_at=now + timedelta(seconds=wait),
                 retry_task_published=publish,
                 outcome_unknown=action is A.RECONCILE,

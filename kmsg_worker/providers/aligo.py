@@ -60,7 +60,6 @@ from kmsg_worker.errors import (
     ErrorCode,
     ProviderError,
     ProviderRejected,
-    ProviderTimeout,
     ProviderTransientError,
     ValidationError,
 )
@@ -76,7 +75,7 @@ from kmsg_worker.providers.base import (
     StatusQuery,
     StatusReport,
 )
-from kmsg_worker.providers.base_http import HttpProvider, encode_multipart, halts_batch, raise_whole
+from kmsg_worker.providers.base_http import HttpProvider, encode_multipart, halts_batch, held_back, raise_whole
 
 __all__ = [
     "DEFAULT_KAKAO_BASE_URL",
@@ -786,8 +785,9 @@ class AligoProvider(HttpProvider):
                 for item, outcome in zip(items, result, strict=True):
                     outcomes[item.index] = outcome
         if halt is not None:
-            # Never sent because an earlier request failed: not "maybe accepted", even after a timeout.
-            never_left = halt if not isinstance(halt, ProviderTimeout) else self._not_sent(halt)
+            # Never sent because an earlier request failed: not "maybe accepted", even after a timeout,
+            # and not an attempt spent.
+            never_left = held_back(halt)
             for items in unsent:
                 self._fail(messages, outcomes, items, never_left)
         final = [o for o in outcomes if o is not None]
@@ -804,13 +804,6 @@ class AligoProvider(HttpProvider):
     ) -> None:
         for item in items:
             outcomes[item.index] = SendOutcome(messages[item.index].id, False, state=DeliveryState.FAILED, error=error)
-
-    def _not_sent(self, cause: ProviderError) -> ProviderTransientError:
-        return ProviderTransientError(
-            f"{self.name}: not sent because an earlier request of the batch failed ({cause.code.value})",
-            provider=self.name,
-            code=ErrorCode.PROVIDER_ERROR,
-        )
 
     # -- delivery results ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from kmsg_worker.errors import (
     ErrorCode,
     ProviderConnectionError,
     ProviderError,
+    ProviderNotAttempted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimeout,
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "HttpProvider",
     "halts_batch",
+    "held_back",
     "loads_json",
     "encode_multipart",
     "make_http_client",
@@ -251,6 +253,16 @@ def halts_batch(error: ProviderError) -> bool:
     requests; anything else (down, throttled, credentials, balance, timeout) would hit them too.
     """
     return not (isinstance(error, ProviderRejected) and error.blame == "message")
+
+
+def held_back(cause: ProviderError) -> ProviderError:
+    """The outcome of a request that was never made because ``cause`` stopped the batch.
+
+    A retryable cause (an outage, a throttle, a timeout) gives :class:`ProviderNotAttempted`: not
+    "maybe accepted", and not an attempt spent on that provider. A permanent one (our credentials
+    refused, no balance) is the held-back messages' fate too: they fail over or fail with it.
+    """
+    return ProviderNotAttempted.held_back_by(cause) if cause.retryable else cause
 
 
 def raise_whole(outcomes: Sequence[SendOutcome], halt: ProviderError) -> bool:

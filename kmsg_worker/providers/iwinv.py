@@ -75,6 +75,7 @@ from kmsg_worker.providers.base_http import (
     HttpProvider,
     encode_multipart,
     halts_batch,
+    held_back,
     loads_json,
     parse_retry_after,
     raise_whole,
@@ -563,8 +564,8 @@ class IwinvProvider(HttpProvider):
                 if failure is None and halts_batch(result):
                     failure = result
         if failure is not None:
-            # Same cause, same answer: the requests not started after it are not sent at all.
-            never_left = self._not_attempted(failure)
+            # Not started after it: never left, so neither "maybe accepted" nor an attempt spent.
+            never_left = held_back(failure)
             for job, result in zip(jobs, results, strict=True):
                 if result is None:
                     self._settle(job, messages, outcomes, never_left)
@@ -572,16 +573,6 @@ class IwinvProvider(HttpProvider):
         if failure is not None and raise_whole(final, failure):
             raise failure
         return final
-
-    def _not_attempted(self, failure: ProviderError) -> ProviderError:
-        if isinstance(failure, ProviderTimeout):
-            # These never left: they must not be reconciled as "maybe accepted".
-            return ProviderTransientError(
-                "iwinv: not sent because an earlier request of the batch timed out",
-                provider=self.name,
-                code=ErrorCode.PROVIDER_ERROR,
-            )
-        return failure
 
     @staticmethod
     def _settle(

@@ -26,7 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
-from kmsg_worker.errors import ConfigurationError, ProviderRateLimited, ProviderTimeout, ProviderTransientError
+from kmsg_worker.errors import (
+    ConfigurationError,
+    ErrorCode,
+    ProviderNotAttempted,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderTransientError,
+)
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.providers.aligo import AligoProvider
 from kmsg_worker.providers.base import DeliveryState, Provider, ProviderConfig, SendOutcome
@@ -278,9 +285,11 @@ def test_a_throttled_request_stops_the_window_and_nothing_is_lost(iwinv: Scripte
 
     throttled = outcomes[8]
     assert isinstance(throttled.error, ProviderRateLimited) and throttled.error.retry_after == 3
-    # Not started after the 429: the same "rate limited, retry after" answer, never "unknown"
+    # Not started after the 429: held back with the same "rate limited, retry after" answer,
+    # never "unknown", and marked as never attempted (no attempt spent)
     unsent = [o for o in outcomes if not o.accepted and o is not throttled]
-    assert unsent and all(isinstance(o.error, ProviderRateLimited) for o in unsent)
+    assert unsent and all(isinstance(o.error, ProviderNotAttempted) for o in unsent)
+    assert all(o.error.code is ErrorCode.RATE_LIMIT_EXCEEDED and o.error.retry_after == 3 for o in unsent)  # type: ignore[union-attr]
     assert_partition(outcomes, window_error=ProviderRateLimited)
     assert iwinv.ledger.per_recipient.total() == sum(o.accepted for o in outcomes)
 

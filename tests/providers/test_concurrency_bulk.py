@@ -109,6 +109,12 @@ def test_a_failed_or_throttled_request_in_a_chunk(make_runtime: Any, fake: Scrip
     assert not any(r.outcome_unknown for r in stored)
     bad = next(r for r in stored if r.recipient == "01050000005")
     assert bad.status == "retrying"
+    # only a request the provider refused for itself spends an attempt: a 503 does, a 429 does not,
+    # and the requests held back behind either never left
+    assert bad.provider_attempts == (1 if rule == "fail" else 0)
+    held_back = [r for r in stored if r.status == "retrying" and r is not bad]
+    assert held_back and all(r.provider_attempts == 0 for r in held_back)
+    assert all("not sent because an earlier request" in (r.error_message or "") for r in held_back)
     attempts = accepted_attempts(rt)
     assert all(attempts[r.id] == 1 for r in stored if r.status == "sent")
 

@@ -18,6 +18,7 @@ from kmsg_worker.errors import (
     ConfigurationError,
     ErrorCode,
     ProviderError,
+    ProviderNotAttempted,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimeout,
@@ -854,7 +855,11 @@ def test_timeout_mid_batch_marks_only_that_request_unknown() -> None:
     outcomes = mocked(Recorder(answer), max_in_flight=1).send_batch(batch)
     assert outcomes[0].accepted
     assert isinstance(outcomes[1].error, ProviderTimeout) and outcomes[1].state is DeliveryState.UNKNOWN
-    assert type(outcomes[2].error) is ProviderTransientError and outcomes[2].state is DeliveryState.FAILED
+    assert (
+        type(outcomes[2].error) is ProviderNotAttempted
+        and outcomes[2].error.code is ErrorCode.PROVIDER_ERROR
+        and outcomes[2].state is DeliveryState.FAILED
+    )
 
 
 def test_nothing_accepted_raises_the_failure() -> None:
