@@ -4,10 +4,12 @@
   from one keep-alive client with 8 requests in flight (and the latency at light load, one in flight);
 * a streamed batch: ``KMsg.send_many`` of N rows, against the same rows uploaded as NDJSON.
 
-Both sides store in the same scratch PostgreSQL database and publish to the same Redis broker (no
-worker consumes: this is the intake, not the delivery). The API runs as one uvicorn process.
+Both sides store in the same scratch PostgreSQL database, for the same tenant, and publish to the
+same Redis broker (no worker consumes: this is the intake, not the delivery). The API runs as one
+uvicorn process. ``--rounds N`` measures each pair N times, alternating which side goes first, and
+reports the median of the per-round ratios, so the machine's drift cancels out.
 
-    python -m bench.api [--count 1000] [--rows 20000]
+    python -m bench.api [--count 1000] [--rows 20000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+TENANT = "bench"
+
+
 def _body(i: int) -> dict[str, Any]:
     return {"to": f"0105{i % 10_000_000:07d}", "text": f"[bench] 인증번호 {i:06d}", "sender": "0212345678"}
 
@@ -54,10 +59,10 @@ def _kmsg_loop(env: dict[str, str], count: int) -> float:
     from kmsg_worker.settings import Settings
 
     with KMsg(Settings.from_env(env)) as kmsg:
-        kmsg.send(_body(0))  # connections and the Celery app warmed up, as the server's are
+        kmsg.send({**_body(0), "tenant": TENANT})  # connections and the Celery app warmed up, as the server's are
         started = time.perf_counter()
         for i in range(1, count + 1):
-            kmsg.send(_body(i))
+            kmsg.send({**_body(i), "tenant": TENANT})
         return count / (time.perf_counter() - started)
 
 
@@ -111,10 +116,93 @@ def _ndjson(count: int, offset: int) -> Iterator[bytes]:
         yield orjson.dumps(row) + b"\n"
 
 
+def _compare(
+    client: httpx.Client,
+    key: dict[str, str],
+    env: dict[str, str],
+    settings: Any,
+    count: int,
+    rows_count: int,
+    rounds: int,
+) -> None:
+    """Each comparison ``rounds`` times, alternating which side goes first; prints medians and ratios."""
+    import orjson
+
+    from kmsg_worker import KMsg
+
+    defaults = {"text": "[bench] 쿠폰 #{n}", "sender": "0212345678"}
+    params = {"defaults": orjson.dumps(defaults).decode(), "on_invalid": "skip"}
+    # Both inputs are built before the clock starts: the figures are the intake's, not the
+    # client's (this process would otherwise render the NDJSON on the cores the server uses).
+    rows = list(_rows(rows_count, 0))
+    body = b"".join(_ndjson(rows_count, 5_000_000))
+    loop_rates: list[float] = []
+    post_rates: list[float] = []
+    post_lat: list[float] = []
+    many_rates: list[float] = []
+    upload_rates: list[float] = []
+
+    def loop() -> None:
+        loop_rates.append(_kmsg_loop(env, count))
+
+    def post() -> None:
+        rate, latencies = _post_rate(client, key, count, 8)
+        post_rates.append(rate)
+        post_lat.extend(latencies)
+
+    def many() -> None:
+        with KMsg(settings) as kmsg:
+            started = time.perf_counter()
+            kmsg.send_many(rows, defaults=defaults, on_invalid="skip", tenant=TENANT)
+            many_rates.append(rows_count / (time.perf_counter() - started))
+
+    def upload() -> None:
+        started = time.perf_counter()
+        answer = client.post(
+            "/v1/batches", params=params, content=body, headers={**key, "Content-Type": "application/x-ndjson"}
+        )
+        upload_rates.append(rows_count / (time.perf_counter() - started))
+        if answer.status_code != 202 or answer.json()["accepted"] != rows_count:
+            raise RuntimeError(f"upload answered {answer.status_code}: {answer.text[:200]}")
+
+    for round_no in range(rounds):
+        first = round_no % 2 == 0  # alternate which side runs first
+        for step in (loop, post) if first else (post, loop):
+            step()
+        for step in (many, upload) if first else (upload, many):
+            step()
+    _, light_lat = _post_rate(client, key, min(300, count), 1)
+    single_ratio = statistics.median(p / q for p, q in zip(post_rates, loop_rates, strict=True))
+    batch_ratio = statistics.median(u / m for u, m in zip(upload_rates, many_rates, strict=True))
+
+    ms = 1000.0
+    print(f"singles ({count} per side and round, {rounds} rounds, PostgreSQL + Redis, one uvicorn process)")
+    print(f"  KMsg.send loop, one process     {statistics.median(loop_rates):8.1f} msg/s (median)")
+    print(
+        f"  POST /v1/messages, 8 in flight  {statistics.median(post_rates):8.1f} msg/s  "
+        f"median ratio {single_ratio:.0%} of the loop (rounds: "
+        + ", ".join(f"{p / q:.0%}" for p, q in zip(post_rates, loop_rates, strict=True))
+        + f")  p50 {statistics.median(post_lat) * ms:.1f} ms  p99 {_percentile(post_lat, 0.99) * ms:.1f} ms"
+    )
+    print(
+        f"  POST, 1 in flight (light load)  p50 {statistics.median(light_lat) * ms:.1f} ms"
+        f"  p99 {_percentile(light_lat, 0.99) * ms:.1f} ms"
+    )
+    print(f"streamed batch ({rows_count} rows per side and round, on_invalid=skip)")
+    print(f"  KMsg.send_many                  {statistics.median(many_rates):8.1f} rows/s (median)")
+    print(
+        f"  POST /v1/batches NDJSON         {statistics.median(upload_rates):8.1f} rows/s  "
+        f"median ratio {batch_ratio:.0%} (rounds: "
+        + ", ".join(f"{u / m:.0%}" for u, m in zip(upload_rates, many_rates, strict=True))
+        + ")"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000, help="single messages per side")
     parser.add_argument("--rows", type=int, default=20_000, help="rows of the streamed batch per side")
+    parser.add_argument("--rounds", type=int, default=3, help="measured pairs per comparison, alternating")
     args = parser.parse_args()
 
     import redis
@@ -126,7 +214,7 @@ def main() -> None:
     from kmsg_worker.storage.models import Base
 
     # The same log level as the server's (KMSG_LOG_LEVEL=WARNING): no line per message on either side.
-    configure_logging("WARNING", metrics=False)
+    configure_logging("WARNING", counters=False)
     name = f"kmsg_bench_api_{os.getpid()}"
     admin_engine = make_engine(PG_ADMIN).execution_options(isolation_level="AUTOCOMMIT")
     with admin_engine.connect() as conn:
@@ -152,8 +240,8 @@ def main() -> None:
         Base.metadata.create_all(engine)
         engine.dispose()
         settings = Settings.from_env(env)
-        admin.create_tenant("bench", settings=settings)
-        key = {"Authorization": f"Bearer {admin.create_key('bench', settings=settings).token}"}
+        admin.create_tenant(TENANT, settings=settings)
+        key = {"Authorization": f"Bearer {admin.create_key(TENANT, settings=settings).token}"}
         port = _free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "kmsg_worker.api:create_app"]
@@ -175,48 +263,7 @@ def main() -> None:
         for i in range(20):  # warm-up: connections, first imports in the server's threads
             client.post("/v1/messages", json=_body(20_000_000 + i), headers=key)
 
-        loop_rate = _kmsg_loop(env, args.count)
-        post_rate, post_lat = _post_rate(client, key, args.count, 8)
-        _, light_lat = _post_rate(client, key, min(300, args.count), 1)
-
-        from kmsg_worker import KMsg
-
-        defaults = {"text": "[bench] 쿠폰 #{n}", "sender": "0212345678"}
-        # Both inputs are built before the clock starts: the figures are the intake's, not the
-        # client's (this process would otherwise render the NDJSON on the cores the server uses).
-        rows = list(_rows(args.rows, 0))
-        body = b"".join(_ndjson(args.rows, 5_000_000))
-        with KMsg(settings) as kmsg:
-            started = time.perf_counter()
-            kmsg.send_many(rows, defaults=defaults, on_invalid="skip")
-            many_rate = args.rows / (time.perf_counter() - started)
-        import orjson
-
-        started = time.perf_counter()
-        answer = client.post(
-            "/v1/batches",
-            params={"defaults": orjson.dumps(defaults).decode(), "on_invalid": "skip"},
-            content=body,
-            headers={**key, "Content-Type": "application/x-ndjson"},
-        )
-        upload_rate = args.rows / (time.perf_counter() - started)
-        if answer.status_code != 202 or answer.json()["accepted"] != args.rows:
-            raise RuntimeError(f"upload answered {answer.status_code}: {answer.text[:200]}")
-
-        ms = 1000.0
-        print(f"singles ({args.count} per side, PostgreSQL + Redis broker, one uvicorn process)")
-        print(f"  KMsg.send loop, one process     {loop_rate:8.1f} msg/s")
-        print(
-            f"  POST /v1/messages, 8 in flight  {post_rate:8.1f} msg/s  ({post_rate / loop_rate:.0%} of the loop)"
-            f"  p50 {statistics.median(post_lat) * ms:.1f} ms  p99 {_percentile(post_lat, 0.99) * ms:.1f} ms"
-        )
-        print(
-            f"  POST, 1 in flight (light load)  p50 {statistics.median(light_lat) * ms:.1f} ms"
-            f"  p99 {_percentile(light_lat, 0.99) * ms:.1f} ms"
-        )
-        print(f"streamed batch ({args.rows} rows per side, on_invalid=skip)")
-        print(f"  KMsg.send_many                  {many_rate:8.1f} rows/s")
-        print(f"  POST /v1/batches NDJSON         {upload_rate:8.1f} rows/s  ({upload_rate / many_rate:.0%})")
+        _compare(client, key, env, settings, args.count, args.rows, args.rounds)
         client.close()
     finally:
         if server is not None:
