@@ -97,6 +97,7 @@ def test_every_fake_counts_acceptances_per_message(
     assert list(stats["duplicate_messages"].values()) == [2]
     assert stats["max_per_recipient"] == 3  # the per-recipient count cannot tell these apart
     assert NUMBER not in str(stats["per_message"])  # keys are digests or our ids, never the number
+    assert stats["peak_in_flight"] >= 1  # every fake, Solapi's own extras included, reports its peak
 
 
 def test_the_help_text_names_every_fault_knob_and_control_action() -> None:

@@ -297,9 +297,11 @@ class FakeSolapiServer(FakeProviderServer):
     def _control(self, request: FakeRequest) -> FakeResponse:
         if request.path == "/_fake/reset" and request.method == "POST":
             self.reset()
-        if request.path == "/_fake/stats":
-            return FakeResponse(200, {**self.ledger.stats(), "replacements": len(self.replacements)})
-        return super()._control(request)
+        answer = super()._control(request)
+        if request.path == "/_fake/stats" and isinstance(answer.body, dict):
+            # the common stats (ledger, peak in flight) plus Solapi's own SMS replacements
+            answer.body["replacements"] = len(self.replacements)
+        return answer
 
     # -- dispatch ----------------------------------------------------------------------------------
 
