@@ -55,6 +55,7 @@ __all__ = [
     "check_variables",
     "parse_ref",
     "render_matches",
+    "sync_all_providers",
     "sync_provider_templates",
     "template_variables",
 ]
@@ -643,3 +644,20 @@ def sync_provider_templates(rt: Runtime, provider: str) -> SyncCounts:
         deleted=counts.deleted,
     )
     return counts
+
+
+def sync_all_providers(rt: Runtime) -> dict[str, SyncCounts]:
+    """Sync every configured provider whose adapter has an AlimTalk template API.
+
+    A provider whose list cannot be read is logged (``template.sync_failed``) and skipped: its
+    stored templates stay as the last sync left them, and the others are still synced.
+    """
+    done: dict[str, SyncCounts] = {}
+    for name in rt.settings.providers:
+        try:
+            if not hasattr(rt.provider(name), "alimtalk_templates"):
+                continue
+            done[name] = sync_provider_templates(rt, name)
+        except Exception as exc:  # noqa: BLE001 - one provider's failure never stops the others
+            log.warning("template.sync_failed", provider=name, error=type(exc).__name__)
+    return done

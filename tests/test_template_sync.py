@@ -162,3 +162,28 @@ def test_text_fits_takes_any_value_in_place_of_a_variable() -> None:
     assert text_fits("a #{x} b", "a  b")
     assert not text_fits(BODY, "김님, 주문 A-1이 발송됨")
     assert not text_fits("a.b", "axb")
+
+
+def test_the_beat_syncs_hourly_by_default_and_not_at_all_at_zero() -> None:
+    from config.beat import beat_schedule
+    from kmsg_worker.dispatch import QUEUES, TASK_NAMES
+
+    entry = beat_schedule(Settings.from_env({}))["kmsg-sync-templates"]
+    assert (entry["task"], entry["schedule"], entry["options"]["queue"]) == (
+        TASK_NAMES["template_sync"],
+        3600.0,
+        QUEUES["maintenance"],
+    )
+    assert "kmsg-sync-templates" not in beat_schedule(Settings.from_env({"KMSG_TEMPLATE_SYNC_SECONDS": "0"}))
+
+
+def test_sync_all_skips_a_provider_that_fails_and_syncs_the_others(
+    rt: Runtime, fakes: dict[str, FakeProviderServer]
+) -> None:
+    from kmsg_worker.templates import sync_all_providers
+
+    fakes["aligo"].stop()
+    done = sync_all_providers(rt)
+    assert sorted(done) == ["iwinv", "solapi"]
+    assert all(c.new == 3 for c in done.values())
+    assert stored(rt, "aligo") == {}
