@@ -114,6 +114,7 @@ class _Template:
         self.defaults = dict(defaults)
         #: The registry template's variables when the batch sends one: every row gives exactly these.
         self.declared = declared
+        self.declared_set = frozenset(declared or ())
         self.ref = str(self.defaults.get("template"))
         self.raw_text = self.defaults.get("text", self.defaults.get("content"))
         probe = {**self.defaults, "to": "01000000000"}
@@ -149,7 +150,7 @@ class _Template:
             check_storable(row_vars, "variables")
             if row_vars:
                 variables = {**self.base_vars, **row_vars}
-        if self.declared is not None:
+        if self.declared is not None and variables.keys() != self.declared_set:
             check_variables(self.ref, self.declared, variables)
         msg = self.message
         text_value: str | None
