@@ -475,7 +475,9 @@ class TemplateResolver:
 
     def version(self, tenant: str, ref: object) -> TemplateVersion:
         """The version ``ref`` names for ``tenant`` (see :meth:`Registry.resolve`)."""
-        key = (tenant, ref if isinstance(ref, str) else repr(ref))
+        if not isinstance(ref, str):
+            parse_ref(ref)  # raises: not a reference (never repr'd: it may be any value a caller sent)
+        key = (tenant, str(ref))
         found = self._cache.get(key)
         if found is None:
             found = self.registry.resolve(tenant, ref)
