@@ -36,16 +36,18 @@ def rows(count: int) -> Any:
     return ({"to": f"010{i:08d}", "variables": {"name": f"고객{i}", "order": str(i)}} for i in range(count))
 
 
-def intake_round(kmsg: Any, mode: str, count: int) -> float:
-    """Rows per second of one ``send_many`` intake (an empty table each time)."""
+def intake_round(kmsg: Any, mode: str, count: int) -> tuple[float, float]:
+    """Rows per second of one ``send_many`` intake (an empty table each time): by the wall clock,
+    and by the producer process's CPU time (all its threads), which other load on a shared
+    machine disturbs far less than the wall clock."""
     with kmsg.runtime.engine.begin() as conn:
         conn.execute(text("TRUNCATE kmsg_attempts, kmsg_messages, kmsg_batches, kmsg_chunks CASCADE"))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     receipt = kmsg.send_many(rows(count), defaults=DEFAULTS[mode])
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     if len(receipt.message_ids) != count or receipt.invalid:
         raise RuntimeError(f"{mode}: {len(receipt.message_ids)} of {count} stored")
-    return count / seconds
+    return count / seconds, count / cpu_seconds
 
 
 def main() -> None:
@@ -68,20 +70,29 @@ def main() -> None:
             intake_round(kmsg, "inline", 5_000)  # warm-up: imports, connections, caches
             intake_round(kmsg, "template", 5_000)
             rates: dict[str, list[float]] = {"inline": [], "template": []}
+            cpu_rates: dict[str, list[float]] = {"inline": [], "template": []}
             for r in range(args.rounds):
                 order = ("inline", "template") if r % 2 == 0 else ("template", "inline")
                 for mode in order:
-                    rates[mode].append(intake_round(kmsg, mode, args.count))
-                    log(f"round {r + 1} {mode}: {rates[mode][-1]:,.0f} rows/s")
+                    wall, cpu = intake_round(kmsg, mode, args.count)
+                    rates[mode].append(wall)
+                    cpu_rates[mode].append(cpu)
+                    log(f"round {r + 1} {mode}: {wall:,.0f} rows/s (producer CPU: {cpu:,.0f} rows per CPU-second)")
         inline, template = (statistics.median(rates[m]) for m in ("inline", "template"))
         # Each round's two runs are back to back: their ratio is the least disturbed by drift.
         paired = [t / i for t, i in zip(rates["template"], rates["inline"], strict=True)]
+        cpu_paired = [t / i for t, i in zip(cpu_rates["template"], cpu_rates["inline"], strict=True)]
         results["intake_rows_per_s"] = {m: [round(v, 1) for v in rates[m]] for m in rates}
+        results["intake_rows_per_cpu_s"] = {m: [round(v, 1) for v in cpu_rates[m]] for m in cpu_rates}
         results["intake_paired_ratios"] = [round(r, 3) for r in paired]
+        results["intake_cpu_paired_ratios"] = [round(r, 3) for r in cpu_paired]
         results["intake_ratio"] = round(statistics.median(paired), 3)
+        results["intake_cpu_ratio"] = round(statistics.median(cpu_paired), 3)
         log(
             f"intake median: inline {inline:,.0f} rows/s, template {template:,.0f} rows/s; "
-            f"ratio per round {', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}"
+            f"wall ratio per round {', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}; "
+            f"producer-CPU ratio per round {', '.join(f'{r:.3f}' for r in cpu_paired)}, "
+            f"median {statistics.median(cpu_paired):.3f}"
         )
         if args.end_to_end:
             env.start_fakes()
@@ -95,7 +106,11 @@ def main() -> None:
                 log(f"end to end: ratio {ratio:.3f}")
             finally:
                 env.stop()
-    results["target_met"] = results["intake_ratio"] >= 0.9 and results.get("end_to_end_ratio", 1.0) >= 0.9
+    results["target_met"] = (
+        results["intake_ratio"] >= 0.9
+        and results["intake_cpu_ratio"] >= 0.9
+        and results.get("end_to_end_ratio", 1.0) >= 0.9
+    )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"templates-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2))
