@@ -1,7 +1,7 @@
 """A 100,000-row bulk sent by template against the same bulk with its text inline, same invocation.
 
     python -m bench.templates                 # intake: 5 alternated rounds of each, 100,000 rows
-    python -m bench.templates --end-to-end    # also one run of each through real workers and the fake
+    python -m bench.templates --end-to-end    # also 2 alternated runs of each through workers and the fake
 
 Both bulks carry the same per-row variables and render the same texts; the template bulk names a
 published registry template (``defaults={"template": "order_shipped"}``) instead of the text. What
@@ -54,7 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--end-to-end", action="store_true", help="also one run of each through real workers")
+    parser.add_argument("--end-to-end", action="store_true", help="also runs of each through real workers")
+    parser.add_argument("--end-to-end-rounds", type=int, default=2, help="end-to-end runs of each, alternated")
     args = parser.parse_args()
     results: dict[str, Any] = {"messages": args.count, "rounds": args.rounds}
     with scratch_database() as url:
@@ -97,13 +98,22 @@ def main() -> None:
         if args.end_to_end:
             env.start_fakes()
             try:
-                runs = {}
-                for mode in ("inline", "template"):
-                    runs[mode] = bench_bulk(env, args.count, 0.0, defaults=DEFAULTS[mode], rows=rows(args.count))
+                # Alternated too (inline, template, template, inline, ...): drift hits both.
+                runs: dict[str, list[dict[str, Any]]] = {"inline": [], "template": []}
+                for r in range(args.end_to_end_rounds):
+                    for mode in ("inline", "template") if r % 2 == 0 else ("template", "inline"):
+                        run = bench_bulk(env, args.count, 0.0, defaults=DEFAULTS[mode], rows=rows(args.count))
+                        runs[mode].append(run)
                 results["end_to_end"] = runs
-                ratio = runs["template"]["msgs_per_s"] / runs["inline"]["msgs_per_s"]
-                results["end_to_end_ratio"] = round(ratio, 3)
-                log(f"end to end: ratio {ratio:.3f}")
+                ratios = [
+                    t["msgs_per_s"] / i["msgs_per_s"] for t, i in zip(runs["template"], runs["inline"], strict=True)
+                ]
+                results["end_to_end_paired_ratios"] = [round(r, 3) for r in ratios]
+                results["end_to_end_ratio"] = round(statistics.median(ratios), 3)
+                log(
+                    f"end to end: ratio per round {', '.join(f'{r:.3f}' for r in ratios)}, "
+                    f"median {statistics.median(ratios):.3f}"
+                )
             finally:
                 env.stop()
     results["target_met"] = (
