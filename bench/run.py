@@ -270,7 +270,14 @@ def bench_naive(env: Env, count: int) -> dict[str, Any]:
 
 
 def bench_bulk(
-    env: Env, count: int, latency_ms: float, single_sends: int = 0, on_invalid: str = "reject"
+    env: Env,
+    count: int,
+    latency_ms: float,
+    single_sends: int = 0,
+    on_invalid: str = "reject",
+    *,
+    defaults: dict[str, Any] | None = None,
+    rows: Any = None,
 ) -> dict[str, Any]:
     """``send_many`` of ``count`` rows until every row is recorded as accepted by the provider.
 
@@ -297,7 +304,8 @@ def bench_bulk(
 
     kmsg = KMsg()
     latencies: list[float] = []
-    rows = ({"to": f"010{i:08d}", "variables": {"n": i}} for i in range(count))
+    if rows is None:
+        rows = ({"to": f"010{i:08d}", "variables": {"n": i}} for i in range(count))
     started = time.monotonic()
     started_wall = time.time()
     # The OTP sender is its own process, started with the bulk (see bench/singles.py).
@@ -306,7 +314,7 @@ def bench_bulk(
     singles = start_singles(env, single_sends * 2, interval=0.025) if single_sends else None
     receipt = kmsg.send_many(
         rows,
-        defaults={"text": "[bench] 겨울 세일 쿠폰 #{n}", "sender": "0212345678"},
+        defaults=defaults or {"text": "[bench] 겨울 세일 쿠폰 #{n}", "sender": "0212345678"},
         chunk_size=CHUNK_SIZE,
         on_invalid=on_invalid,
     )

@@ -46,6 +46,15 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": tick,
             "options": {"queue": QUEUES["maintenance"], "expires": tick * 2},
         }
+    if settings.template_sync_interval > 0:
+        # The providers' AlimTalk templates (approval states, bodies) for the preflight; hourly by
+        # default: approvals take hours to days, and each run is one list request per provider.
+        period = settings.template_sync_interval
+        schedule["kmsg-sync-templates"] = {
+            "task": TASK_NAMES["template_sync"],
+            "schedule": period,
+            "options": {"queue": QUEUES["maintenance"], "expires": period},
+        }
     return schedule
 
 

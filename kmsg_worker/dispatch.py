@@ -39,6 +39,7 @@ TASK_NAMES: Final[Mapping[str, str]] = MappingProxyType(
         "poll": "kmsg.poll_statuses",
         "sweep": "kmsg.sweep",
         "schedule": "kmsg.dispatch_scheduled",
+        "template_sync": "kmsg.sync_templates",
     }
 )
 

@@ -33,6 +33,7 @@ from kmsg_worker.message import (
     TEXT_TYPES,
     VAR_PATTERN,
     Message,
+    MessageType,
     check_message_id,
     check_storable,
     check_tenant,
@@ -54,6 +55,7 @@ from kmsg_worker.storage.models import (
     ChunkLease,
 )
 from kmsg_worker.storage.rows import new_message_columns, shared_columns
+from kmsg_worker.templates import AlimTalkPreflight, Registry, TemplateResolver, check_variables
 
 __all__ = ["intake"]
 
@@ -106,8 +108,14 @@ class _TemplateText:
 class _Template:
     """The shared part of a batch, validated once; rows only add a number and variables."""
 
-    def __init__(self, rt: Runtime, defaults: Mapping[str, Any], now: datetime) -> None:
+    def __init__(
+        self, rt: Runtime, defaults: Mapping[str, Any], now: datetime, declared: tuple[str, ...] | None = None
+    ) -> None:
         self.defaults = dict(defaults)
+        #: The registry template's variables when the batch sends one: every row gives exactly these.
+        self.declared = declared
+        self.declared_set = frozenset(declared or ())
+        self.ref = str(self.defaults.get("template"))
         self.raw_text = self.defaults.get("text", self.defaults.get("content"))
         probe = {**self.defaults, "to": "01000000000"}
         # Same default as the row-by-row path: batch rows ride the bulk priority unless told otherwise.
@@ -142,6 +150,8 @@ class _Template:
             check_storable(row_vars, "variables")
             if row_vars:
                 variables = {**self.base_vars, **row_vars}
+        if self.declared is not None and variables.keys() != self.declared_set:
+            check_variables(self.ref, self.declared, variables)
         msg = self.message
         text_value: str | None
         if self.text is not None:
@@ -230,20 +240,33 @@ def _iter_rows(
     defaults: Mapping[str, Any],
     now: datetime,
     explicit: set[str] | None = None,
+    tenant: str = "default",
 ) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     """Validate rows one by one, like :meth:`KMsg.send` would, including routing.
 
     Ids the caller gave are collected in ``explicit``; a repeated one is an invalid row (ids are
     primary keys: the write would fail for the whole slice).
     """
-    template = _Template(rt, defaults, now)
+    resolver = TemplateResolver(Registry(rt.engine, rt.settings.limits))
+    declared: tuple[str, ...] | None = None
+    if defaults.get("template") is not None:
+        # The batch's template, resolved once: every row renders the same version.
+        try:
+            declared = resolver.version(str(defaults.get("tenant") or tenant), defaults["template"]).variables
+            defaults = resolver.apply(defaults, check=False, tenant=tenant)
+        except ValidationError as exc:
+            # Every row is invalid the same way: reported per row, under on_invalid.
+            yield from ((i, RowError(i, exc.field, exc.rule, exc.detail)) for i, _ in enumerate(messages, start=1))
+            return
+    template = _Template(rt, defaults, now, declared)
+    preflight = AlimTalkPreflight(rt)
     base = dict(defaults)
     base.setdefault("priority", "bulk")
     explicit = set() if explicit is None else explicit
     default_id = any(base.get(k) is not None for k in _ID_KEYS)
     # Routing errors (unknown provider_id, no provider for the type, an AlimTalk no provider can
     # address to a Kakao channel) per (type, provider_id, the Kakao fields the row gives).
-    routable: dict[tuple[str, Any, Any], ValidationError | None] = {}
+    routable: dict[tuple[str, Any, Any], list[str] | ValidationError] = {}
     for index, item in enumerate(messages, start=1):
         try:
             # A dict is checked by its exact type first: isinstance() against an ABC is a Python-level
@@ -253,10 +276,7 @@ def _iter_rows(
             if template.ok and item.keys() <= _FAST_KEYS:
                 content = template.build(item)
             else:
-                merged = {**base, **item}
-                content = normalize(
-                    merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
-                ).content()
+                content = _row_content(rt, {**base, **item}, item, resolver, declared, tenant, now)
             kakao = content.get("kakao")
             key = (
                 content["type"],
@@ -265,13 +285,15 @@ def _iter_rows(
             )
             if key not in routable:
                 try:
-                    rt.router.route(Message.from_content(content))
-                    routable[key] = None
+                    routable[key] = rt.router.route(Message.from_content(content))
                 except ValidationError as exc:
                     routable[key] = exc
-            route_error = routable[key]
-            if route_error is not None:
-                raise route_error
+            route = routable[key]
+            if isinstance(route, ValidationError):
+                raise route
+            if content["type"] == "ALIMTALK":
+                content = preflight.check(content, route)
+                check_text(MessageType.ALIMTALK, content.get("text"), None, rt.settings.limits)
             if default_id or _gives_id(item):
                 if content["id"] in explicit:
                     raise ValidationError("id", "duplicate", "the same id is given to another row of this batch")
@@ -279,6 +301,28 @@ def _iter_rows(
             yield index, content
         except ValidationError as exc:
             yield index, RowError(index, exc.field, exc.rule, exc.detail)
+
+
+def _row_content(
+    rt: Runtime,
+    merged: dict[str, Any],
+    item: Mapping[str, Any],
+    resolver: TemplateResolver,
+    declared: tuple[str, ...] | None,
+    tenant: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """A row off the fast path: its template (its own, or the batch's variables checked), then normalize."""
+    if item.get("template") is not None:
+        # The row's own template replaces the batch's text (and template, if any).
+        if item.get("text") is None and item.get("content") is None:
+            merged.pop("text", None)
+            merged.pop("content", None)
+        merged = resolver.apply(merged, tenant=tenant)
+    elif declared is not None:
+        given = merged.get("variables")
+        check_variables(str(merged.get("template")), declared, given if isinstance(given, Mapping) else {})
+    return normalize(merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender).content()
 
 
 def _gives_id(item: Mapping[str, Any]) -> bool:
@@ -438,7 +482,9 @@ def intake(
     invalid_count = 0
 
     explicit: set[str] = set()
-    rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(rt, messages, defaults, now, explicit)
+    rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(
+        rt, messages, defaults, now, explicit, tenant
+    )
     if idempotency_key:
         rows_iter = _hashing(rows_iter, digest)
         repeat = _repeat_of_stored(rt, rows_iter, tenant, idempotency_key, now, digest, reject=reject)

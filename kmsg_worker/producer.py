@@ -24,13 +24,14 @@ from kmsg_worker.errors import ConfigurationError, InvalidStateError, MessageNot
 from kmsg_worker.gctune import raised_threshold
 from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
-from kmsg_worker.message import Message, normalize
+from kmsg_worker.message import Message, MessageType, check_text, normalize
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.rows import new_message_row
+from kmsg_worker.templates import AlimTalkPreflight, Registry, TemplateResolver
 
 __all__ = ["AttemptInfo", "BatchReceipt", "BatchSummary", "KMsg", "MessageInfo", "Receipt"]
 
@@ -164,6 +165,8 @@ class KMsg:
             runtime.dispatcher = dispatcher
         self.runtime = runtime
         self.settings = runtime.settings
+        #: The tenant template registry (create, edit, publish, archive, preview).
+        self.templates = Registry(runtime.engine, runtime.settings.limits)
 
     def close(self) -> None:
         """Release the database pool and HTTP client."""
@@ -186,6 +189,8 @@ class KMsg:
         if message is not None and not isinstance(message, Mapping):
             raise ValidationError("message", "type", f"must be a mapping, got {type(message).__name__}")
         raw = {**(message or {}), **fields}
+        if raw.get("template") is not None:
+            raw = TemplateResolver(self.templates).apply(raw)
         return normalize(
             raw,
             limits=self.settings.limits,
@@ -213,6 +218,8 @@ class KMsg:
         """
         msg = self.validate(message, **fields)
         route = self.runtime.router.route(msg)
+        if msg.type is MessageType.ALIMTALK:
+            msg = _preflighted(self.runtime, msg, route)
         now = self.runtime.now()
         row = new_message_row(msg, route, now)
         idem = None
@@ -403,6 +410,16 @@ class KMsg:
             raise InvalidStateError(f"message {message_id} cannot be cancelled: it is already {row.status}")
         log.info("message.cancelled", message_id=message_id)
         return self.get(message_id)
+
+
+def _preflighted(rt: Runtime, msg: Message, route: list[str]) -> Message:
+    """``msg`` checked against its providers' approved AlimTalk template (and completed from it)."""
+    content = msg.content()
+    checked = AlimTalkPreflight(rt).check(dict(content), route)
+    if checked == content:
+        return msg
+    check_text(msg.type, checked.get("text"), msg.subject, rt.settings.limits)
+    return Message.from_content(checked)
 
 
 def _info(row: MessageRow, attempts: list[AttemptInfo], children: list[str]) -> MessageInfo:

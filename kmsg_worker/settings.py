@@ -210,6 +210,13 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # also refuses nan
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _niceness(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 19:
@@ -285,6 +292,12 @@ class Settings:
     #: Beat period of the scheduled-send dispatch (shorter than the sweep: scheduled sends are on time).
     schedule_interval: float = 1.0
     sweep_batch: int = 1000
+    #: AlimTalk check before queueing against the synced provider templates (``KMSG_ALIMTALK_PREFLIGHT``):
+    #: ``auto`` checks with the providers whose templates were synced, ``required`` refuses a send
+    #: to a provider never synced, ``off`` sends on trust.
+    alimtalk_preflight: str = "auto"
+    #: Beat period of the AlimTalk template sync (``KMSG_TEMPLATE_SYNC_SECONDS``; 0: no beat entry).
+    template_sync_interval: float = 3600.0
     log_level: str = "INFO"
     log_json: bool = True
     #: Port of the worker's Prometheus endpoint (``KMSG_METRICS_PORT``); 0 = not served by the worker.
@@ -468,6 +481,8 @@ class Settings:
             "sweep_interval": _parse(env, "KMSG_SWEEP_INTERVAL_SECONDS", 5.0, _positive(float)),
             "schedule_interval": _parse(env, "KMSG_SCHEDULE_INTERVAL_SECONDS", 1.0, _positive(float)),
             "sweep_batch": _parse(env, "KMSG_SWEEP_BATCH", 1000, _positive(int)),
+            "alimtalk_preflight": _parse(env, "KMSG_ALIMTALK_PREFLIGHT", "auto", _choice("auto", "required", "off")),
+            "template_sync_interval": _parse(env, "KMSG_TEMPLATE_SYNC_SECONDS", 3600.0, _non_negative_float),
             "log_level": (_env(env, "KMSG_LOG_LEVEL") or "INFO").upper(),
             "log_json": _parse(env, "KMSG_LOG_JSON", True, _bool),
             "metrics_port": _parse(env, "KMSG_METRICS_PORT", 0, _port),

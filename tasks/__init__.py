@@ -7,6 +7,7 @@ from tasks.bulk import send_bulk, send_chunk
 from tasks.maintenance import sweep
 from tasks.scheduling import dispatch_scheduled
 from tasks.send import send_message
+from tasks.templates import sync_templates
 from tasks.tracking import poll
 
-__all__ = ["dispatch_scheduled", "poll", "send_bulk", "send_chunk", "send_message", "sweep"]
+__all__ = ["dispatch_scheduled", "poll", "send_bulk", "send_chunk", "send_message", "sweep", "sync_templates"]

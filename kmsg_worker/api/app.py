@@ -240,6 +240,36 @@ class _Api:
         sample = self.tenants.batch_content(batch_id)
         return {**asdict(summary), "done": summary.done, "test": sample is not None and is_sandbox_content(sample)}
 
+    def templates(self, principal: Principal, action: str, ref: str | None, body: bytes | None) -> dict[str, Any]:
+        """One registry operation for the key's tenant (the request body already size-checked)."""
+        registry, tenant, now = self.kmsg.templates, principal.tenant, self.kmsg.runtime.now()
+        data = parse_json(body) if body is not None else {}
+        if not isinstance(data, dict):
+            raise ValidationError("body", "type", "must be a JSON object")
+        if action == "list":
+            return {"data": [v.as_dict() for v in registry.all(tenant)]}
+        assert ref is not None or action == "create"
+        if action == "create":
+            fields = _template_fields(data, schemas.TemplateRequest, required=("name", "body"))
+            name, body_text = fields.pop("name"), fields.pop("body")
+            return registry.create(tenant, name, body_text, now=now, **fields).as_dict()
+        assert ref is not None
+        if action == "show":
+            versions = registry.store.versions(tenant, ref)
+            if not versions:
+                raise Problem("not-found", f"no template {ref!r}")
+            return {"data": [v.as_dict() for v in registry.show(tenant, ref)]}
+        if action == "edit":
+            return registry.edit(tenant, ref, now=now, **_template_fields(data, schemas.TemplateEditRequest)).as_dict()
+        if action == "preview":
+            sample = _template_fields(data, schemas.TemplatePreviewRequest).get("variables") or {}
+            if not isinstance(sample, dict):
+                raise ValidationError("variables", "type", "must be a JSON object")
+            return registry.preview(tenant, ref, sample).as_dict()
+        if action == "publish":
+            return registry.publish(tenant, ref, now=now).as_dict()
+        return registry.archive(tenant, ref, now=now).as_dict()
+
     def aware(self, value: datetime | None) -> datetime | None:
         # Naive times are in the deployment's zone, as for scheduled_at.
         if value is None or value.tzinfo is not None:
@@ -267,6 +297,7 @@ async def _principal(request: Request) -> Principal:
 Auth = Annotated[Principal, Depends(_principal)]
 MessageId = Annotated[str, Path(max_length=80)]
 BatchId = Annotated[str, Path(max_length=40)]
+TemplateRef = Annotated[str, Path(max_length=80, description="name, or name@version")]
 
 
 class _AccessLog:
@@ -491,6 +522,100 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
         return result
 
 
+def _template_fields(data: dict[str, Any], model: type[Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The body's fields, checked against ``model``'s names; the registry checks their values."""
+    known = set(model.model_fields)
+    for key in data:
+        if key not in known:
+            raise ValidationError(key, "unknown_field", f"unknown field; known fields: {', '.join(sorted(known))}")
+    for key in required:
+        if data.get(key) is None:
+            raise ValidationError(key, "required", "is required")
+    return {key: data.get(key) for key in known if key in data or key not in required}
+
+
+def _template_routes(app: FastAPI) -> None:
+    """``/v1/templates``: the key's tenant's template registry (see :mod:`kmsg_worker.templates`)."""
+
+    async def run(request: Request, principal: Principal, action: str, ref: str | None) -> dict[str, Any]:
+        api = _app_of(request)
+        body: bytes | None = None
+        if request.method == "POST" and action in ("create", "edit", "preview"):
+            if _media_type(request) not in _JSON_TYPES:
+                raise Problem("unsupported-media-type", "send the template as application/json")
+            body = await _read_body(request, api.config.max_body_bytes)
+        result: dict[str, Any] = await api.run(principal, api.templates, principal, action, ref, body)
+        return result
+
+    @app.get("/v1/templates", response_model=schemas.TemplateListOut, tags=["templates"], summary="Every template")
+    async def list_templates(request: Request, principal: Auth) -> dict[str, Any]:
+        return await run(request, principal, "list", None)
+
+    @app.post(
+        "/v1/templates",
+        status_code=201,
+        response_model=schemas.TemplateOut,
+        tags=["templates"],
+        summary="Create a template (version 1, a draft)",
+        openapi_extra={"requestBody": _body("TemplateRequest")},
+        responses=_errors(413, 415, 422),
+    )
+    async def create_template(request: Request, principal: Auth) -> dict[str, Any]:
+        return await run(request, principal, "create", None)
+
+    @app.get(
+        "/v1/templates/{name}",
+        response_model=schemas.TemplateListOut,
+        tags=["templates"],
+        summary="Every version of a template",
+        responses=_errors(404),
+    )
+    async def show_template(request: Request, principal: Auth, name: TemplateRef) -> dict[str, Any]:
+        return await run(request, principal, "show", name)
+
+    @app.post(
+        "/v1/templates/{name}/edit",
+        response_model=schemas.TemplateOut,
+        tags=["templates"],
+        summary="Edit the draft, or start the next version as a draft",
+        openapi_extra={"requestBody": _body("TemplateEditRequest")},
+        responses=_errors(409, 413, 415, 422),
+    )
+    async def edit_template(request: Request, principal: Auth, name: TemplateRef) -> dict[str, Any]:
+        return await run(request, principal, "edit", name)
+
+    @app.post(
+        "/v1/templates/{ref}/preview",
+        response_model=schemas.TemplatePreviewOut,
+        tags=["templates"],
+        summary="Render a version with sample variables: text, bytes, SMS or LMS",
+        openapi_extra={"requestBody": _body("TemplatePreviewRequest")},
+        responses=_errors(413, 415, 422),
+    )
+    async def preview_template(request: Request, principal: Auth, ref: TemplateRef) -> dict[str, Any]:
+        return await run(request, principal, "preview", ref)
+
+    @app.post(
+        "/v1/templates/{ref}/publish",
+        response_model=schemas.TemplateOut,
+        tags=["templates"],
+        summary="Publish a draft (by name: the draft)",
+        responses=_errors(409, 422),
+    )
+    async def publish_template(request: Request, principal: Auth, ref: TemplateRef) -> dict[str, Any]:
+        return await run(request, principal, "publish", ref)
+
+    @app.post(
+        "/v1/templates/{ref}/archive",
+        response_model=schemas.TemplateOut,
+        tags=["templates"],
+        summary="Archive a version (by name: the latest published one)",
+        responses=_errors(409, 422),
+    )
+    async def archive_template(request: Request, principal: Auth, ref: TemplateRef) -> dict[str, Any]:
+        return await run(request, principal, "archive", ref)
+
+
 def _body(model: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}
 
@@ -667,6 +792,7 @@ def create_app(
     app.state.api = api
     _install_handlers(app)
     _routes(app)
+    _template_routes(app)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     if api.config.cors_origins:
         app.add_middleware(

@@ -27,6 +27,12 @@ __all__ = [
     "MessageSummaryOut",
     "ProblemOut",
     "RowErrorOut",
+    "TemplateEditRequest",
+    "TemplateListOut",
+    "TemplateOut",
+    "TemplatePreviewOut",
+    "TemplatePreviewRequest",
+    "TemplateRequest",
 ]
 
 
@@ -41,7 +47,10 @@ class MessageRequest(BaseModel):
     sender: str | None = None
     text: str | None = Field(None, description="Text; #{name} is replaced from variables")
     subject: str | None = None
-    template_id: str | None = None
+    template_id: str | None = Field(None, description="AlimTalk: the provider's template code")
+    template: str | None = Field(
+        None, description="A registry template: its name (latest published version) or name@version; with variables"
+    )
     variables: dict[str, Any] | None = None
     media: dict[str, Any] | None = None
     image_url: str | None = None
@@ -200,3 +209,70 @@ class ProblemOut(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         None, description="Validation: {field, rule, message}; batch rows: {row, field, rule, message}"
     )
+
+
+class TemplateRequest(BaseModel):
+    """A new template: version 1, a draft."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-64 of A-Z a-z 0-9 _ . -")
+    body: str = Field(description="The text; #{name} marks a variable")
+    type: Literal["SMS", "LMS", "MMS", "FRIENDTALK"] | None = Field(
+        None, description="Omitted: SMS or LMS by the rendered text's bytes"
+    )
+    subject: str | None = Field(None, description="LMS/MMS subject (fixed text)")
+
+
+class TemplateEditRequest(BaseModel):
+    """Changes to a template: its draft, or the next version as a draft. Omitted fields are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    body: str | None = None
+    type: Literal["SMS", "LMS", "MMS", "FRIENDTALK"] | None = None
+    subject: str | None = None
+
+
+class TemplateOut(BaseModel):
+    """One version of a template."""
+
+    name: str
+    version: int
+    ref: str = Field(description="name@version: what a message sent with it records")
+    state: Literal["draft", "published", "archived"]
+    type: str | None
+    body: str
+    subject: str | None
+    variables: list[str] = Field(description="The body's #{name} variables, in order")
+    created_at: datetime
+    updated_at: datetime
+    published_at: datetime | None
+    archived_at: datetime | None
+
+
+class TemplateListOut(BaseModel):
+    """Templates (or one template's versions)."""
+
+    data: list[TemplateOut]
+
+
+class TemplatePreviewRequest(BaseModel):
+    """Sample variables for a preview."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variables: dict[str, Any] = Field(default_factory=dict)
+
+
+class TemplatePreviewOut(BaseModel):
+    """A version rendered with sample variables."""
+
+    ref: str
+    text: str
+    subject: str | None
+    bytes: int = Field(description="Bytes as Korean carriers count them (Hangul 2)")
+    type: str = Field(description="SMS or LMS for this text (or the template's own type)")
+    missing: list[str] = Field(description="Variables not given (their #{name} stays in the text)")
+    unknown: list[str] = Field(description="Given variables the template does not have")
+    steps: list[str] = Field(description="Composing steps applied after rendering")

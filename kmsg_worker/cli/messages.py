@@ -67,6 +67,7 @@ def parse_time(value: str, option: str, *, now: datetime, tz: str) -> datetime:
 @click.option("--subject", help="LMS/MMS subject.")
 @click.option("--from", "sender", help="Sender number (default: KMSG_DEFAULT_SENDER).")
 @click.option("--template-id", help="AlimTalk template code.")
+@click.option("--template", help="Registry template: NAME (latest published) or NAME@VERSION; with --var.")
 @click.option("--provider", "provider_id", help="Send through this provider only (no failover).")
 @click.option("--priority", type=click.Choice(["high", "normal", "bulk"]), help="Queue (default: normal).")
 @click.option("--tenant", help="Tenant id ([A-Za-z0-9_.-]{1,64}; default: 'default').")

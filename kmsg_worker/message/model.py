@@ -148,6 +148,8 @@ class Message:
     text: str | None = None
     subject: str | None = None
     template_id: str | None = None
+    #: The registry template this message was rendered from, as ``name@version``.
+    template: str | None = None
     variables: dict[str, str] = field(default_factory=dict)
     media: Media | None = None
     buttons: tuple[dict[str, Any], ...] = ()
@@ -193,6 +195,7 @@ class Message:
             "text": self.text,
             "subject": self.subject,
             "template_id": self.template_id,
+            "template": self.template,
             "variables": self.variables,
             "media": None if self.media is None else asdict(self.media),
             "buttons": list(self.buttons),

@@ -15,6 +15,7 @@ Rules that are deliberate:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -75,6 +76,7 @@ _KNOWN = frozenset(
         "text",
         "subject",
         "template_id",
+        "template",
         "variables",
         "media",
         "image_url",
@@ -283,6 +285,24 @@ def _scheduled_at(data: Mapping[str, Any], limits: ValidationLimits, now: dateti
     return utc
 
 
+#: A resolved registry reference: ``name@version``.
+_TEMPLATE_REF = re.compile(r"[A-Za-z0-9_.\-]{1,64}@[1-9][0-9]{0,8}", re.ASCII)
+
+
+def _template_ref(data: Mapping[str, Any]) -> str | None:
+    """The ``template`` a message was rendered from: ``name@version``, as the producer resolved it.
+
+    A bare name (``"order_shipped"``) is resolved to its latest published version by
+    :meth:`kmsg_worker.producer.KMsg.send` before it gets here; :func:`normalize` has no registry.
+    """
+    ref = _opt_str(data, "template", max_len=80)
+    if ref is not None and not _TEMPLATE_REF.fullmatch(ref):
+        raise ValidationError(
+            "template", "unresolved", "must be a resolved 'name@version' (send through KMsg, which resolves names)"
+        )
+    return ref
+
+
 def check_text(
     mtype: MessageType,
     text: str | None,
@@ -459,6 +479,7 @@ def normalize(
     custom = _opt_dict(data, "custom_fields")
     fields: dict[str, Any] = {
         "template_id": _opt_str(data, "template_id", max_len=128),
+        "template": _template_ref(data),
         "media": media,
         "buttons": _buttons(data),
         "kakao": _opt_dict(data, "kakao"),

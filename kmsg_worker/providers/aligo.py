@@ -74,6 +74,7 @@ from kmsg_worker.providers.base import (
     SendWarning,
     StatusQuery,
     StatusReport,
+    alimtalk_template,
 )
 from kmsg_worker.providers.base_http import HttpProvider, encode_multipart, halts_batch, held_back, raise_whole
 
@@ -98,6 +99,20 @@ LIST_PATH = "/list/"
 SMS_LIST_PATH = "/sms_list/"
 REMAIN_PATH = "/remain/"
 ALIMTALK_PATH = "/akv10/alimtalk/send/"
+TEMPLATE_LIST_PATH = "/akv10/template/list/"
+#: Aligo's template buttons, field by field, onto the message's button fields.
+_ALIGO_BUTTON_KEYS = {
+    "linkType": "type",
+    "name": "name",
+    "linkMo": "url_mobile",
+    "linkM": "url_mobile",
+    "linkPc": "url_pc",
+    "linkP": "url_pc",
+    "linkIos": "scheme_ios",
+    "linkI": "scheme_ios",
+    "linkAnd": "scheme_android",
+    "linkA": "scheme_android",
+}
 DEFAULT_FRIENDTALK_PATH = "/akv10/friendtalk/send/"
 
 #: Receivers in one ``/send/`` request (comma-separated, identical text).
@@ -902,6 +917,42 @@ class AligoProvider(HttpProvider):
         if code != "1":
             raise self._vendor_error(code, body, status)
         return body
+
+    # -- AlimTalk templates -------------------------------------------------------------------------
+
+    def alimtalk_templates(self) -> list[dict[str, Any]]:
+        """The AlimTalk templates of the configured sender key, for ``kmsg templates sync``.
+
+        ``POST /akv10/template/list/`` with ``apikey``, ``userid`` and ``senderkey`` (Aligo's
+        AlimTalk API, https://smartsms.aligo.in/alimapi.html). ``inspStatus`` ``APR`` is approved,
+        ``REJ`` rejected, ``REG``/``REQ`` registered or in inspection.
+        """
+        if not self._sender_key:
+            raise self._refuse(
+                f"listing AlimTalk templates needs a Kakao sender key: set {self._variable('sender_key')}",
+                blame="provider",
+            )
+        fields = {"apikey": self._api_key, "userid": self._user_id, "senderkey": self._sender_key}
+        body, status = self._post(self.url(TEMPLATE_LIST_PATH, self.kakao_base_url), fields, {})
+        code = _as_code(body.get("code"))
+        if code != "0":
+            raise self._vendor_error(code, body, status)
+        rows = body.get("list")
+        approval = {"APR": "approved", "REJ": "rejected"}
+        return [
+            alimtalk_template(
+                code=row.get("templtCode"),
+                body=row.get("templtContent"),
+                name=row.get("templtName"),
+                channel=self._sender_key,
+                approval=approval.get(str(row.get("inspStatus")), "inspecting"),
+                provider_status=row.get("inspStatus"),
+                buttons=row.get("buttons"),
+                keys=_ALIGO_BUTTON_KEYS,
+            )
+            for row in (rows if isinstance(rows, list) else [])
+            if isinstance(row, Mapping) and row.get("templtCode")
+        ]
 
     # -- balance ----------------------------------------------------------------------------------
 

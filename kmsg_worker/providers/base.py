@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected, ProviderTransientError
-from kmsg_worker.message import Message, MessageType
+from kmsg_worker.message import VAR_PATTERN, Message, MessageType
 
 __all__ = [
     "Balance",
@@ -33,6 +33,7 @@ __all__ = [
     "SendWarning",
     "StatusQuery",
     "StatusReport",
+    "alimtalk_template",
 ]
 
 
@@ -400,3 +401,52 @@ class Provider:
 
     def _balance(self) -> Balance:
         raise NotImplementedError(f"{type(self).__module__}.{type(self).__qualname__} must implement _balance")
+
+
+#: Kakao's button kinds (``WL`` web link, ``AL`` app link, ``DS`` delivery tracking, ``BK`` bot
+#: keyword, ``MD`` message delivery, ``BC`` consultation, ``BT`` bot transfer, ``AC`` channel add).
+_BUTTON_KINDS = frozenset({"WL", "AL", "DS", "BK", "MD", "BC", "BT", "AC"})
+
+
+def alimtalk_template(
+    *,
+    code: object,
+    body: object,
+    approval: str,
+    provider_status: object,
+    channel: object = "",
+    name: object = None,
+    buttons: object = (),
+    keys: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """One provider's AlimTalk template in the form ``kmsg templates sync`` stores.
+
+    Args:
+        approval: ``approved``, ``inspecting`` or ``rejected`` (each adapter maps its own words).
+        buttons: The provider's buttons; ``keys`` maps their field names onto the message's
+            (``{"buttonName": "name", "buttonType": "type", "linkMo": "url_mobile", ...}``).
+
+    Returns:
+        ``code``, ``channel``, ``name``, ``body``, ``variables`` (the body's ``#{name}`` tokens, in
+        order), ``buttons`` (message form; kinds Kakao does not know are left out), ``approval``,
+        ``provider_status``.
+    """
+    text = body if isinstance(body, str) else ""
+    variables = list(dict.fromkeys(VAR_PATTERN.findall(text)))
+    converted: list[dict[str, Any]] = []
+    for raw in buttons if isinstance(buttons, (list, tuple)) else ():
+        if not isinstance(raw, Mapping):
+            continue
+        button = {dst: raw[src] for src, dst in (keys or {}).items() if raw.get(src)}
+        if button.get("type") in _BUTTON_KINDS and button.get("name"):
+            converted.append(button)
+    return {
+        "code": str(code),
+        "channel": "" if channel is None else str(channel),
+        "name": None if name is None else str(name)[:200],
+        "body": text,
+        "variables": variables,
+        "buttons": converted,
+        "approval": approval,
+        "provider_status": None if provider_status is None else str(provider_status)[:32],
+    }

@@ -70,6 +70,7 @@ from kmsg_worker.providers.base import (
     SendWarning,
     StatusQuery,
     StatusReport,
+    alimtalk_template,
 )
 from kmsg_worker.providers.base_http import (
     HttpProvider,
@@ -105,6 +106,19 @@ SMS_SEND_PATH = "/api/v2/send/"
 HISTORY_PATH = "/api/history/"
 CHARGE_PATH = "/api/charge/"
 TEMPLATE_PATH = "/api/template/"
+#: IWINV's template buttons, field by field, onto the message's button fields.
+_IWINV_BUTTON_KEYS = {
+    "type": "type",
+    "name": "name",
+    "url_mobile": "url_mobile",
+    "url_pc": "url_pc",
+    "scheme_ios": "scheme_ios",
+    "scheme_android": "scheme_android",
+    "linkMo": "url_mobile",
+    "linkPc": "url_pc",
+    "linkIos": "scheme_ios",
+    "linkAnd": "scheme_android",
+}
 #: IWINV refuses larger MMS images (SMS resultCode 31).
 MMS_MAX_BYTES = 100 * 1024
 #: SMS v2 ``to`` takes at most this many numbers (resultCode 44 beyond).
@@ -1107,6 +1121,39 @@ class IwinvProvider(HttpProvider):
         body = self._call("alimtalk", self.url(TEMPLATE_PATH, self.alimtalk_base_url), json=payload)
         rows = body.get("list")
         return [dict(r) for r in rows if isinstance(r, Mapping)] if isinstance(rows, list) else []
+
+    def alimtalk_templates(self) -> list[dict[str, Any]]:
+        """Every AlimTalk template of the account, for ``kmsg templates sync``.
+
+        Read page by page from ``POST /api/template/`` (the same API as :meth:`templates`);
+        ``status`` ``Y`` is approved, ``I`` in inspection, ``R`` rejected. IWINV has one Kakao
+        channel per account: the templates carry no channel.
+        """
+        rows: list[dict[str, Any]] = []
+        page, size = 1, 100
+        while True:
+            payload = {"pageNum": str(page), "pageSize": str(size)}
+            body = self._call("alimtalk", self.url(TEMPLATE_PATH, self.alimtalk_base_url), json=payload)
+            batch = body.get("list")
+            found = [dict(r) for r in batch if isinstance(r, Mapping)] if isinstance(batch, list) else []
+            rows.extend(found)
+            if len(found) < size or page >= 1000:
+                break
+            page += 1
+        approval = {"Y": "approved", "I": "inspecting", "R": "rejected"}
+        return [
+            alimtalk_template(
+                code=row.get("templateCode"),
+                body=row.get("templateContent"),
+                name=row.get("templateName"),
+                approval=approval.get(str(row.get("status")), "inspecting"),
+                provider_status=row.get("status"),
+                buttons=row.get("buttons"),
+                keys=_IWINV_BUTTON_KEYS,
+            )
+            for row in rows
+            if row.get("templateCode")
+        ]
 
     def template(self, template_code: str) -> dict[str, Any]:
         """Return one AlimTalk template.

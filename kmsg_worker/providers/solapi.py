@@ -61,6 +61,7 @@ from kmsg_worker.providers.base import (
     SendWarning,
     StatusQuery,
     StatusReport,
+    alimtalk_template,
 )
 from kmsg_worker.providers.base_http import HttpProvider, loads_json, map_transport_errors
 
@@ -307,6 +308,19 @@ def _stringify(value: object) -> str:
     return str(value)
 
 
+#: Solapi's template buttons, field by field, onto the message's button fields.
+_SOLAPI_BUTTON_KEYS = {
+    "buttonType": "type",
+    "buttonName": "name",
+    "linkMo": "url_mobile",
+    "linkPc": "url_pc",
+    "linkIos": "scheme_ios",
+    "linkAnd": "scheme_android",
+}
+#: The AlimTalk template list.
+TEMPLATES_PATH = "/kakao/v2/templates"
+
+
 def _template_variables(variables: Mapping[str, Any]) -> dict[str, str]:
     # Solapi wants template variables keyed as they appear in the template: "#{name}".
     out: dict[str, str] = {}
@@ -404,6 +418,41 @@ class SolapiProvider(HttpProvider):
             method, self.url(path), headers={"Authorization": self._authorization()}, json=json, params=params
         )
         return self.decode_json(response)
+
+    def alimtalk_templates(self) -> list[dict[str, Any]]:
+        """Every AlimTalk template of the account, for ``kmsg templates sync``.
+
+        ``GET /kakao/v2/templates`` (https://developers.solapi.com/references/kakao/templates/getTemplates),
+        followed by ``startKey`` while the answer gives a ``nextKey``. ``status`` ``APPROVED`` is
+        approved, ``REJECTED`` rejected, anything else (``PENDING``, ``INSPECTING``) in inspection.
+        The channel is the template's ``channelId`` (``pfId`` in older answers).
+        """
+        rows: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 500}
+        for _ in range(1000):  # bounded: a provider answering the same nextKey forever is a bug
+            body = self._call("GET", TEMPLATES_PATH, params=params)
+            found = body.get("templateList") if isinstance(body, Mapping) else None
+            if isinstance(found, list):
+                rows.extend(dict(r) for r in found if isinstance(r, Mapping))
+            next_key = body.get("nextKey") if isinstance(body, Mapping) else None
+            if not next_key or not found:
+                break
+            params = {"limit": 500, "startKey": next_key}
+        approval = {"APPROVED": "approved", "REJECTED": "rejected"}
+        return [
+            alimtalk_template(
+                code=row.get("templateId"),
+                body=row.get("content"),
+                name=row.get("name"),
+                channel=row.get("channelId") or row.get("pfId") or "",
+                approval=approval.get(str(row.get("status")), "inspecting"),
+                provider_status=row.get("status"),
+                buttons=row.get("buttons"),
+                keys=_SOLAPI_BUTTON_KEYS,
+            )
+            for row in rows
+            if row.get("templateId")
+        ]
 
     def raise_for_status(self, response: httpx.Response) -> None:
         """Map Solapi's ``{errorCode, errorMessage}`` error bodies onto the taxonomy."""

@@ -44,6 +44,8 @@ __all__ = [
     "Heartbeat",
     "IdempotencyKey",
     "MessageRow",
+    "ProviderTemplate",
+    "Template",
     "Tenant",
 ]
 
@@ -344,3 +346,64 @@ class ApiKey(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(TS)
     revoked_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class Template(Base):
+    """One version of a tenant's SMS/LMS/MMS/FriendTalk template.
+
+    ``state`` moves ``draft -> published -> archived`` only; a published (or archived) version is
+    never changed again: an edit of it starts the next version as a draft. Messages store the text
+    they were rendered to and the ``name@version`` they came from, so archiving a version never
+    changes a message already accepted (scheduled ones included).
+    """
+
+    __tablename__ = "kmsg_templates"
+
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, autoincrement=False)
+    #: ``draft``, ``published`` or ``archived``.
+    state: Mapped[str] = mapped_column(String(12))
+    #: ``SMS``, ``LMS``, ``MMS``, ``FRIENDTALK``, or empty: SMS or LMS by the rendered text's bytes.
+    type: Mapped[str | None] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(String(200))
+    #: The ``#{name}`` variables of ``body`` and ``subject``, in order of first appearance.
+    variables: Mapped[list[str]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+    published_at: Mapped[datetime | None] = mapped_column(TS)
+    archived_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (PrimaryKeyConstraint("tenant", "name", "version", name="kmsg_templates_pkey"),)
+
+
+class ProviderTemplate(Base):
+    """An AlimTalk template as a provider last reported it (``kmsg templates sync``).
+
+    The AlimTalk preflight reads these rows: a send is refused before it is queued when its template
+    is unknown, not approved, deleted, or its text differs from the approved body.
+    """
+
+    __tablename__ = "kmsg_provider_templates"
+
+    provider: Mapped[str] = mapped_column(String(32))
+    #: The provider's template code (Solapi ``templateId``, IWINV ``templateCode``, Aligo ``templtCode``).
+    code: Mapped[str] = mapped_column(String(128))
+    #: The Kakao channel it belongs to (Solapi ``pfId``/``channelId``, Aligo sender key), or empty
+    #: where the provider account has only one.
+    channel: Mapped[str] = mapped_column(String(128), default="")
+    name: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    variables: Mapped[list[str]] = mapped_column(JsonType)
+    #: Buttons in the message form (``name``, ``type``, ``url_mobile`` ...).
+    buttons: Mapped[list[dict[str, Any]]] = mapped_column(JsonType)
+    #: ``approved``, ``inspecting`` or ``rejected``.
+    approval: Mapped[str] = mapped_column(String(16))
+    #: The provider's own status word, as it gave it.
+    provider_status: Mapped[str | None] = mapped_column(String(32))
+    synced_at: Mapped[datetime] = mapped_column(TS)
+    #: Set when a sync no longer found the template at the provider.
+    deleted_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (PrimaryKeyConstraint("provider", "code", name="kmsg_provider_templates_pkey"),)

@@ -64,6 +64,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from kmsg_worker.message import count_bytes
+from kmsg_worker.testing.fake_templates import FakeTemplate, refusal, template_map
 from kmsg_worker.testing.fakeserver import (
     Clock,
     FakeProviderServer,
@@ -151,6 +152,7 @@ class FakeAligoServer(FakeProviderServer):
         sender_key: The valid Kakao sender profile key.
         senders: Registered sender numbers.
         templates: AlimTalk template codes (-> template text, kept for reference).
+        alimtalk_templates: AlimTalk templates with bodies and approval states (listed and enforced).
         response_shape: One of :data:`RESPONSE_SHAPES`.
         remain: Remaining messages per type (``SMS``, ``LMS``, ``MMS``) for ``/remain/`` and ``-201``.
     """
@@ -168,6 +170,7 @@ class FakeAligoServer(FakeProviderServer):
         sender_key: str = DEFAULT_SENDER_KEY,
         senders: Iterable[str] = DEFAULT_SENDERS,
         templates: Mapping[str, str] | None = None,
+        alimtalk_templates: Iterable[FakeTemplate] | None = None,
         response_shape: str = "result_code_string",
         remain: Mapping[str, int] | None = None,
     ) -> None:
@@ -179,6 +182,10 @@ class FakeAligoServer(FakeProviderServer):
         self.sender_key = sender_key
         self.senders = set(senders)
         self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
+        #: AlimTalk templates with approval states; when set, they are what ``/akv10/template/list/``
+        #: lists, and a send of an unknown or unapproved one, or one whose ``message_N`` is not the
+        #: body with values in place of its variables, is refused with -501.
+        self.alimtalk_templates = template_map(alimtalk_templates)
         self.response_shape = response_shape
         #: Remaining messages per type; a send needing more is refused with -201.
         self.remain: dict[str, int] = {"SMS": 10**9, "LMS": 10**9, "MMS": 10**9, **(remain or {})}
@@ -195,6 +202,7 @@ class FakeAligoServer(FakeProviderServer):
             "/remain/": self._remain,
             "/akv10/alimtalk/send/": self._alimtalk,
             "/akv10/friendtalk/send/": self._friendtalk,
+            "/akv10/template/list/": self._template_list,
         }
 
     # -- dispatch ---------------------------------------------------------------------------------
@@ -491,6 +499,29 @@ class FakeAligoServer(FakeProviderServer):
     def _alimtalk(self, form: Mapping[str, Any]) -> FakeResponse:
         return self._kakao(form, "ALIMTALK")
 
+    def _template_list(self, form: Mapping[str, Any]) -> FakeResponse:
+        self._check_auth(form, "apikey", "userid")
+        if form.get("senderkey") != self.sender_key:
+            raise _Refusal(CODE_UNKNOWN_SENDER_KEY, "발신프로필 키가 유효하지 않습니다.")
+        templates = self.alimtalk_templates
+        if templates is None:
+            templates = {code: FakeTemplate(code, body) for code, body in self.templates.items()}
+        words = {"approved": "APR", "inspecting": "REQ", "rejected": "REJ"}
+        listed = [
+            {
+                "templtCode": t.code,
+                "templtName": t.name or t.code,
+                "templtContent": t.body,
+                "inspStatus": words.get(t.status, "REG"),
+                "status": "R",
+                "buttons": [
+                    {"name": b.get("name"), "linkType": b.get("type"), "linkMo": b.get("url_mobile")} for b in t.buttons
+                ],
+            }
+            for t in templates.values()
+        ]
+        return FakeResponse(200, {"code": 0, "message": "정상적으로 조회하였습니다.", "list": listed})
+
     def _friendtalk(self, form: Mapping[str, Any]) -> FakeResponse:
         return self._kakao(form, "FRIENDTALK")
 
@@ -499,7 +530,8 @@ class FakeAligoServer(FakeProviderServer):
         if form.get("senderkey") != self.sender_key:
             raise _Refusal(CODE_UNKNOWN_SENDER_KEY, "발신프로필 키가 유효하지 않습니다.")
         tpl_code = form.get("tpl_code")
-        if kind == "ALIMTALK" and tpl_code not in self.templates:
+        known = self.templates if self.alimtalk_templates is None else self.alimtalk_templates
+        if kind == "ALIMTALK" and tpl_code not in known:
             raise _Refusal(-501, "템플릿 코드가 존재하지 않습니다.")
         sender = self._check_sender(form)
         count = sum(1 for name in form if name.startswith("receiver_"))
@@ -528,6 +560,8 @@ class FakeAligoServer(FakeProviderServer):
                 raise _Refusal(-103, f"receiver_{n} 가 없습니다.")
             if not isinstance(message, str) or not message or len(message) > 1000:
                 raise _Refusal(-103, f"message_{n} 은 1~1,000자입니다.")
+            if kind == "ALIMTALK" and refusal(self.alimtalk_templates, tpl_code, text=message):
+                raise _Refusal(-501, "템플릿이 승인되지 않았거나 내용이 일치하지 않습니다.")
             button = form.get(f"button_{n}")
             if button is not None and not _valid_button_json(button):
                 raise _Refusal(-103, f"button_{n} 형식이 올바르지 않습니다.")

@@ -50,6 +50,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from kmsg_worker.message import count_bytes
+from kmsg_worker.testing.fake_templates import FakeTemplate, refusal, template_map
 from kmsg_worker.testing.fakeserver import (
     Clock,
     DeliveryRule,
@@ -152,6 +153,7 @@ class FakeIwinvServer(FakeProviderServer):
         sms_auth_key: SMS v2 auth key.
         company_id: Company id the SMS history API expects.
         templates: ``{templateCode: number of parameters}``; ``None`` accepts any template.
+        alimtalk_templates: AlimTalk templates with bodies and approval states (listed and enforced).
         senders: Registered sender numbers; ``None`` accepts any.
         charge: Balance answered by the charge APIs; 0 or less refuses sends (519 / 50).
         clock: Time source for status progression and history dates.
@@ -169,6 +171,7 @@ class FakeIwinvServer(FakeProviderServer):
         sms_auth_key: str = FAKE_SMS_AUTH_KEY,
         company_id: str = FAKE_COMPANY_ID,
         templates: Mapping[str, int] | None = None,
+        alimtalk_templates: Iterable[FakeTemplate] | None = None,
         senders: Iterable[str] | None = None,
         charge: float = 100_000.0,
         clock: Clock = time.time,
@@ -179,6 +182,10 @@ class FakeIwinvServer(FakeProviderServer):
         self._secrets = frozenset({_b64(f"{sms_api_key}&{sms_auth_key}"), _b64(f"{api_key}&{sms_auth_key}")})
         self.company_id = company_id
         self.templates: dict[str, int] | None = dict(templates) if templates is not None else None
+        #: AlimTalk templates with approval states; when set, they are what ``/api/template/`` lists,
+        #: and a send of an unknown or unapproved one is refused with 501, one whose
+        #: ``templateParam`` does not fill the body with 508.
+        self.alimtalk_templates = template_map(alimtalk_templates)
         self.senders: set[str] | None = set(senders) if senders is not None else None
         self.charge = charge
         #: The last requests received (headers and bodies), for wire assertions in tests.
@@ -266,10 +273,16 @@ class FakeIwinvServer(FakeProviderServer):
         if refused is not None:
             return refused
         wanted = self.templates.get(template) if self.templates is not None else None
+        if self.alimtalk_templates is not None:
+            known = self.alimtalk_templates.get(template)
+            if known is None or known.status != "approved":
+                return _alimtalk(501, "등록되지 않았거나 승인되지 않은 템플릿")
         phones: list[tuple[str, list[str]]] = []
         fail = 0
         for item in items:
             params = item.get("templateParam", []) if isinstance(item, dict) else None
+            if isinstance(params, list) and refusal(self.alimtalk_templates, template, params=params):
+                return _alimtalk(508, "템플릿 변수(templateParam)가 템플릿과 맞지 않음")
             if not isinstance(params, list) or (wanted is not None and len(params) != wanted):
                 return _alimtalk(508, "템플릿 변수(templateParam) 오류")
             phone = item.get("phone") if isinstance(item, dict) else None
@@ -373,6 +386,21 @@ class FakeIwinvServer(FakeProviderServer):
         if body is None:
             return _alimtalk(502, "요청 형식 오류")
         wanted = body.get("templateCode")
+        if self.alimtalk_templates is not None:
+            words = {"approved": "Y", "inspecting": "I", "rejected": "R"}
+            listed = [
+                {
+                    "templateCode": t.code,
+                    "templateName": t.name or t.code,
+                    "templateContent": t.body,
+                    "status": words.get(t.status, "I"),
+                    "createDate": "2024-01-01 00:00:00",
+                    "buttons": [dict(b) for b in t.buttons],
+                }
+                for t in self.alimtalk_templates.values()
+                if not wanted or t.code == wanted
+            ]
+            return _alimtalk(200, "조회 성공", totalCount=len(listed), list=self._page(listed, body))
         rows = [
             {
                 "templateCode": code,

@@ -57,6 +57,7 @@ from typing import Any
 
 import orjson
 
+from kmsg_worker.testing.fake_templates import FakeTemplate, refusal, template_map
 from kmsg_worker.testing.fakeserver import (
     Clock,
     DeliveryRule,
@@ -194,6 +195,7 @@ class FakeSolapiServer(FakeProviderServer):
         senders: Registered sender numbers; ``None`` accepts any sender.
         pf_ids: Registered Kakao channel ids; ``None`` accepts any.
         templates: Known AlimTalk template ids; ``None`` accepts any.
+        alimtalk_templates: AlimTalk templates with bodies and approval states (listed and enforced).
         non_kakao_suffix: AlimTalk to numbers ending with this fails with ``3104`` (see
             :meth:`fail_alimtalk_for`).
         freeze_gc_every: Call :func:`gc.freeze` each time this many more messages are in the ledger
@@ -222,6 +224,7 @@ class FakeSolapiServer(FakeProviderServer):
         senders: Iterable[str] | None = None,
         pf_ids: Iterable[str] | None = None,
         templates: Iterable[str] | None = None,
+        alimtalk_templates: Iterable[FakeTemplate] | None = None,
         non_kakao_suffix: str | None = None,
         freeze_gc_every: int | None = 50_000,
     ) -> None:
@@ -233,6 +236,10 @@ class FakeSolapiServer(FakeProviderServer):
         self.senders = set(senders) if senders is not None else None
         self.pf_ids = set(pf_ids) if pf_ids is not None else None
         self.templates = set(templates) if templates is not None else None
+        #: AlimTalk templates with approval states (``GET /kakao/v2/templates``); when set, an ATA
+        #: of an unknown or unapproved template is refused with 1042, one whose text or variables
+        #: do not render the approved body with 1043.
+        self.alimtalk_templates = template_map(alimtalk_templates)
         #: Recipients refused at intake with 1060.
         self.blocked: set[str] = set()
         #: Uploaded files: fileId -> {type, name, size, link}.
@@ -323,6 +330,8 @@ class FakeSolapiServer(FakeProviderServer):
             return self._list(request)
         if route == ("POST", "/storage/v1/files"):
             return self._upload(request)
+        if route == ("GET", "/kakao/v2/templates"):
+            return self._templates(request)
         if route == ("GET", "/cash/v1/balance"):
             return FakeResponse(
                 200, {"balance": self.balance, "point": self.point, "deposit": 0, "accountId": "fake-account"}
@@ -630,6 +639,8 @@ class FakeSolapiServer(FakeProviderServer):
                 return "1010"
             if self.templates is not None and template not in self.templates:
                 return "1042"
+            if self.alimtalk_templates is not None:
+                return self._check_template(str(template), message, options)
         if "disableSms" in options and not isinstance(options["disableSms"], bool):
             return "1011"
         variables = options.get("variables")
@@ -643,6 +654,50 @@ class FakeSolapiServer(FakeProviderServer):
         if mtype == "CTI":
             return self._check_file(options.get("imageId"), "KAKAO", "1051")
         return None
+
+    def _check_template(self, code: str, message: Mapping[str, Any], options: Mapping[str, Any]) -> str | None:
+        raw = options.get("variables")
+        if isinstance(raw, dict):
+            # On the wire the names keep their "#{...}"; the text is then the SMS replacement's.
+            variables = {str(k).removeprefix("#{").removesuffix("}"): str(v) for k, v in raw.items()}
+            why = refusal(self.alimtalk_templates, code, variables=variables)
+        else:
+            text = message.get("text")
+            why = refusal(self.alimtalk_templates, code, text=text if isinstance(text, str) else "", variables={})
+        return {"unknown": "1042", "not_approved": "1042", "mismatch": "1043"}.get(why or "")
+
+    def _templates(self, request: FakeRequest) -> FakeResponse:
+        """``GET /kakao/v2/templates``: ``limit`` and ``startKey`` page through the list."""
+        query = {k: v[0] for k, v in request.query.items() if v}
+        try:
+            limit = max(1, min(int(query.get("limit") or 100), 500))
+            start = int(query.get("startKey") or 0)
+        except ValueError:
+            return _error(400, "ValidationError", "limit and startKey must be numbers")
+        every = list((self.alimtalk_templates or {}).values())
+        words = {"approved": "APPROVED", "inspecting": "INSPECTING", "rejected": "REJECTED"}
+        page = [
+            {
+                "templateId": t.code,
+                "name": t.name or t.code,
+                "content": t.body,
+                "status": words.get(t.status, "PENDING"),
+                "channelId": t.channel or None,
+                "variables": [{"name": f"#{{{v}}}"} for v in t.variables],
+                "buttons": [
+                    {
+                        "buttonType": b.get("type"),
+                        "buttonName": b.get("name"),
+                        "linkMo": b.get("url_mobile"),
+                        "linkPc": b.get("url_pc"),
+                    }
+                    for b in t.buttons
+                ],
+            }
+            for t in every[start : start + limit]
+        ]
+        next_key = str(start + limit) if start + limit < len(every) else None
+        return FakeResponse(200, {"templateList": page, "startKey": str(start), "limit": limit, "nextKey": next_key})
 
     @staticmethod
     def _check_naver(message: Mapping[str, Any]) -> str | None:

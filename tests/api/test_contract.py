@@ -47,6 +47,12 @@ def test_the_schema_is_served_and_documents_every_path(client: TestClient) -> No
         "/v1/batches",
         "/v1/batches/{batch_id}",
         "/v1/batches/{batch_id}/cancel",
+        "/v1/templates",
+        "/v1/templates/{name}",
+        "/v1/templates/{name}/edit",
+        "/v1/templates/{ref}/preview",
+        "/v1/templates/{ref}/publish",
+        "/v1/templates/{ref}/archive",
     }
     assert served["components"]["schemas"]["MessageRequest"]["additionalProperties"] is False
 
