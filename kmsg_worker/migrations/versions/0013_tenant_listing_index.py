@@ -1,7 +1,7 @@
 """an index for listing a tenant's messages newest first
 
 Revision ID: 0013
-Revises: 0009
+Revises: 0012
 Create Date: 2026-12-07 03:20:00
 
 ``GET /v1/messages`` pages a tenant's messages by ``(created_at, id)``; without an index the
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0009"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
