@@ -54,6 +54,16 @@ class BatchSummary:
     cancelled_at: datetime | None = None
 
     @property
+    def suppressed(self) -> int:
+        """Rows not sent because the recipient is on the tenant's suppression list."""
+        return self.by_status.get(S.SUPPRESSED.value, 0)
+
+    @property
+    def deferred(self) -> int:
+        """Advertising rows waiting for the morning (or Kakao's window) to open."""
+        return self.by_error_code.get("NIGHT_DEFERRED", 0)
+
+    @property
     def done(self) -> bool:
         """Every message reached ``sent`` or a final state."""
         pending = sum(self.by_status.get(s.value, 0) for s in (S.SCHEDULED, S.QUEUED, S.SENDING, S.RETRYING))

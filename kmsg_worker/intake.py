@@ -16,15 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from kmsg_worker import adrules
 from kmsg_worker.errors import (
     BatchValidationError,
+    ErrorCode,
     RowError,
     ValidationError,
 )
@@ -44,8 +46,10 @@ from kmsg_worker.message import (
     parse_variables,
     stringify,
 )
+from kmsg_worker.message import advertising as ads
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
+from kmsg_worker.storage.advertising import suppressed as suppressed_digests
 from kmsg_worker.storage.chunks import IDLE_LEASE
 from kmsg_worker.storage.intake import SliceWriter, batch_key, repeated_batch, store_totals, stored_batch_key
 from kmsg_worker.storage.messages import stored_ids
@@ -106,7 +110,15 @@ class _TemplateText:
 class _Template:
     """The shared part of a batch, validated once; rows only add a number and variables."""
 
-    def __init__(self, rt: Runtime, defaults: Mapping[str, Any], now: datetime) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        defaults: Mapping[str, Any],
+        now: datetime,
+        advertiser: Callable[[str, str | None], ads.AdvertiserProfile | None] | None = None,
+    ) -> None:
+        if advertiser is None:
+            advertiser = adrules.profile_lookup(rt.store)
         self.defaults = dict(defaults)
         self.raw_text = self.defaults.get("text", self.defaults.get("content"))
         probe = {**self.defaults, "to": "01000000000"}
@@ -116,7 +128,11 @@ class _Template:
         self.ok = True
         try:
             self.message = normalize(
-                probe, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+                probe,
+                limits=rt.settings.limits,
+                now=now,
+                default_sender=rt.settings.default_sender,
+                advertiser=advertiser,
             )
             # The same checks as normalize (a mapping, string keys, scalar values, storable text).
             self.base_vars = parse_variables(self.defaults, rt.settings.limits)
@@ -131,7 +147,21 @@ class _Template:
             return
         self.content = self.message.content()
         self.limits = rt.settings.limits
+        msg = self.message
+        #: The advertiser profile the rows are composed and checked with (advertising only).
+        self.profile = advertiser(msg.tenant, msg.sender) if msg.advertising else None
+        if msg.advertising and isinstance(self.raw_text, str) and self.defaults.get("compose") != "check":
+            # Head and footer once for every row: the rows only fill in the variables.
+            assert self.profile is not None  # normalize refused the defaults otherwise
+            self.raw_text = ads.compose(self.raw_text, self.profile, sender=msg.sender)
         self.text = _TemplateText(self.raw_text) if isinstance(self.raw_text, str) else None
+
+    def _check_rendered(self, text: str) -> None:
+        """Variables may bring in what the shared text did not have: the same checks as normalize."""
+        if self.message.advertising:
+            ads.check(text, self.profile, sender=self.message.sender)
+        else:
+            ads.check_informational(text)
 
     def build(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """Content for one row; same result as :func:`normalize` on the merged mapping."""
@@ -154,6 +184,8 @@ class _Template:
             mtype = infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
         if mtype in TEXT_TYPES or text_value is not None:
             check_text(mtype, text_value, msg.subject, self.limits, nbytes)
+        if text_value is not None and self.text is not None and self.text.tokens:
+            self._check_rendered(text_value)
         row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, type=mtype.value)
@@ -236,7 +268,8 @@ def _iter_rows(
     Ids the caller gave are collected in ``explicit``; a repeated one is an invalid row (ids are
     primary keys: the write would fail for the whole slice).
     """
-    template = _Template(rt, defaults, now)
+    advertiser = adrules.profile_lookup(rt.store)
+    template = _Template(rt, defaults, now, advertiser)
     base = dict(defaults)
     base.setdefault("priority", "bulk")
     explicit = set() if explicit is None else explicit
@@ -255,7 +288,11 @@ def _iter_rows(
             else:
                 merged = {**base, **item}
                 content = normalize(
-                    merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+                    merged,
+                    limits=rt.settings.limits,
+                    now=now,
+                    default_sender=rt.settings.default_sender,
+                    advertiser=advertiser,
                 ).content()
             kakao = content.get("kakao")
             key = (
@@ -338,6 +375,49 @@ def _without_stored_ids(
     yield from drain()
 
 
+def _suppressing(
+    rt: Runtime,
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
+    suppressed: set[str],
+    size: int | None = None,
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Collect in ``suppressed`` the ids of advertising rows to numbers on their tenant's suppression list.
+
+    One look-up per ``size`` rows (default: a slice; one primary-key probe per number, in one
+    statement); a batch without advertising rows is passed through, one dict look-up per row.
+    """
+    buffer: list[tuple[int, dict[str, Any] | RowError]] = []
+    hasher: adrules.SuppressionHasher | None = None
+
+    def drain() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+        nonlocal hasher
+        ads_rows = [r for _, r in buffer if isinstance(r, dict) and r.get("purpose") == ads.ADVERTISING]
+        if ads_rows:
+            if hasher is None:
+                hasher = adrules.hasher_for(rt.settings, rt.store)
+            by_tenant: dict[str, list[dict[str, Any]]] = {}
+            for r in ads_rows:
+                by_tenant.setdefault(r.get("tenant") or "default", []).append(r)
+            for owner, group in by_tenant.items():
+                digests = hasher.digests([r["to"] for r in group])
+                found = suppressed_digests(rt.store, owner, digests)
+                if found:
+                    suppressed.update(r["id"] for r, d in zip(group, digests, strict=True) if d in found)
+        yield from buffer
+        buffer.clear()
+
+    size = size or SLICE
+    for item in rows:
+        row = item[1]
+        if not buffer and (type(row) is not dict or row.get("purpose") != ads.ADVERTISING):
+            yield item  # nothing to look up: informational rows are not held back
+            continue
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield from drain()
+    yield from drain()
+
+
 def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
     """The columns every stored row of a batch shares (see :func:`_db_row` for the others)."""
     return shared_columns(now, batch_id=batch_id)
@@ -363,11 +443,33 @@ def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, 
     return row
 
 
+#: Columns a suppressed row sets that a new row leaves at their default.
+_FINAL_COLUMNS = ("final_at", "error_code", "error_message")
+
+
+def _suppressed_row(content: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The stored row of an advertising row to a suppressed number: final at once, in no chunk."""
+    row = new_message_columns(content, [], now, priority=content.get("priority") or "bulk")
+    row.update(
+        status=S.SUPPRESSED.value,
+        queued_at=None,
+        final_at=now,
+        error_code=ErrorCode.SUPPRESSED.value,
+        error_message="the recipient refused advertising (on the tenant's suppression list); not sent",
+    )
+    return row
+
+
 class _Slicer:
     """Valid rows on their way to the writer: assigned to chunks, cut into slices, their ids kept."""
 
-    def __init__(self, batch: Batch, chunker: _Chunker, writer: SliceWriter, now: datetime) -> None:
+    def __init__(
+        self, batch: Batch, chunker: _Chunker, writer: SliceWriter, now: datetime, suppressed: set[str] | None = None
+    ) -> None:
         self.batch = batch
+        #: Ids of rows stored ``suppressed`` (final, in no chunk): see :func:`_suppressing`.
+        self.suppressed = set() if suppressed is None else suppressed
+        self.pending_suppressed = False
         self.chunker = chunker
         self.writer = writer
         self.now = now
@@ -378,8 +480,12 @@ class _Slicer:
         self.leased_upto = 0
 
     def add(self, row: dict[str, Any]) -> None:
-        chunk = self.chunker.assign(row)
-        self.pending.append(_db_row(row, chunk, self.now))
+        if self.suppressed and row["id"] in self.suppressed:
+            self.pending.append(_suppressed_row(row, self.now))
+            self.pending_suppressed = True
+        else:
+            chunk = self.chunker.assign(row)
+            self.pending.append(_db_row(row, chunk, self.now))
         self.ids.append(row["id"])
         if len(self.pending) >= SLICE:
             self.flush(final=False)
@@ -397,6 +503,12 @@ class _Slicer:
         self.leased_upto = chunker.next_number
         rows = self.pending.copy()
         self.pending.clear()
+        if self.pending_suppressed:
+            # A slice is written with the first row's columns (COPY): every row gets the final ones.
+            for row in rows:
+                for column in _FINAL_COLUMNS:
+                    row.setdefault(column, None)
+            self.pending_suppressed = False
         if final:
             chunker.close_all()
         ready = chunker.ready[self.published_upto :]
@@ -447,6 +559,8 @@ def intake(
     # Caller-given ids already in the database (checked after the idempotency look-up, which
     # answers a repeated batch with its original ids).
     rows_iter = _without_stored_ids(rt, rows_iter, explicit)
+    suppressed: set[str] = set()
+    rows_iter = _suppressing(rt, rows_iter, suppressed)
 
     batch = Batch(
         id=batch_id,
@@ -465,7 +579,7 @@ def intake(
         atomic=atomic,
         publish=lambda chunks: _publish_chunks(rt, batch_id, chunks),
     )
-    out = _Slicer(batch, chunker, writer, now)
+    out = _Slicer(batch, chunker, writer, now, suppressed)
     ids = out.ids
     try:
         with writer.writing():
@@ -496,7 +610,14 @@ def intake(
         return (*repeated_batch(rt.store, idempotency_key, stored_key, digest.hexdigest()), [], True)
     if not atomic:
         store_totals(rt.store, batch_id, totals)
-    log.info("batch.accepted", batch_id=batch_id, total=len(ids), invalid=invalid_count, chunks=chunker.next_number)
+    log.info(
+        "batch.accepted",
+        batch_id=batch_id,
+        total=len(ids),
+        invalid=invalid_count,
+        chunks=chunker.next_number,
+        suppressed=len(suppressed),
+    )
     return batch_id, ids, errors, False
 
 

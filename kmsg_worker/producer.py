@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from kmsg_worker import adrules
 from kmsg_worker.batches import BatchSummary, batch_summary, cancel_batch, cancel_batch_message
 from kmsg_worker.dispatch import CELERY_APP, Dispatcher
 from kmsg_worker.errors import ConfigurationError, InvalidStateError, MessageNotFoundError, RowError, ValidationError
@@ -191,6 +192,7 @@ class KMsg:
             limits=self.settings.limits,
             now=self.runtime.now(),
             default_sender=self.settings.default_sender,
+            advertiser=adrules.profile_lookup(self.runtime.store),
         )
 
     def send(self, message: Mapping[str, Any] | None = None, /, **fields: Any) -> Receipt:
@@ -213,6 +215,8 @@ class KMsg:
         """
         msg = self.validate(message, **fields)
         route = self.runtime.router.route(msg)
+        if msg.advertising:
+            adrules.check_not_suppressed(self.settings, self.runtime.store, msg.tenant, msg.to)
         now = self.runtime.now()
         row = new_message_row(msg, route, now)
         idem = None

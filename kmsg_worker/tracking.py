@@ -172,6 +172,11 @@ def fallback_message(parent: Message, *, limits: ValidationLimits | None = None)
             "tenant": parent.tenant,
             "priority": parent.priority.value,
             "custom_fields": dict(parent.custom_fields),
+            # The child is under the parent's rules: advertising stays advertising (night window,
+            # its text checked as given), and the parent's night consent goes with it.
+            "purpose": parent.purpose,
+            "compose": "check",
+            "night_consent": parent.night_consent or None,
             # A test message's fallback is simulated too: it must never reach a real provider.
             **(sandbox_child() if is_sandbox(parent) else {}),
         },

@@ -59,6 +59,13 @@ class MessageRequest(BaseModel):
     custom_fields: dict[str, Any] | None = None
     priority: Priority | None = None
     idempotency_key: str | None = Field(None, description="Same as the Idempotency-Key header")
+    purpose: Literal["informational", "advertising"] | None = Field(
+        None, description="advertising: the (광고) format, the night window and the suppression list apply"
+    )
+    compose: Literal["auto", "check"] | None = Field(
+        None, description="advertising only: auto adds the (광고) head and opt-out footer; check refuses without them"
+    )
+    night_consent: bool | None = Field(None, description="the recipient consented to advertising at night")
 
 
 class BatchRequest(BaseModel):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kmsg_worker.errors import ErrorCode, ProviderError, ProviderRejected
+from kmsg_worker.message.advertising import reopens
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.retry import Action, decide
 from kmsg_worker.settings import RetryPolicy, Settings
@@ -52,6 +53,7 @@ STATUS_OF: Mapping[DeliveryAction, MessageStatus] = {
     A.FAILOVER: S.QUEUED,
     A.FAILED: S.FAILED,
     A.UNKNOWN: S.UNKNOWN,
+    A.DEFERRED: S.RETRYING,
 }
 
 
@@ -129,6 +131,12 @@ def decide_outcomes(
         if policy is None:
             policy = policies[key] = settings.retry_for(*key)
         error = classify(refusal(outcome, row.provider), settings.error_policy)
+        if error.code is ErrorCode.OUTSIDE_SEND_WINDOW:
+            # Nothing wrong with the message: it waits for the window, without spending a retry.
+            delay = (reopens(now, message.type) - now).total_seconds()
+            reason = "the provider refused it outside its sending window"
+            decisions.append(Decision(row.id, A.DEFERRED, AttemptOutcome.REJECTED, error, delay, reason))
+            continue
         decided = decide(
             error,
             provider_attempts=row.provider_attempts + 1,

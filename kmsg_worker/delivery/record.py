@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from kmsg_worker import adrules
 from kmsg_worker.delivery.outcome import Decision, error_text, first_check_at, wakes_by_countdown
-from kmsg_worker.errors import ProviderError
+from kmsg_worker.errors import ErrorCode, ProviderError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.runtime import Runtime
@@ -156,7 +157,15 @@ def _apply_failures(
             # A run that finished normally: the poison guard counts only claims that never finish.
             "deliveries": 0,
         }
-        if action is A.RETRY or action is A.RECONCILE:
+        if action is A.DEFERRED:
+            # Waiting for the sending window: no retry spent on the provider.
+            wait = max(waits)
+            publish = wakes_by_countdown(rt.settings, wait)
+            common.update(next_attempt_at=now + timedelta(seconds=wait), retry_task_published=publish)
+            transitions.append(Transition(ids, S.RETRYING, common))
+            if publish:
+                applied.wakes.append((ids, wait))
+        elif action is A.RETRY or action is A.RECONCILE:
             wait = max(waits)
             publish = wakes_by_countdown(rt.settings, wait)
             common.update(
@@ -178,6 +187,32 @@ def _apply_failures(
             )
         applied.counts[action] += len(ids)
     record_transitions(rt.store, transitions, attempts, now=now, expect=expect)
+    _suppress_refusers(rt, by_id, decisions, now)
+
+
+def _suppress_refusers(rt: Runtime, by_id: Mapping[str, SendRow], decisions: Sequence[Decision], now: datetime) -> None:
+    """Numbers whose provider said they refused advertising go on their tenant's suppression list."""
+    for d in decisions:
+        if d.error.code is not ErrorCode.AD_OPTED_OUT:
+            continue
+        row = by_id[d.message_id]
+        message = row.message
+        added = adrules.suppress(
+            rt.settings,
+            rt.store,
+            message.tenant,
+            [message.to],
+            source=f"provider:{row.provider}"[:40],
+            now=now,
+            provider_code=d.error.provider_code,
+        )
+        log.info(
+            "advertising.suppressed_by_provider",
+            message_id=row.id,
+            provider=row.provider,
+            provider_code=d.error.provider_code,
+            added=added,
+        )
 
 
 def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
@@ -227,10 +262,12 @@ def hold(
     action: DeliveryAction,
     outcome_unknown: bool = False,
     error: ProviderError | None = None,
+    reason: tuple[str, str] | None = None,
 ) -> Applied:
     """Give rows back as ``retrying`` for ``delay`` seconds without spending a retry (nothing was sent).
 
     ``outcome_unknown``: the rows must still be looked up before they are sent (an undecided look-up).
+    ``reason``: ``(error_code, error_message)`` to store while they wait (when there is no ``error``).
     """
     applied = Applied()
     if not rows:
@@ -245,6 +282,8 @@ def hold(
     }
     if error is not None:
         values.update(error_code=error.code.value, error_message=error_text(error))
+    elif reason is not None:
+        values.update(error_code=reason[0], error_message=reason[1])
     ids = [r.id for r in rows]
     record_transitions(rt.store, [Transition(ids, S.RETRYING, values)], [], now=now, expect=expect)
     applied.counts[action] += len(ids)

@@ -61,6 +61,8 @@ _MESSAGE_BLAME = frozenset(
         ErrorCode.TEMPLATE_MISMATCH,
         ErrorCode.RECIPIENT_BLOCKED,
         ErrorCode.NOT_KAKAO_USER,
+        ErrorCode.AD_OPTED_OUT,
+        ErrorCode.OUTSIDE_SEND_WINDOW,
     }
 )
 

@@ -139,13 +139,13 @@ SOLAPI_CODES: dict[str, CodeRule] = {
     "1053": CodeRule(ErrorCode.INVALID_REQUEST, _M),
     "1058": CodeRule(ErrorCode.PROVIDER_ERROR, _P),  # no route
     "1060": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
-    "1061": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),  # 080 opt-out
+    "1061": CodeRule(ErrorCode.AD_OPTED_OUT, _M),  # 080 opt-out
     "1062": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "1064": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),  # KISA block
     "2011": CodeRule(ErrorCode.INVALID_REQUEST, _M),
     "2024": CodeRule(ErrorCode.NETWORK_SERVICE_UNAVAILABLE, _P, retryable=True),
     "2060": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
-    "2061": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
+    "2061": CodeRule(ErrorCode.AD_OPTED_OUT, _M),  # 080 opt-out
     "2062": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "2063": CodeRule(ErrorCode.AUTHENTICATION_FAILED, _P),  # account blocked
     "2064": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
@@ -166,7 +166,7 @@ SOLAPI_CODES: dict[str, CodeRule] = {
     "3105": CodeRule(ErrorCode.TEMPLATE_NOT_FOUND, _M),
     "3106": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "3107": CodeRule(ErrorCode.NOT_KAKAO_USER, _M),
-    "3108": CodeRule(ErrorCode.DELIVERY_FAILED, _M),  # outside the 08:00-20:00 window
+    "3108": CodeRule(ErrorCode.OUTSIDE_SEND_WINDOW, _M),  # outside the 08:00-20:00 window
 }
 for _code in ("3040", "3041", "3042", "3043", "3044", "3045", "3046", "3047", "3050", "3051", "3056", "3057"):
     SOLAPI_CODES[_code] = CodeRule(ErrorCode.DELIVERY_FAILED, _M)

@@ -32,6 +32,8 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "SEND_STATE_COLUMNS",
+    "Advertiser",
+    "Suppression",
     "SENT_CLEARS",
     "ApiKey",
     "Attempt",
@@ -336,3 +338,38 @@ class ApiKey(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(TS)
     revoked_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class Advertiser(Base):
+    """Who advertises for a tenant's sender number: the parts of the (광고) head and opt-out footer.
+
+    ``sender`` ``*`` is the tenant's profile for every sender number without its own.
+    """
+
+    __tablename__ = "kmsg_advertisers"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    contact: Mapped[str | None] = mapped_column(String(20))
+    opt_out: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Suppression(Base):
+    """A number that refused advertising, per tenant, as a keyed hash (never the number itself).
+
+    The key (``KMSG_SUPPRESSION_KEY``) is not in the database: a copy of this table alone does not
+    give the numbers back. The primary key serves the intake's look-ups (``digest IN (...)``).
+    """
+
+    __tablename__ = "kmsg_suppressions"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: BLAKE2b keyed with the deployment's key, 16 bytes as 32 hex digits.
+    digest: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: ``cli``, ``import``, ``api`` or ``provider:<name>`` (an automatic addition).
+    source: Mapped[str] = mapped_column(String(40))
+    #: The provider's refusal code, for automatic additions.
+    provider_code: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(TS)
