@@ -496,7 +496,9 @@ class Settings:
             "metrics_addr": _env(env, "KMSG_METRICS_ADDR") or "127.0.0.1",
             "unit_prices": _parse(env, "KMSG_UNIT_PRICES", dict[str, float](), _prices),
             "suppression_key": _env(env, "KMSG_SUPPRESSION_KEY"),
-            "registered_senders": _parse(env, "KMSG_REGISTERED_SENDERS", {}, _registered_senders),
+            "registered_senders": _parse(
+                env, "KMSG_REGISTERED_SENDERS", dict[str, frozenset[str]](), _registered_senders
+            ),
             "sender_cache_ttl": _parse(env, "KMSG_SENDER_CACHE_TTL_SECONDS", 600.0, _positive(float)),
         }
         values.update(overrides)
