@@ -237,7 +237,13 @@ class _Api:
         self.owned_batch(batch_id, principal)
         summary = self.kmsg.cancel_batch(batch_id) if cancel else self.kmsg.batch_summary(batch_id)
         sample = self.tenants.batch_content(batch_id)
-        return {**asdict(summary), "done": summary.done, "test": sample is not None and is_sandbox_content(sample)}
+        return {
+            **asdict(summary),
+            "done": summary.done,
+            "suppressed": summary.suppressed,
+            "deferred": summary.deferred,
+            "test": sample is not None and is_sandbox_content(sample),
+        }
 
     def aware(self, value: datetime | None) -> datetime | None:
         # Naive times are in the deployment's zone, as for scheduled_at.

@@ -186,6 +186,8 @@ class BatchSummaryOut(BaseModel):
     by_provider: dict[str, int]
     by_type: dict[str, int]
     by_error_code: dict[str, int]
+    suppressed: int = Field(0, description="Advertising rows not sent: the number is on the tenant's opt-out list")
+    deferred: int = Field(0, description="Advertising rows waiting for the sending window (21:00-08:00 Seoul time)")
     cost_estimate_krw: float
     created_at: datetime | None
     first_sent_at: datetime | None
