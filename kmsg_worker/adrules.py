@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from kmsg_worker.errors import ConfigurationError, ValidationError
+from kmsg_worker.errors import ConfigurationError, ProviderError, ValidationError
+from kmsg_worker.logging import get_logger
 from kmsg_worker.message.advertising import AdvertiserProfile
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage import advertising as ad_store
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _KEY_FILE = "suppression.key"
+log = get_logger("kmsg.advertising")
 
 
 class SuppressionHasher:
@@ -181,7 +183,8 @@ class SenderRegistry:
 
     Args:
         settings: ``KMSG_REGISTERED_SENDERS`` and the TTL.
-        fetch: ``provider name -> numbers`` from the provider's API, or ``None`` when it has none.
+        fetch: ``provider name -> numbers`` from the provider's API, or ``None`` when it has none
+            (a :class:`ProviderError` counts as "not known").
         clock: Monotonic seconds (tests pass their own).
     """
 
@@ -204,12 +207,23 @@ class SenderRegistry:
             cached = self._cache.get(provider)
             if cached is not None and now - cached[0] < self.settings.sender_cache_ttl:
                 return cached[1]
-        numbers = self._fetch(provider)
+        try:
+            numbers = self._fetch(provider)
+        except ProviderError as exc:
+            # Not knowing is not a reason to refuse a message: the provider still refuses an
+            # unregistered sender itself (SENDER_NOT_REGISTERED). Asked again after the TTL.
+            log.warning("senders.lookup_failed", provider=provider, error_code=exc.code.value)
+            numbers = None
         if numbers is None:
             numbers = self.settings.registered_senders.get(provider)
         with self._lock:
             self._cache[provider] = (now, numbers)
         return numbers
+
+    def check_route(self, route: Sequence[str], sender: str | None) -> None:
+        """:meth:`check` for every provider a message may be sent through."""
+        for provider in route:
+            self.check(provider, sender)
 
     def check(self, provider: str, sender: str | None) -> None:
         """Refuse ``sender`` when ``provider`` has a known list of registered numbers without it.

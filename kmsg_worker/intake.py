@@ -32,6 +32,7 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import (
+    KAKAO_TYPES,
     TEXT_TYPES,
     VAR_PATTERN,
     Message,
@@ -276,7 +277,8 @@ def _iter_rows(
     default_id = any(base.get(k) is not None for k in _ID_KEYS)
     # Routing errors (unknown provider_id, no provider for the type, an AlimTalk no provider can
     # address to a Kakao channel) per (type, provider_id, the Kakao fields the row gives).
-    routable: dict[tuple[str, Any, Any], ValidationError | None] = {}
+    # And the sender number checked against the route's registered numbers: once per batch, not per row.
+    routable: dict[tuple[str, Any, Any, Any], ValidationError | None] = {}
     for index, item in enumerate(messages, start=1):
         try:
             # A dict is checked by its exact type first: isinstance() against an ABC is a Python-level
@@ -299,13 +301,10 @@ def _iter_rows(
                 content["type"],
                 content.get("provider_id"),
                 tuple(sorted(k for k, v in kakao.items() if v)) if kakao else (),
+                content.get("sender"),
             )
             if key not in routable:
-                try:
-                    rt.router.route(Message.from_content(content))
-                    routable[key] = None
-                except ValidationError as exc:
-                    routable[key] = exc
+                routable[key] = _route_error(rt, content)
             route_error = routable[key]
             if route_error is not None:
                 raise route_error
@@ -316,6 +315,18 @@ def _iter_rows(
             yield index, content
         except ValidationError as exc:
             yield index, RowError(index, exc.field, exc.rule, exc.detail)
+
+
+def _route_error(rt: Runtime, content: dict[str, Any]) -> ValidationError | None:
+    """Why rows like ``content`` cannot be routed (or their sender is not registered), or ``None``."""
+    message = Message.from_content(content)
+    try:
+        route = rt.router.route(message)
+        if message.sender and message.type not in KAKAO_TYPES:
+            rt.senders.check_route(route, message.sender)
+    except ValidationError as exc:
+        return exc
+    return None
 
 
 def _gives_id(item: Mapping[str, Any]) -> bool:

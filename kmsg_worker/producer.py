@@ -25,7 +25,7 @@ from kmsg_worker.errors import ConfigurationError, InvalidStateError, MessageNot
 from kmsg_worker.gctune import raised_threshold
 from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
-from kmsg_worker.message import Message, normalize
+from kmsg_worker.message import KAKAO_TYPES, Message, normalize
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
@@ -215,6 +215,8 @@ class KMsg:
         """
         msg = self.validate(message, **fields)
         route = self.runtime.router.route(msg)
+        if msg.sender and msg.type not in KAKAO_TYPES:
+            self.runtime.senders.check_route(route, msg.sender)
         if msg.advertising:
             adrules.check_not_suppressed(self.settings, self.runtime.store, msg.tenant, msg.to)
         now = self.runtime.now()

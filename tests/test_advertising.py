@@ -7,7 +7,7 @@ Clock instants are Asia/Seoul wall-clock times: 20:59:59 and 21:00:00, 07:59:59 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -533,3 +533,58 @@ def test_the_suppression_key_is_required_on_postgresql(pg_url: str, settings_fac
     finally:
         rt.close()
     assert "test-key" not in repr(settings_factory(pg_url, KMSG_SUPPRESSION_KEY="test-key-x"))
+
+
+# -- registered sender numbers ---------------------------------------------------------------------
+
+
+def test_an_unregistered_sender_is_refused_at_the_producer_naming_sender_and_provider(
+    backend_url: str, settings_factory: Any, dispatcher: RecordingDispatcher
+) -> None:
+    settings = settings_factory(backend_url, KMSG_REGISTERED_SENDERS="mock=0212345678")
+    with KMsg(runtime=Runtime(settings, dispatcher=dispatcher)) as kmsg:
+        assert kmsg.send(to="01012345678", sender="02-1234-5678", text="hi").status == "queued"
+        with pytest.raises(ValidationError) as info:
+            kmsg.send(to="01012345678", sender="031-111-2222", text="hi")
+        assert (info.value.field, info.value.rule) == ("sender", "not_registered")
+        assert "0311112222" in info.value.detail and "mock" in info.value.detail
+        # A batch asks once, not per row, and refuses its rows with the same error
+        asked: list[str] = []
+        registry = adrules.SenderRegistry(settings, lambda name: asked.append(name) or frozenset({"0212345678"}))
+        kmsg.runtime._senders = registry
+        receipt = kmsg.send_many([{"to": f"010{i:08d}"} for i in range(500)], defaults={"text": "hi", "sender": SENDER})
+        assert len(receipt.message_ids) == 500 and asked == ["mock"]
+        bad = kmsg.send_many(
+            [{"to": f"010{i:08d}"} for i in range(3)],
+            defaults={"text": "hi", "sender": "0311112222"},
+            on_invalid="skip",
+        )
+        assert [(e.field, e.rule) for e in bad.invalid] == [("sender", "not_registered")] * 3
+        assert asked == ["mock"]  # still cached (TTL)
+
+
+def test_the_sender_cache_expires_and_an_unanswering_provider_is_not_a_refusal() -> None:
+    from kmsg_worker.errors import ProviderTransientError
+    from kmsg_worker.settings import Settings
+
+    now = [0.0]
+    answers: list[frozenset[str] | Exception] = [
+        frozenset({"0212345678"}),
+        ProviderTransientError("down", provider="x"),
+    ]
+
+    def fetch(name: str) -> frozenset[str] | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    registry = adrules.SenderRegistry(Settings.from_env({}, sender_cache_ttl=60.0), fetch, clock=lambda: now[0])
+    with pytest.raises(ValidationError):
+        registry.check("solapi", "0311112222")
+    now[0] = 59.0
+    with pytest.raises(ValidationError):
+        registry.check("solapi", "0311112222")  # cached: not asked again
+    now[0] = 61.0
+    registry.check("solapi", "0311112222")  # the provider could not answer: not refused
+    assert answers == []

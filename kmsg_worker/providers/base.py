@@ -380,6 +380,17 @@ class Provider:
             raise ProviderRejected(f"{self.name} has no balance API", provider=self.name, code=ErrorCode.UNSUPPORTED)
         return self._balance()
 
+    def registered_senders(self) -> frozenset[str] | None:
+        """The sender numbers registered with the provider (발신번호 사전등록), digits only.
+
+        ``None`` when the provider has no API to list them (they then come from
+        ``KMSG_REGISTERED_SENDERS``, or are not checked).
+
+        Raises:
+            ProviderError: The provider has such an API and it failed.
+        """
+        return None
+
     def health(self) -> HealthReport:
         """Check the configuration (and, for HTTP providers, an authenticated probe)."""
         return HealthReport(ok=True, detail="configured")

@@ -81,6 +81,8 @@ SEND_PATH = "/messages/v4/send-many/detail"
 LIST_PATH = "/messages/v4/list"
 UPLOAD_PATH = "/storage/v1/files"
 BALANCE_PATH = "/cash/v1/balance"
+#: The account's sender numbers and their state (Solapi, formerly CoolSMS: "발신번호 목록 조회").
+SENDERS_PATH = "/senderid/v1/numbers"
 #: Message ids per status request: keeps the query string well under common 8 KB URL limits.
 STATUS_CHUNK = 100
 LIST_PAGE_LIMIT = 500
@@ -1170,6 +1172,29 @@ class SolapiProvider(HttpProvider):
                 raw=raw,
             )
         return SendOutcome(message_id, True, provider_message_id=str(entry.get("messageId")), state=state, raw=raw)
+
+    # -- registered senders ----------------------------------------------------------------------
+
+    def registered_senders(self) -> frozenset[str] | None:
+        """The account's sender numbers whose state is ``ACTIVE`` (``GET /senderid/v1/numbers``)."""
+        data = self._call("GET", SENDERS_PATH)
+        # Seen answered as a list, as {"senderIds": [...]} and as {"senderIdList": {id: {...}}}.
+        items: Any = data
+        if isinstance(data, Mapping):
+            items = data.get("senderIds", data.get("senderIdList", []))
+            if isinstance(items, Mapping):
+                items = list(items.values())
+        if not isinstance(items, list):
+            raise ProviderTransientError(
+                f"{self.name}: sender number list is not a list", provider=self.name, code=ErrorCode.PROVIDER_ERROR
+            )
+        numbers = set()
+        for item in items:
+            number = item.get("phoneNumber") if isinstance(item, Mapping) else item
+            status = item.get("status", "ACTIVE") if isinstance(item, Mapping) else "ACTIVE"
+            if isinstance(number, str) and str(status).upper() == "ACTIVE":
+                numbers.add(re.sub(r"\D", "", number))
+        return frozenset(numbers)
 
     # -- balance ---------------------------------------------------------------------------------
 
