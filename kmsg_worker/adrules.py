@@ -54,20 +54,20 @@ class SuppressionHasher:
         # One keyed state, copied per number: the key schedule is done once, not per row.
         self._base = hashlib.blake2b(key=key[:64], digest_size=16)
 
-    def digest(self, number: str) -> str:
-        """The stored form of ``number`` (32 hex digits)."""
+    def digest(self, number: str) -> bytes:
+        """The stored form of ``number`` (16 bytes)."""
         h = self._base.copy()
         h.update(number.encode("ascii", "replace"))
-        return h.hexdigest()
+        return h.digest()
 
-    def digests(self, numbers: Iterable[str]) -> list[str]:
+    def digests(self, numbers: Iterable[str]) -> list[bytes]:
         """:meth:`digest` of each number, in order."""
         base = self._base
         out = []
         for number in numbers:
             h = base.copy()
             h.update(number.encode("ascii", "replace"))
-            out.append(h.hexdigest())
+            out.append(h.digest())
         return out
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,6 +94,8 @@ class _TemplateText:
         #: (key, the token as written, the text after it), in order.
         self.tokens = [(key, "#{" + key + "}", after) for key, after in zip(pieces[1::2], pieces[2::2], strict=True)]
         self.fixed_bytes = sum(count_bytes(part) for part in pieces[0::2])
+        #: A ``광`` within four characters before a token: a value could complete a head there.
+        self.ad_sensitive = any("광" in part[-4:] for part in pieces[0:-1:2])
 
     def render(self, variables: Mapping[str, str]) -> tuple[str, int]:
         """``(text, its count_bytes)`` with ``variables`` in place; an unknown key's token stays as written."""
@@ -157,8 +160,21 @@ class _Template:
             self.raw_text = ads.compose(self.raw_text, self.profile, sender=msg.sender)
         self.text = _TemplateText(self.raw_text) if isinstance(self.raw_text, str) else None
 
-    def _check_rendered(self, text: str) -> None:
-        """Variables may bring in what the shared text did not have: the same checks as normalize."""
+    def _check_rendered(self, text: str, variables: Mapping[str, str]) -> None:
+        """Variables may bring in what the shared text did not have: the same checks as normalize.
+
+        The shared text was checked once, with its ``#{key}`` tokens; a row can only make it fail
+        through a head or lookalike its variables complete, and every head and lookalike has a
+        ``광``. So the rendered text is checked again only when a value has one, or when the shared
+        text has one just before a token (a value could complete it): most rows skip the regexes.
+        """
+        assert self.text is not None
+        if not self.text.ad_sensitive:
+            for value in variables.values():
+                if "광" in value:
+                    break
+            else:
+                return
         if self.message.advertising:
             ads.check(text, self.profile, sender=self.message.sender)
         else:
@@ -186,7 +202,7 @@ class _Template:
         if mtype in TEXT_TYPES or text_value is not None:
             check_text(mtype, text_value, msg.subject, self.limits, nbytes)
         if text_value is not None and self.text is not None and self.text.tokens:
-            self._check_rendered(text_value)
+            self._check_rendered(text_value, variables)
         row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, type=mtype.value)
@@ -394,39 +410,71 @@ def _suppressing(
 ) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     """Collect in ``suppressed`` the ids of advertising rows to numbers on their tenant's suppression list.
 
-    One look-up per ``size`` rows (default: a slice; one primary-key probe per number, in one
-    statement); a batch without advertising rows is passed through, one dict look-up per row.
+    Rows are looked up ``size`` at a time (default: a slice), one statement probing the list's
+    primary key per slice and tenant. The look-up runs on a thread while the next slice is
+    validated (the database probes the index while this thread renders rows), so a slice waits
+    here only if its look-up is slower than validating the next. Informational rows that nothing
+    holds back pass straight through.
     """
+    size = size or SLICE
     buffer: list[tuple[int, dict[str, Any] | RowError]] = []
+    pending: tuple[list[tuple[int, dict[str, Any] | RowError]], Future[set[str]]] | None = None
+    pool: ThreadPoolExecutor | None = None
     hasher: adrules.SuppressionHasher | None = None
 
-    def drain() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-        nonlocal hasher
-        ads_rows = [r for _, r in buffer if isinstance(r, dict) and r.get("purpose") == ads.ADVERTISING]
+    def start(held: list[tuple[int, dict[str, Any] | RowError]]) -> Future[set[str]]:
+        nonlocal pool, hasher
+        by_tenant: dict[str, tuple[list[str], list[bytes]]] = {}
+        ads_rows = [r for _, r in held if type(r) is dict and r.get("purpose") == ads.ADVERTISING]
         if ads_rows:
             if hasher is None:
                 hasher = adrules.hasher_for(rt.settings, rt.store)
-            by_tenant: dict[str, list[dict[str, Any]]] = {}
-            for r in ads_rows:
-                by_tenant.setdefault(r.get("tenant") or "default", []).append(r)
-            for owner, group in by_tenant.items():
-                digests = hasher.digests([r["to"] for r in group])
-                found = suppressed_digests(rt.store, owner, digests)
-                if found:
-                    suppressed.update(r["id"] for r, d in zip(group, digests, strict=True) if d in found)
-        yield from buffer
-        buffer.clear()
+            digests = hasher.digests([r["to"] for r in ads_rows])
+            for r, digest in zip(ads_rows, digests, strict=True):
+                ids, group = by_tenant.setdefault(r.get("tenant") or "default", ([], []))
+                ids.append(r["id"])
+                group.append(digest)
+        if pool is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="kmsg-suppression")
+        return pool.submit(_suppressed_ids, rt, by_tenant)
 
-    size = size or SLICE
-    for item in rows:
-        row = item[1]
-        if not buffer and (type(row) is not dict or row.get("purpose") != ads.ADVERTISING):
-            yield item  # nothing to look up: informational rows are not held back
-            continue
-        buffer.append(item)
-        if len(buffer) >= size:
-            yield from drain()
-    yield from drain()
+    def finish() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+        nonlocal pending
+        if pending is not None:
+            held, future = pending
+            pending = None
+            suppressed.update(future.result())
+            yield from held
+
+    try:
+        for item in rows:
+            row = item[1]
+            if not buffer and pending is None and (type(row) is not dict or row.get("purpose") != ads.ADVERTISING):
+                yield item  # nothing to look up and nothing held before it
+                continue
+            buffer.append(item)
+            if len(buffer) >= size:
+                future = start(buffer)
+                yield from finish()
+                pending, buffer = (buffer, future), []
+        if buffer:
+            future = start(buffer)
+            yield from finish()
+            pending, buffer = (buffer, future), []
+        yield from finish()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _suppressed_ids(rt: Runtime, by_tenant: Mapping[str, tuple[list[str], list[bytes]]]) -> set[str]:
+    """The ids among ``by_tenant``'s rows whose number's hash is on their tenant's list."""
+    found: set[str] = set()
+    for tenant, (ids, digests) in by_tenant.items():
+        listed = suppressed_digests(rt.store, tenant, digests)
+        if listed:
+            found.update(i for i, d in zip(ids, digests, strict=True) if d in listed)
+    return found
 
 
 def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:

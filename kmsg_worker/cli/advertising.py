@@ -222,7 +222,7 @@ def suppressions_export(tenant: str, output: Path | None) -> int:
     writer.writerow(["digest", "source", "provider_code", "created_at"])
     with _store() as (_, store), output.open("w", encoding="utf-8") if output else _stdout() as target:
         for entry in export_suppressions(store, tenant):
-            writer.writerow([entry.digest, entry.source, entry.provider_code or "", entry.created_at.isoformat()])
+            writer.writerow([entry.digest.hex(), entry.source, entry.provider_code or "", entry.created_at.isoformat()])
             count += 1
             if count % 10_000 == 0:
                 target.write(buffer.getvalue())

@@ -55,7 +55,7 @@ class AdvertiserRecord:
 class SuppressionRecord:
     """A stored suppression entry (a hash, never the number)."""
 
-    digest: str
+    digest: bytes
     source: str
     provider_code: str | None
     created_at: datetime
@@ -112,7 +112,7 @@ def delete_advertiser(store: Store, tenant: str, sender: str) -> bool:
 def add_suppressions(
     store: Store,
     tenant: str,
-    digests: Iterable[str],
+    digests: Iterable[bytes],
     *,
     source: str,
     now: datetime,
@@ -147,7 +147,7 @@ def add_suppressions(
     return added
 
 
-def remove_suppressions(store: Store, tenant: str, digests: Sequence[str]) -> int:
+def remove_suppressions(store: Store, tenant: str, digests: Sequence[bytes]) -> int:
     """Remove hashed numbers from ``tenant``'s list; how many were there."""
     removed = 0
     with store.sessions.begin() as s:
@@ -158,7 +158,7 @@ def remove_suppressions(store: Store, tenant: str, digests: Sequence[str]) -> in
     return removed
 
 
-def suppressed(store: Store, tenant: str, digests: Sequence[str]) -> set[str]:
+def suppressed(store: Store, tenant: str, digests: Sequence[bytes]) -> set[bytes]:
     """Which of ``digests`` are on ``tenant``'s list: one primary-key probe each, one statement per slice.
 
     On PostgreSQL the digests travel as one array parameter (``= ANY(...)``): ten thousand bound
@@ -166,21 +166,21 @@ def suppressed(store: Store, tenant: str, digests: Sequence[str]) -> set[str]:
     """
     if not digests:
         return set()
-    found: set[str] = set()
+    found: set[bytes] = set()
     with store.engine.connect() as conn:
         if store.is_postgres:
             rows = conn.execute(
                 text("SELECT digest FROM kmsg_suppressions WHERE tenant = :tenant AND digest = ANY(:digests)"),
                 {"tenant": tenant, "digests": list(digests)},
             )
-            found.update(r[0] for r in rows)
+            found.update(bytes(r[0]) for r in rows)
             return found
         for start in range(0, len(digests), _LOOKUP_SQLITE):
             part = list(digests[start : start + _LOOKUP_SQLITE])
             rows = conn.execute(
                 select(Suppression.digest).where(Suppression.tenant == tenant, Suppression.digest.in_(part))
             )
-            found.update(r[0] for r in rows)
+            found.update(bytes(r[0]) for r in rows)
     return found
 
 
@@ -199,4 +199,4 @@ def export_suppressions(store: Store, tenant: str) -> Iterator[SuppressionRecord
     )
     with store.sessions() as s:
         for row in s.execute(query.execution_options(yield_per=5000)):
-            yield SuppressionRecord(row[0], row[1], row[2], row[3])
+            yield SuppressionRecord(bytes(row[0]), row[1], row[2], row[3])
