@@ -588,3 +588,35 @@ def test_the_sender_cache_expires_and_an_unanswering_provider_is_not_a_refusal()
     now[0] = 61.0
     registry.check("solapi", "0311112222")  # the provider could not answer: not refused
     assert answers == []
+
+
+def test_suppression_look_ups_keep_the_rows_order_across_slices(
+    kmsg: KMsg, runtime: Runtime, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kmsg_worker.intake as intake
+
+    monkeypatch.setattr(intake, "SLICE", 7)  # several look-ups in flight one after another
+    clock.now = seoul(12, 0)
+    numbers = [f"010{i:08d}" for i in range(30)]
+    listed = {0, 6, 7, 15, 29}
+    adrules.suppress(
+        runtime.settings, runtime.store, "default", [numbers[i] for i in listed], source="cli", now=clock.now
+    )
+    # Informational and advertising rows mixed: an informational row to a listed number is sent
+    ad_text = {"purpose": "advertising", "text": "(광고)가나다마트 세일\n무료거부 080-123-4567", "compose": "check"}
+    rows = [{"to": n, **(ad_text if i % 3 else {"text": "배송 안내"})} for i, n in enumerate(numbers)]
+    receipt = kmsg.send_many(rows)
+    assert [runtime.store.get(i).recipient for i in receipt.message_ids] == numbers  # type: ignore[union-attr]
+    statuses = [runtime.store.get(i).status for i in receipt.message_ids]  # type: ignore[union-attr]
+    expected = ["suppressed" if i in listed and i % 3 else "queued" for i in range(30)]
+    assert statuses == expected
+
+
+def test_a_variable_cannot_complete_a_head_the_shared_text_started(kmsg: KMsg) -> None:
+    bad = kmsg.send_many(
+        [{"to": "01000000001", "variables": {"x": "고)"}}, {"to": "01000000002", "variables": {"x": "!"}}],
+        defaults={"text": "(광#{x} 세일"},
+        on_invalid="skip",
+    )
+    assert [(e.row, e.field, e.rule) for e in bad.invalid] == [(1, "purpose", "ad_head")]
+    assert len(bad.message_ids) == 1

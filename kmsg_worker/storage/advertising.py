@@ -123,7 +123,7 @@ def add_suppressions(
     # RETURNING the rows actually inserted: a conflict returns nothing, so the count is exact.
     stmt = (
         insert_(Suppression)
-        .on_conflict_do_nothing(index_elements=[Suppression.tenant, Suppression.digest])
+        .on_conflict_do_nothing(index_elements=[Suppression.digest, Suppression.tenant])
         .returning(Suppression.digest)
     )
     added = 0
@@ -167,14 +167,25 @@ def suppressed(store: Store, tenant: str, digests: Sequence[bytes]) -> set[bytes
     if not digests:
         return set()
     found: set[bytes] = set()
-    with store.engine.connect() as conn:
-        if store.is_postgres:
+    if store.is_postgres:
+        with store.engine.begin() as conn:
+            # Told of 10,000 keys, the planner reads the whole list instead (a parallel sequential
+            # scan: 200 ms per slice over 1,000,000 entries, on every core, even for a tenant with
+            # no entry); the primary key answers the same probes in a third of that, on one core.
+            # For this transaction only.
+            conn.execute(
+                text(
+                    "SELECT set_config('enable_seqscan', 'off', true), "
+                    "set_config('max_parallel_workers_per_gather', '0', true)"
+                )
+            )
             rows = conn.execute(
                 text("SELECT digest FROM kmsg_suppressions WHERE tenant = :tenant AND digest = ANY(:digests)"),
                 {"tenant": tenant, "digests": list(digests)},
             )
             found.update(bytes(r[0]) for r in rows)
-            return found
+        return found
+    with store.engine.connect() as conn:
         for start in range(0, len(digests), _LOOKUP_SQLITE):
             part = list(digests[start : start + _LOOKUP_SQLITE])
             rows = conn.execute(

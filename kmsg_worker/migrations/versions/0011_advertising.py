@@ -29,12 +29,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "kmsg_suppressions",
-        sa.Column("tenant", sa.String(length=64), nullable=False),
         sa.Column("digest", sa.LargeBinary(length=16), nullable=False),
+        sa.Column("tenant", sa.String(length=64), nullable=False),
         sa.Column("source", sa.String(length=40), nullable=False),
         sa.Column("provider_code", sa.String(length=40), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("tenant", "digest"),
+        sa.PrimaryKeyConstraint("digest", "tenant"),
     )
 
 
