@@ -197,6 +197,28 @@ class BatchSummaryOut(BaseModel):
     throughput_per_s: float | None
 
 
+class SuppressionsIn(BaseModel):
+    """Numbers to add to (or remove from) the tenant's advertising opt-out list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    numbers: list[str] = Field(min_length=1, max_length=10_000, description="Korean phone numbers, 1-10,000")
+
+
+class SuppressionsOut(BaseModel):
+    """What a change of the opt-out list did (numbers are stored as keyed hashes, never shown)."""
+
+    given: int
+    changed: int = Field(description="Numbers added (already listed ones are left) or removed (listed ones)")
+    count: int = Field(description="Numbers on the tenant's list afterwards")
+
+
+class SuppressionCountOut(BaseModel):
+    """The size of the tenant's advertising opt-out list."""
+
+    count: int
+
+
 class ProblemOut(BaseModel):
     """RFC 9457 problem details (``application/problem+json``)."""
 

@@ -47,6 +47,8 @@ def test_the_schema_is_served_and_documents_every_path(client: TestClient) -> No
         "/v1/batches",
         "/v1/batches/{batch_id}",
         "/v1/batches/{batch_id}/cancel",
+        "/v1/suppressions",
+        "/v1/suppressions/remove",
     }
     assert served["components"]["schemas"]["MessageRequest"]["additionalProperties"] is False
 
