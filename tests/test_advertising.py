@@ -354,6 +354,36 @@ def test_an_alimtalk_fallback_child_inherits_the_purpose_and_the_window(
     assert deliver(runtime, child.id).action == ("sent" if sent else "deferred")
 
 
+def test_a_failover_to_the_next_provider_at_nine_waits_for_the_morning(
+    kmsg: KMsg, runtime: Runtime, clock: Clock
+) -> None:
+    from tests.test_pipeline import BackupMock  # registers mock_b
+
+    runtime.router.providers.append("mock_b")
+    runtime.router._types["mock_b"] = BackupMock.capabilities.types
+    clock.now = seoul(20, 59, 59)
+    script = {"mock": {"script": [{"outcome": "failure", "code": "INSUFFICIENT_BALANCE"}]}}
+    receipt = kmsg.send(ad(provider_options=script))
+    assert receipt.route == ("mock", "mock_b")
+    assert deliver(runtime, receipt.message_id).action == "failover"
+    backup = runtime.provider("mock_b")
+    assert isinstance(backup, MockProvider)
+    # mock_b would replay the script's first step: give it a clean run (as tests/test_pipeline.py does)
+    backup._log_path = None
+    backup.calls.append({"message_id": receipt.message_id, "accepted": False})
+    # The run on the next provider comes at 21:00:00: held, mock_b not called
+    clock.now = seoul(21, 0, 0)
+    assert deliver(runtime, receipt.message_id).action == "deferred"
+    assert mock(runtime).calls_for(receipt.message_id) == 1 and backup.calls_for(receipt.message_id) == 1
+    clock.now = seoul(8, 0, 0, day=2)
+    sweep(runtime)
+    assert deliver(runtime, receipt.message_id).action == "sent"
+    assert backup.calls_for(receipt.message_id) == 2
+    info = kmsg.get(receipt.message_id)
+    assert info.provider == "mock_b"
+    assert [(a.provider, a.outcome) for a in info.attempts] == [("mock", "rejected"), ("mock_b", "accepted")]
+
+
 # -- the engine: bulk ------------------------------------------------------------------------------
 
 
