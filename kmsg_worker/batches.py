@@ -60,8 +60,12 @@ class BatchSummary:
 
     @property
     def deferred(self) -> int:
-        """Advertising rows waiting for the morning (or Kakao's window) to open."""
-        return self.by_error_code.get("NIGHT_DEFERRED", 0)
+        """Advertising rows waiting for their sending window to open (ours, or the provider's).
+
+        Their error code says so while they wait; a send clears it.
+        """
+        codes = self.by_error_code
+        return codes.get("NIGHT_DEFERRED", 0) + codes.get("OUTSIDE_SEND_WINDOW", 0)
 
     @property
     def done(self) -> bool:
