@@ -72,3 +72,43 @@ def test_suppressions_add_import_export_remove(ad_env: dict[str, str], tmp_path:
         removed = run("suppressions", "remove", "01055556666", "--json")
         assert json.loads(removed.stdout)["removed"] == 1
         assert kmsg.send(fields, compose="check").status == "queued"
+
+
+def test_send_and_send_many_take_the_purpose(
+    ad_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsg_worker.cli import app
+    from kmsg_worker.storage.db import make_engine
+    from kmsg_worker.storage.repo import Store
+
+    monkeypatch.setattr(app, "producer", lambda: KMsg(dispatcher=RecordingDispatcher()))
+    assert run("advertisers", "set", "--name", "가나다마트", "--opt-out", "0801234567").exit_code == 0
+    sent = run(
+        "send", "--to", "010-1234-5678", "--from", "0212345678", "--text", "세일", "--purpose", "advertising", "--json"
+    )
+    assert sent.exit_code == 0, sent.output
+    store = Store(make_engine(Settings.from_env(ad_env).database_url))
+    row = store.get(json.loads(sent.stdout)["message_id"])
+    assert row is not None and row.content["text"].startswith("(광고)가나다마트\n")
+    checked = run("send", "--to", "01012345678", "--text", "세일", "--purpose", "advertising", "--compose", "check")
+    assert checked.exit_code == 2 and "ad_head" in one_error_line(checked, "kmsg send")
+    assert run("suppressions", "add", "01000000001").exit_code == 0
+    rows = tmp_path / "rows.csv"
+    rows.write_text("to\n01000000001\n01000000002\n", encoding="utf-8")
+    batch = run(
+        "send-many",
+        str(rows),
+        "--text",
+        "세일",
+        "--from",
+        "0212345678",
+        "--purpose",
+        "advertising",
+        "--night-consent",
+        "--no-wait",
+        "--json",
+    )
+    assert batch.exit_code == 0, batch.output
+    status = run("batch", "status", json.loads(batch.stdout)["batch_id"], "--json")
+    assert json.loads(status.stdout)["suppressed"] == 1
+    assert json.loads(status.stdout)["by_status"] == {"queued": 1, "suppressed": 1}
