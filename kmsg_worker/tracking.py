@@ -39,6 +39,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from kmsg_worker import adrules
 from kmsg_worker.errors import ErrorCode, ProviderError, ValidationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, MessageType, ValidationLimits, count_bytes, normalize
@@ -278,6 +279,9 @@ def _not_final(
 
 def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, out: PollReport) -> None:
     not_kakao = is_not_kakao_user(report, rt.settings.tracking)
+    code = ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED
+    if report.opted_out:
+        code = ErrorCode.AD_OPTED_OUT
     with rt.store.sessions.begin() as s:
         changed = rt.store.transition(
             row.id,
@@ -285,7 +289,7 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
             now=now,
             expect=[S.SENT],
             session=s,
-            error_code=(ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED).value,
+            error_code=code.value,
             error_message=report.description or f"provider status {report.code}",
             failed_at=_reported(report.failed_at, now),
             **_status_values(row, report),
@@ -301,9 +305,27 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
         provider=row.provider,
         type=row.type,
         tenant=row.tenant,
-        error_code=(ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED).value,
+        error_code=code.value,
         provider_code=report.code,
     )
+    if report.opted_out:
+        # The recipient refused the sender (a 080 opt-out): no advertising to the number again.
+        added = adrules.suppress(
+            rt.settings,
+            rt.store,
+            row.tenant,
+            [row.recipient],
+            source=f"provider:{row.provider}"[:40],
+            now=now,
+            provider_code=report.code,
+        )
+        log.info(
+            "advertising.suppressed_by_provider",
+            message_id=row.id,
+            provider=row.provider,
+            provider_code=report.code,
+            added=added,
+        )
     if child_id is None:
         return
     out.fallbacks.append(child_id)

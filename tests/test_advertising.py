@@ -537,6 +537,22 @@ def test_a_provider_refusal_for_opt_out_adds_the_number_with_its_code(
     assert info.value.rule == "suppressed"
 
 
+def test_a_delivery_report_of_an_opt_out_adds_the_number_too(kmsg: KMsg, runtime: Runtime, clock: Clock) -> None:
+    from kmsg_worker.tracking import poll_statuses
+
+    clock.now = seoul(12, 0)
+    receipt = kmsg.send(ad(provider_options={"mock": {"deliver": "FAILED:2061"}}))
+    assert deliver(runtime, receipt.message_id).action == "sent"
+    clock.now = seoul(12, 10)
+    assert poll_statuses(runtime).failed == 1
+    info = kmsg.get(receipt.message_id)
+    assert (info.status, info.error_code) == ("failed", "AD_OPTED_OUT")
+    [entry] = list(ad_store.export_suppressions(runtime.store, "default"))
+    assert (entry.source, entry.provider_code) == ("provider:mock", "2061")
+    with pytest.raises(ValidationError):
+        kmsg.send(ad())
+
+
 def test_a_provider_refusal_outside_its_window_defers_instead_of_failing(
     kmsg: KMsg, runtime: Runtime, clock: Clock
 ) -> None:

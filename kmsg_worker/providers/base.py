@@ -221,6 +221,8 @@ class StatusReport:
         code: The provider's own status code (``"3104"``), kept verbatim.
         description: The provider's status text.
         not_kakao_user: The recipient cannot get AlimTalk (triggers the SMS/LMS fallback).
+        opted_out: The recipient refused the sender's messages (a 080 opt-out): the number goes on
+            the tenant's advertising suppression list.
         raw: The provider's payload for this message.
     """
 
@@ -233,6 +235,7 @@ class StatusReport:
     failed_at: datetime | None = None
     not_kakao_user: bool = False
     raw: Mapping[str, Any] | None = None
+    opted_out: bool = False
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,7 @@ class MockProvider(Provider):
                 code=code,
                 description="scripted failure",
                 not_kakao_user=code in {"3104", "3107", "3018", "3019", "3020"},
+                opted_out=code in {"1061", "2061", "AD_OPTED_OUT"},
             )
         if deliver == "PENDING":
             return StatusReport(message_id, DeliveryState.SENT, code="SENT")

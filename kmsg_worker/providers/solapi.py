@@ -1009,6 +1009,10 @@ class SolapiProvider(HttpProvider):
             failed_at=completed if state is DeliveryState.FAILED else None,
             not_kakao_user=not_kakao,
             raw=raw,
+            opted_out=state is DeliveryState.FAILED
+            and code_text is not None
+            and code_text in SOLAPI_CODES
+            and SOLAPI_CODES[code_text].code is ErrorCode.AD_OPTED_OUT,
         )
 
     # -- lookup by our id ------------------------------------------------------------------------
