@@ -522,6 +522,22 @@ def test_bulk_rows_to_suppressed_numbers_end_suppressed_and_are_counted(
     assert runtime.store.count_by_status().get("queued") == 3 and len(plain.message_ids) == 3
 
 
+def test_the_delivery_report_counts_suppressed_rows(kmsg: KMsg, runtime: Runtime, clock: Clock) -> None:
+    from datetime import timedelta
+
+    from kmsg_worker.report import build_report, render_text
+
+    clock.now = seoul(12, 0)
+    adrules.suppress(runtime.settings, runtime.store, "default", ["01000000001"], source="cli", now=clock.now)
+    kmsg.send_many(
+        [{"to": "01000000001"}, {"to": "01000000002"}],
+        defaults={"text": "세일", "sender": SENDER, "purpose": "advertising"},
+    )
+    report = build_report(runtime.engine, clock.now - timedelta(hours=1), clock.now + timedelta(hours=1))
+    assert report.overall.by_status == {"queued": 1, "suppressed": 1}
+    assert "suppressed 1" in render_text(report)
+
+
 def test_a_provider_refusal_for_opt_out_adds_the_number_with_its_code(
     kmsg: KMsg, runtime: Runtime, clock: Clock
 ) -> None:
