@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from kmsg_worker.errors import ConfigurationError, ProviderError, ValidationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message.advertising import AdvertiserProfile
@@ -38,6 +40,7 @@ __all__ = [
     "hasher_for",
     "profile_lookup",
     "suppress",
+    "suppress_refuser",
     "unsuppress",
 ]
 
@@ -170,6 +173,45 @@ def suppress(
         source=source,
         now=now,
         provider_code=provider_code,
+    )
+
+
+def suppress_refuser(
+    settings: Settings,
+    store: Store,
+    *,
+    tenant: str,
+    number: str,
+    provider: str,
+    provider_code: str | None,
+    message_id: str,
+    now: datetime,
+) -> None:
+    """Add a number whose provider said it refused the sender (a 080 opt-out), and log it.
+
+    Called by the engine and by tracking after the message's own state was recorded: a failure here
+    (no ``KMSG_SUPPRESSION_KEY`` on PostgreSQL, the database gone) is logged, never raised, so the
+    run that recorded the refusal still finishes (its lease is released, its wake-ups published).
+    """
+    try:
+        added = suppress(
+            settings, store, tenant, [number], source=f"provider:{provider}"[:40], now=now, provider_code=provider_code
+        )
+    except (ConfigurationError, SQLAlchemyError) as exc:
+        log.error(
+            "advertising.suppress_failed",
+            message_id=message_id,
+            provider=provider,
+            provider_code=provider_code,
+            error=type(exc).__name__,
+        )
+        return
+    log.info(
+        "advertising.suppressed_by_provider",
+        message_id=message_id,
+        provider=provider,
+        provider_code=provider_code,
+        added=added,
     )
 
 

@@ -310,21 +310,15 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
     )
     if report.opted_out:
         # The recipient refused the sender (a 080 opt-out): no advertising to the number again.
-        added = adrules.suppress(
+        adrules.suppress_refuser(
             rt.settings,
             rt.store,
-            row.tenant,
-            [row.recipient],
-            source=f"provider:{row.provider}"[:40],
-            now=now,
+            tenant=row.tenant,
+            number=row.recipient,
+            provider=row.provider or "unknown",
             provider_code=report.code,
-        )
-        log.info(
-            "advertising.suppressed_by_provider",
             message_id=row.id,
-            provider=row.provider,
-            provider_code=report.code,
-            added=added,
+            now=now,
         )
     if child_id is None:
         return

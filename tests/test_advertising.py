@@ -682,3 +682,18 @@ def test_a_variable_cannot_complete_a_head_the_shared_text_started(kmsg: KMsg) -
     )
     assert [(e.row, e.field, e.rule) for e in bad.invalid] == [(1, "purpose", "ad_head")]
     assert len(bad.message_ids) == 1
+
+
+def test_an_opt_out_that_cannot_be_listed_does_not_break_the_run(
+    pg_url: str, settings_factory: Any, dispatcher: RecordingDispatcher, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import truncate
+
+    truncate(pg_url)
+    # PostgreSQL without KMSG_SUPPRESSION_KEY: the list cannot be written, the refusal is still recorded
+    with KMsg(runtime=Runtime(settings_factory(pg_url), dispatcher=dispatcher)) as kmsg:
+        script = {"mock": {"script": [{"outcome": "failure", "code": "AD_OPTED_OUT", "provider_code": "1061"}]}}
+        receipt = kmsg.send(to="01012345678", text="안내", provider_options=script)
+        assert deliver(kmsg.runtime, receipt.message_id).action == "failed"
+        assert kmsg.get(receipt.message_id).error_code == "AD_OPTED_OUT"
+    assert '"advertising.suppress_failed"' in capsys.readouterr().err

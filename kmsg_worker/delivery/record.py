@@ -191,28 +191,20 @@ def _apply_failures(
 
 
 def _suppress_refusers(rt: Runtime, by_id: Mapping[str, SendRow], decisions: Sequence[Decision], now: datetime) -> None:
-    """Numbers whose provider said they refused advertising go on their tenant's suppression list."""
+    """Numbers whose provider said they refused the sender go on their tenant's suppression list."""
     for d in decisions:
-        if d.error.code is not ErrorCode.AD_OPTED_OUT:
-            continue
-        row = by_id[d.message_id]
-        message = row.message
-        added = adrules.suppress(
-            rt.settings,
-            rt.store,
-            message.tenant,
-            [message.to],
-            source=f"provider:{row.provider}"[:40],
-            now=now,
-            provider_code=d.error.provider_code,
-        )
-        log.info(
-            "advertising.suppressed_by_provider",
-            message_id=row.id,
-            provider=row.provider,
-            provider_code=d.error.provider_code,
-            added=added,
-        )
+        if d.error.code is ErrorCode.AD_OPTED_OUT:
+            row = by_id[d.message_id]
+            adrules.suppress_refuser(
+                rt.settings,
+                rt.store,
+                tenant=row.message.tenant,
+                number=row.message.to,
+                provider=row.provider,
+                provider_code=d.error.provider_code,
+                message_id=row.id,
+                now=now,
+            )
 
 
 def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
