@@ -517,6 +517,21 @@ def _check_senders(
             )
 
 
+def _check_suppression_key(settings: Settings, report: DoctorReport) -> None:
+    """Advertising needs the opt-out list's key: shared by every host, so not a file on PostgreSQL."""
+    if settings.suppression_key:
+        report.add("suppression-key", Status.OK, "KMSG_SUPPRESSION_KEY is set")
+    elif settings.database_url.startswith("sqlite"):
+        report.add("suppression-key", Status.OK, f"a key file under {settings.var_dir} (embedded default)")
+    else:
+        report.add(
+            "suppression-key",
+            Status.WARN,
+            "KMSG_SUPPRESSION_KEY is not set: advertising messages are refused (the opt-out list needs it)",
+            "set KMSG_SUPPRESSION_KEY to one secret shared by every host (docs/ADVERTISING.md)",
+        )
+
+
 def _provider_hint(name: str, detail: str) -> str:
     lowered = detail.lower()
     if "skew" in lowered or ("time" in lowered and "date" in lowered):
@@ -579,6 +594,7 @@ def run_doctor(
         try:
             _check_providers(settings, report, options, client, clocks)
             _check_senders(settings, engine, report, options, client)
+            _check_suppression_key(settings, report)
         finally:
             if http_client is None:
                 client.close()

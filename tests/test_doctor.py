@@ -69,10 +69,11 @@ def test_a_healthy_embedded_install_passes(tmp_path: Path) -> None:
         "beat": Status.OK,
         "provider:mock": Status.OK,
         "senders:mock": Status.SKIP,
+        "suppression-key": Status.OK,
         "clock": Status.SKIP,
     }
     assert report.exit_code == 0
-    assert "all 8 checks passed" in report.render()
+    assert "all 9 checks passed" in report.render()
 
 
 def test_a_sender_in_use_that_is_not_registered_fails_naming_it_and_the_provider(tmp_path: Path) -> None:
