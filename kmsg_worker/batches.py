@@ -54,6 +54,20 @@ class BatchSummary:
     cancelled_at: datetime | None = None
 
     @property
+    def suppressed(self) -> int:
+        """Rows not sent because the recipient is on the tenant's suppression list."""
+        return self.by_status.get(S.SUPPRESSED.value, 0)
+
+    @property
+    def deferred(self) -> int:
+        """Advertising rows waiting for their sending window to open (ours, or the provider's).
+
+        Their error code says so while they wait; a send clears it.
+        """
+        codes = self.by_error_code
+        return codes.get("NIGHT_DEFERRED", 0) + codes.get("OUTSIDE_SEND_WINDOW", 0)
+
+    @property
     def done(self) -> bool:
         """Every message reached ``sent`` or a final state."""
         pending = sum(self.by_status.get(s.value, 0) for s in (S.SCHEDULED, S.QUEUED, S.SENDING, S.RETRYING))

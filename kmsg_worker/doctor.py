@@ -459,6 +459,79 @@ def _check_providers(
         report.add(check, Status.OK, f"{health.detail}{where}{latency}")
 
 
+def _senders_in_use(settings: Settings, engine: Engine | None) -> set[str]:
+    """The default sender and every advertiser profile's sender number (digits)."""
+    used = set()
+    if settings.default_sender:
+        used.add("".join(c for c in settings.default_sender if c.isdigit()))
+    if engine is not None:
+        from kmsg_worker.storage.advertising import ANY_SENDER, advertisers
+        from kmsg_worker.storage.repo import Store
+
+        try:
+            used.update(p.sender for p in advertisers(Store(engine)) if p.sender != ANY_SENDER)
+        except SQLAlchemyError:
+            pass  # the schema predates advertiser profiles: the migrations check says so
+    return used
+
+
+def _check_senders(
+    settings: Settings, engine: Engine | None, report: DoctorReport, options: DoctorOptions, client: httpx.Client
+) -> None:
+    """Registered sender numbers (발신번호 사전등록): the ones in use must be on each provider's list."""
+    used = _senders_in_use(settings, engine)
+    for name in settings.providers:
+        check = f"senders:{name}"
+        numbers: frozenset[str] | None = None
+        source = "KMSG_REGISTERED_SENDERS"
+        if options.probe_providers:
+            try:
+                cls = provider_class(name)
+                config = settings.provider_config(name)
+                provider: Provider = cls(config, client) if issubclass(cls, HttpProvider) else cls(config)
+                numbers = provider.registered_senders()
+                source = f"{name}'s API"
+            except (ProviderError, ConfigurationError) as exc:
+                report.add(
+                    check, Status.WARN, f"could not list the registered numbers: {exc}", _provider_hint(name, str(exc))
+                )
+                continue
+        if numbers is None:
+            numbers = settings.registered_senders.get(name)
+            source = "KMSG_REGISTERED_SENDERS"
+        if numbers is None:
+            report.add(check, Status.SKIP, "no list of registered sender numbers (not checked)")
+            continue
+        missing = sorted(used - numbers)
+        if missing:
+            report.add(
+                check,
+                Status.FAIL,
+                f"sender number(s) {', '.join(missing)} not registered with {name} "
+                f"({len(numbers)} registered, from {source})",
+                f"register them with {name} (발신번호 사전등록), or change KMSG_DEFAULT_SENDER or the profiles",
+            )
+        else:
+            report.add(
+                check, Status.OK, f"{len(numbers)} registered (from {source}); {len(used)} in use, all registered"
+            )
+
+
+def _check_suppression_key(settings: Settings, report: DoctorReport) -> None:
+    """Advertising needs the opt-out list's key: shared by every host, so not a file on PostgreSQL."""
+    if settings.suppression_key:
+        report.add("suppression-key", Status.OK, "KMSG_SUPPRESSION_KEY is set")
+    elif settings.database_url.startswith("sqlite"):
+        report.add("suppression-key", Status.OK, f"a key file under {settings.var_dir} (embedded default)")
+    else:
+        report.add(
+            "suppression-key",
+            Status.WARN,
+            "KMSG_SUPPRESSION_KEY is not set: advertising messages are refused (the opt-out list needs it)",
+            "set KMSG_SUPPRESSION_KEY to one secret shared by every host (docs/ADVERTISING.md)",
+        )
+
+
 def _provider_hint(name: str, detail: str) -> str:
     lowered = detail.lower()
     if "skew" in lowered or ("time" in lowered and "date" in lowered):
@@ -520,6 +593,8 @@ def run_doctor(
         client = http_client or make_http_client(timeout=httpx.Timeout(options.timeout))
         try:
             _check_providers(settings, report, options, client, clocks)
+            _check_senders(settings, engine, report, options, client)
+            _check_suppression_key(settings, report)
         finally:
             if http_client is None:
                 client.close()

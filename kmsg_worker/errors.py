@@ -101,6 +101,14 @@ class ErrorCode(StrEnum):
     POISON_MESSAGE = "POISON_MESSAGE"
     #: Retries or the message's maximum age ran out.
     RETRIES_EXHAUSTED = "RETRIES_EXHAUSTED"
+    #: The recipient refused advertising (a 080 opt-out the provider knows of): added to the suppression list.
+    AD_OPTED_OUT = "AD_OPTED_OUT"
+    #: The provider refused advertising outside its sending window: deferred, not failed.
+    OUTSIDE_SEND_WINDOW = "OUTSIDE_SEND_WINDOW"
+    #: Advertising held for the night (21:00-08:00 Korean time) until the window opens.
+    NIGHT_DEFERRED = "NIGHT_DEFERRED"
+    #: Advertising to a number on the tenant's suppression list: never sent.
+    SUPPRESSED = "SUPPRESSED"
     #: Anything else.
     UNKNOWN_ERROR = "UNKNOWN_ERROR"
 

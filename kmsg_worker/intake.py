@@ -16,20 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from kmsg_worker import adrules
 from kmsg_worker.errors import (
     BatchValidationError,
+    ErrorCode,
     RowError,
     ValidationError,
 )
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import (
+    KAKAO_TYPES,
     TEXT_TYPES,
     VAR_PATTERN,
     Message,
@@ -45,8 +49,10 @@ from kmsg_worker.message import (
     parse_variables,
     stringify,
 )
+from kmsg_worker.message import advertising as ads
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
+from kmsg_worker.storage.advertising import suppressed as suppressed_digests
 from kmsg_worker.storage.chunks import IDLE_LEASE
 from kmsg_worker.storage.intake import SliceWriter, batch_key, repeated_batch, store_totals, stored_batch_key
 from kmsg_worker.storage.messages import stored_ids
@@ -90,6 +96,8 @@ class _TemplateText:
         #: (key, the token as written, the text after it), in order.
         self.tokens = [(key, "#{" + key + "}", after) for key, after in zip(pieces[1::2], pieces[2::2], strict=True)]
         self.fixed_bytes = sum(count_bytes(part) for part in pieces[0::2])
+        #: A ``광`` within four characters before a token: a value could complete a head there.
+        self.ad_sensitive = any("광" in part[-4:] for part in pieces[0:-1:2])
 
     def render(self, variables: Mapping[str, str]) -> tuple[str, int]:
         """``(text, its count_bytes)`` with ``variables`` in place; an unknown key's token stays as written."""
@@ -109,8 +117,15 @@ class _Template:
     """The shared part of a batch, validated once; rows only add a number and variables."""
 
     def __init__(
-        self, rt: Runtime, defaults: Mapping[str, Any], now: datetime, declared: tuple[str, ...] | None = None
+        self,
+        rt: Runtime,
+        defaults: Mapping[str, Any],
+        now: datetime,
+        declared: tuple[str, ...] | None = None,
+        advertiser: Callable[[str, str | None], ads.AdvertiserProfile | None] | None = None,
     ) -> None:
+        if advertiser is None:
+            advertiser = adrules.profile_lookup(rt.store)
         self.defaults = dict(defaults)
         #: The registry template's variables when the batch sends one: every row gives exactly these.
         self.declared = declared
@@ -124,7 +139,11 @@ class _Template:
         self.ok = True
         try:
             self.message = normalize(
-                probe, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender
+                probe,
+                limits=rt.settings.limits,
+                now=now,
+                default_sender=rt.settings.default_sender,
+                advertiser=advertiser,
             )
             # The same checks as normalize (a mapping, string keys, scalar values, storable text).
             self.base_vars = parse_variables(self.defaults, rt.settings.limits)
@@ -139,7 +158,34 @@ class _Template:
             return
         self.content = self.message.content()
         self.limits = rt.settings.limits
+        msg = self.message
+        #: The advertiser profile the rows are composed and checked with (advertising only).
+        self.profile = advertiser(msg.tenant, msg.sender) if msg.advertising else None
+        if msg.advertising and isinstance(self.raw_text, str) and self.defaults.get("compose") != "check":
+            # Head and footer once for every row: the rows only fill in the variables.
+            assert self.profile is not None  # normalize refused the defaults otherwise
+            self.raw_text = ads.compose(self.raw_text, self.profile, sender=msg.sender)
         self.text = _TemplateText(self.raw_text) if isinstance(self.raw_text, str) else None
+
+    def _check_rendered(self, text: str, variables: Mapping[str, str]) -> None:
+        """Variables may bring in what the shared text did not have: the same checks as normalize.
+
+        The shared text was checked once, with its ``#{key}`` tokens; a row can only make it fail
+        through a head or lookalike its variables complete, and every head and lookalike has a
+        ``광``. So the rendered text is checked again only when a value has one, or when the shared
+        text has one just before a token (a value could complete it): most rows skip the regexes.
+        """
+        assert self.text is not None
+        if not self.text.ad_sensitive:
+            for value in variables.values():
+                if "광" in value:
+                    break
+            else:
+                return
+        if self.message.advertising:
+            ads.check(text, self.profile, sender=self.message.sender)
+        else:
+            ads.check_informational(text)
 
     def build(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """Content for one row; same result as :func:`normalize` on the merged mapping."""
@@ -164,6 +210,8 @@ class _Template:
             mtype = infer_type(text_value, msg.subject, msg.media, self.limits, nbytes)
         if mtype in TEXT_TYPES or text_value is not None:
             check_text(mtype, text_value, msg.subject, self.limits, nbytes)
+        if text_value is not None and self.text is not None and self.text.tokens:
+            self._check_rendered(text_value, variables)
         row_id = check_message_id(item.get("id"))
         content = dict(self.content)
         content.update(id=row_id, to=to, type=mtype.value)
@@ -178,18 +226,23 @@ class _Template:
             content.pop("variables", None)
         custom = item.get("custom_fields")
         if custom is not None:
-            if not isinstance(custom, Mapping):
-                raise ValidationError("custom_fields", "type", "must be a mapping")
-            extra: dict[str, str] = {}
-            for key, value in custom.items():
-                if not isinstance(key, str):
-                    raise ValidationError("custom_fields", "type", "keys must be strings")
-                extra[key] = stringify(value, f"custom_fields.{key}")
-            check_storable(extra, "custom_fields")
-            merged = {**msg.custom_fields, **extra}
+            merged = {**msg.custom_fields, **_custom_fields(custom)}
             if merged:
                 content["custom_fields"] = merged
         return content
+
+
+def _custom_fields(custom: object) -> dict[str, str]:
+    """A row's own ``custom_fields``, checked as :func:`normalize` checks them."""
+    if not isinstance(custom, Mapping):
+        raise ValidationError("custom_fields", "type", "must be a mapping")
+    extra: dict[str, str] = {}
+    for key, value in custom.items():
+        if not isinstance(key, str):
+            raise ValidationError("custom_fields", "type", "keys must be strings")
+        extra[key] = stringify(value, f"custom_fields.{key}")
+    check_storable(extra, "custom_fields")
+    return extra
 
 
 @dataclass
@@ -258,7 +311,8 @@ def _iter_rows(
             # Every row is invalid the same way: reported per row, under on_invalid.
             yield from ((i, RowError(i, exc.field, exc.rule, exc.detail)) for i, _ in enumerate(messages, start=1))
             return
-    template = _Template(rt, defaults, now, declared)
+    advertiser = adrules.profile_lookup(rt.store)
+    template = _Template(rt, defaults, now, declared, advertiser)
     preflight = AlimTalkPreflight(rt)
     base = dict(defaults)
     base.setdefault("priority", "bulk")
@@ -266,7 +320,8 @@ def _iter_rows(
     default_id = any(base.get(k) is not None for k in _ID_KEYS)
     # Routing errors (unknown provider_id, no provider for the type, an AlimTalk no provider can
     # address to a Kakao channel) per (type, provider_id, the Kakao fields the row gives).
-    routable: dict[tuple[str, Any, Any], list[str] | ValidationError] = {}
+    # And the sender number checked against the route's registered numbers: once per batch, not per row.
+    routable: dict[tuple[str, Any, Any, Any], list[str] | ValidationError] = {}
     for index, item in enumerate(messages, start=1):
         try:
             # A dict is checked by its exact type first: isinstance() against an ABC is a Python-level
@@ -276,18 +331,16 @@ def _iter_rows(
             if template.ok and item.keys() <= _FAST_KEYS:
                 content = template.build(item)
             else:
-                content = _row_content(rt, {**base, **item}, item, resolver, declared, tenant, now)
+                content = _row_content(rt, {**base, **item}, item, resolver, declared, tenant, now, advertiser)
             kakao = content.get("kakao")
             key = (
                 content["type"],
                 content.get("provider_id"),
                 tuple(sorted(k for k, v in kakao.items() if v)) if kakao else (),
+                content.get("sender"),
             )
             if key not in routable:
-                try:
-                    routable[key] = rt.router.route(Message.from_content(content))
-                except ValidationError as exc:
-                    routable[key] = exc
+                routable[key] = _route(rt, content)
             route = routable[key]
             if isinstance(route, ValidationError):
                 raise route
@@ -311,6 +364,7 @@ def _row_content(
     declared: tuple[str, ...] | None,
     tenant: str,
     now: datetime,
+    advertiser: Callable[[str, str | None], ads.AdvertiserProfile | None],
 ) -> dict[str, Any]:
     """A row off the fast path: its template (its own, or the batch's variables checked), then normalize."""
     if item.get("template") is not None:
@@ -322,7 +376,22 @@ def _row_content(
     elif declared is not None:
         given = merged.get("variables")
         check_variables(str(merged.get("template")), declared, given if isinstance(given, Mapping) else {})
-    return normalize(merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender).content()
+    return normalize(
+        merged, limits=rt.settings.limits, now=now, default_sender=rt.settings.default_sender, advertiser=advertiser
+    ).content()
+
+
+def _route(rt: Runtime, content: dict[str, Any]) -> list[str] | ValidationError:
+    """The route of rows like ``content`` (its sender checked against the route's registered numbers),
+    or why they cannot be routed."""
+    message = Message.from_content(content)
+    try:
+        route = rt.router.route(message)
+        if message.sender and message.type not in KAKAO_TYPES:
+            rt.senders.check_route(route, message.sender)
+    except ValidationError as exc:
+        return exc
+    return route
 
 
 def _gives_id(item: Mapping[str, Any]) -> bool:
@@ -382,6 +451,81 @@ def _without_stored_ids(
     yield from drain()
 
 
+def _suppressing(
+    rt: Runtime,
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
+    suppressed: set[str],
+    size: int | None = None,
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Collect in ``suppressed`` the ids of advertising rows to numbers on their tenant's suppression list.
+
+    Rows are looked up ``size`` at a time (default: a slice), one statement probing the list's
+    primary key per slice and tenant. The look-up runs on a thread while the next slice is
+    validated (the database probes the index while this thread renders rows), so a slice waits
+    here only if its look-up is slower than validating the next. Informational rows that nothing
+    holds back pass straight through.
+    """
+    size = size or SLICE
+    buffer: list[tuple[int, dict[str, Any] | RowError]] = []
+    pending: tuple[list[tuple[int, dict[str, Any] | RowError]], Future[set[str]]] | None = None
+    pool: ThreadPoolExecutor | None = None
+    hasher: adrules.SuppressionHasher | None = None
+
+    def start(held: list[tuple[int, dict[str, Any] | RowError]]) -> Future[set[str]]:
+        nonlocal pool, hasher
+        by_tenant: dict[str, tuple[list[str], list[bytes]]] = {}
+        ads_rows = [r for _, r in held if type(r) is dict and r.get("purpose") == ads.ADVERTISING]
+        if ads_rows:
+            if hasher is None:
+                hasher = adrules.hasher_for(rt.settings, rt.store)
+            digests = hasher.digests([r["to"] for r in ads_rows])
+            for r, digest in zip(ads_rows, digests, strict=True):
+                ids, group = by_tenant.setdefault(r.get("tenant") or "default", ([], []))
+                ids.append(r["id"])
+                group.append(digest)
+        if pool is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="kmsg-suppression")
+        return pool.submit(_suppressed_ids, rt, by_tenant)
+
+    def finish() -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+        nonlocal pending
+        if pending is not None:
+            held, future = pending
+            pending = None
+            suppressed.update(future.result())
+            yield from held
+
+    try:
+        for item in rows:
+            row = item[1]
+            if not buffer and pending is None and (type(row) is not dict or row.get("purpose") != ads.ADVERTISING):
+                yield item  # nothing to look up and nothing held before it
+                continue
+            buffer.append(item)
+            if len(buffer) >= size:
+                future = start(buffer)
+                yield from finish()
+                pending, buffer = (buffer, future), []
+        if buffer:
+            future = start(buffer)
+            yield from finish()
+            pending, buffer = (buffer, future), []
+        yield from finish()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _suppressed_ids(rt: Runtime, by_tenant: Mapping[str, tuple[list[str], list[bytes]]]) -> set[str]:
+    """The ids among ``by_tenant``'s rows whose number's hash is on their tenant's list."""
+    found: set[str] = set()
+    for tenant, (ids, digests) in by_tenant.items():
+        listed = suppressed_digests(rt.store, tenant, digests)
+        if listed:
+            found.update(i for i, d in zip(ids, digests, strict=True) if d in listed)
+    return found
+
+
 def _batch_columns(batch_id: str, now: datetime) -> dict[str, Any]:
     """The columns every stored row of a batch shares (see :func:`_db_row` for the others)."""
     return shared_columns(now, batch_id=batch_id)
@@ -407,11 +551,33 @@ def _db_row(content: dict[str, Any], chunk: _Chunk, now: datetime) -> dict[str, 
     return row
 
 
+#: Columns a suppressed row sets that a new row leaves at their default.
+_FINAL_COLUMNS = ("final_at", "error_code", "error_message")
+
+
+def _suppressed_row(content: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The stored row of an advertising row to a suppressed number: final at once, in no chunk."""
+    row = new_message_columns(content, [], now, priority=content.get("priority") or "bulk")
+    row.update(
+        status=S.SUPPRESSED.value,
+        queued_at=None,
+        final_at=now,
+        error_code=ErrorCode.SUPPRESSED.value,
+        error_message="the recipient refused advertising (on the tenant's suppression list); not sent",
+    )
+    return row
+
+
 class _Slicer:
     """Valid rows on their way to the writer: assigned to chunks, cut into slices, their ids kept."""
 
-    def __init__(self, batch: Batch, chunker: _Chunker, writer: SliceWriter, now: datetime) -> None:
+    def __init__(
+        self, batch: Batch, chunker: _Chunker, writer: SliceWriter, now: datetime, suppressed: set[str] | None = None
+    ) -> None:
         self.batch = batch
+        #: Ids of rows stored ``suppressed`` (final, in no chunk): see :func:`_suppressing`.
+        self.suppressed = set() if suppressed is None else suppressed
+        self.pending_suppressed = False
         self.chunker = chunker
         self.writer = writer
         self.now = now
@@ -422,8 +588,12 @@ class _Slicer:
         self.leased_upto = 0
 
     def add(self, row: dict[str, Any]) -> None:
-        chunk = self.chunker.assign(row)
-        self.pending.append(_db_row(row, chunk, self.now))
+        if self.suppressed and row["id"] in self.suppressed:
+            self.pending.append(_suppressed_row(row, self.now))
+            self.pending_suppressed = True
+        else:
+            chunk = self.chunker.assign(row)
+            self.pending.append(_db_row(row, chunk, self.now))
         self.ids.append(row["id"])
         if len(self.pending) >= SLICE:
             self.flush(final=False)
@@ -441,6 +611,12 @@ class _Slicer:
         self.leased_upto = chunker.next_number
         rows = self.pending.copy()
         self.pending.clear()
+        if self.pending_suppressed:
+            # A slice is written with the first row's columns (COPY): every row gets the final ones.
+            for row in rows:
+                for column in _FINAL_COLUMNS:
+                    row.setdefault(column, None)
+            self.pending_suppressed = False
         if final:
             chunker.close_all()
         ready = chunker.ready[self.published_upto :]
@@ -493,6 +669,8 @@ def intake(
     # Caller-given ids already in the database (checked after the idempotency look-up, which
     # answers a repeated batch with its original ids).
     rows_iter = _without_stored_ids(rt, rows_iter, explicit)
+    suppressed: set[str] = set()
+    rows_iter = _suppressing(rt, rows_iter, suppressed)
 
     batch = Batch(
         id=batch_id,
@@ -511,7 +689,7 @@ def intake(
         atomic=atomic,
         publish=lambda chunks: _publish_chunks(rt, batch_id, chunks),
     )
-    out = _Slicer(batch, chunker, writer, now)
+    out = _Slicer(batch, chunker, writer, now, suppressed)
     ids = out.ids
     try:
         with writer.writing():
@@ -542,7 +720,14 @@ def intake(
         return (*repeated_batch(rt.store, idempotency_key, stored_key, digest.hexdigest()), [], True)
     if not atomic:
         store_totals(rt.store, batch_id, totals)
-    log.info("batch.accepted", batch_id=batch_id, total=len(ids), invalid=invalid_count, chunks=chunker.next_number)
+    log.info(
+        "batch.accepted",
+        batch_id=batch_id,
+        total=len(ids),
+        invalid=invalid_count,
+        chunks=chunker.next_number,
+        suppressed=len(suppressed),
+    )
     return batch_id, ids, errors, False
 
 

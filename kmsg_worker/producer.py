@@ -18,13 +18,14 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from kmsg_worker import adrules
 from kmsg_worker.batches import BatchSummary, batch_summary, cancel_batch, cancel_batch_message
 from kmsg_worker.dispatch import CELERY_APP, Dispatcher
 from kmsg_worker.errors import ConfigurationError, InvalidStateError, MessageNotFoundError, RowError, ValidationError
 from kmsg_worker.gctune import raised_threshold
 from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
-from kmsg_worker.message import Message, MessageType, check_text, normalize
+from kmsg_worker.message import KAKAO_TYPES, Message, MessageType, check_text, normalize
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
@@ -196,6 +197,7 @@ class KMsg:
             limits=self.settings.limits,
             now=self.runtime.now(),
             default_sender=self.settings.default_sender,
+            advertiser=adrules.profile_lookup(self.runtime.store),
         )
 
     def send(self, message: Mapping[str, Any] | None = None, /, **fields: Any) -> Receipt:
@@ -220,6 +222,10 @@ class KMsg:
         route = self.runtime.router.route(msg)
         if msg.type is MessageType.ALIMTALK:
             msg = _preflighted(self.runtime, msg, route)
+        if msg.sender and msg.type not in KAKAO_TYPES:
+            self.runtime.senders.check_route(route, msg.sender)
+        if msg.advertising:
+            adrules.check_not_suppressed(self.settings, self.runtime.store, msg.tenant, msg.to)
         now = self.runtime.now()
         row = new_message_row(msg, route, now)
         idem = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from kmsg_worker.adrules import SenderRegistry
 from kmsg_worker.circuit import CircuitBreaker, make_breaker
 from kmsg_worker.dispatch import Dispatcher, NullDispatcher
 from kmsg_worker.providers.base import Provider
@@ -70,6 +71,7 @@ class Runtime:
         self._redis: Any = None
         self._circuits: CircuitBreaker | None = None
         self._limiter: RateLimiter | None = None
+        self._senders: SenderRegistry | None = None
         self.router = Router(
             settings.providers,
             settings.routing,
@@ -131,6 +133,13 @@ class Runtime:
         if self._limiter is None:
             self._limiter = make_limiter(self.redis, prefix=self.redis_key("rl:"))
         return self._limiter
+
+    @property
+    def senders(self) -> SenderRegistry:
+        """The providers' registered sender numbers, cached for ``KMSG_SENDER_CACHE_TTL_SECONDS``."""
+        if self._senders is None:
+            self._senders = SenderRegistry(self.settings, lambda name: self.provider(name).registered_senders())
+        return self._senders
 
     @property
     def http(self) -> httpx.Client:

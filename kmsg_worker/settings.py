@@ -203,6 +203,20 @@ def _positive(parser: Callable[[str], T]) -> Callable[[str], T]:
 _NO_WORDS: tuple[str, ...] = ()
 
 
+def _registered_senders(raw: str) -> dict[str, frozenset[str]]:
+    """``provider=number number;provider=number`` -> the numbers (digits only) per provider."""
+    out: dict[str, frozenset[str]] = {}
+    for part in raw.split(";"):
+        if not part.strip():
+            continue
+        name, sep, numbers = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError("expected provider=number number;provider=number")
+        digits = {"".join(c for c in n if c.isdigit()) for n in numbers.replace(",", " ").split()}
+        out[name.strip().lower()] = frozenset(d for d in digits if d)
+    return out
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -305,6 +319,14 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     #: KRW per message type for ``kmsg report`` cost estimates, over the built-in table (``KMSG_UNIT_PRICES``).
     unit_prices: Mapping[str, float] = field(default_factory=dict)
+    #: Key of the suppression list's hashes (``KMSG_SUPPRESSION_KEY``); a secret, never shown. Unset on
+    #: the embedded default, a key file under ``var_dir`` is made; PostgreSQL deployments must set it.
+    suppression_key: str | None = field(default=None, repr=False)
+    #: Registered sender numbers of providers without a sender-number API (``KMSG_REGISTERED_SENDERS``:
+    #: ``iwinv=0212345678 0311112222;aligo=...``); a provider not named here is not checked.
+    registered_senders: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: How long a provider's registered sender numbers are trusted before asked again.
+    sender_cache_ttl: float = 600.0
 
     @property
     def embedded(self) -> bool:
@@ -488,6 +510,11 @@ class Settings:
             "metrics_port": _parse(env, "KMSG_METRICS_PORT", 0, _port),
             "metrics_addr": _env(env, "KMSG_METRICS_ADDR") or "127.0.0.1",
             "unit_prices": _parse(env, "KMSG_UNIT_PRICES", dict[str, float](), _prices),
+            "suppression_key": _env(env, "KMSG_SUPPRESSION_KEY"),
+            "registered_senders": _parse(
+                env, "KMSG_REGISTERED_SENDERS", dict[str, frozenset[str]](), _registered_senders
+            ),
+            "sender_cache_ttl": _parse(env, "KMSG_SENDER_CACHE_TTL_SECONDS", 600.0, _positive(float)),
         }
         values.update(overrides)
         return cls(**values)

@@ -38,6 +38,8 @@ class MessageStatus(StrEnum):
     CANCELLED = "cancelled"  #: Final: cancelled before dispatch.
     UNKNOWN = "unknown"  #: Final: the outcome could not be established (tracking timeout, lost response).
     DEAD = "dead"  #: Final: a poison message (redelivered or crashed workers too often).
+    #: Final from the start: advertising to a number on the tenant's suppression list, never sent.
+    SUPPRESSED = "suppressed"
 
 
 #: States from which nothing moves on.
@@ -48,6 +50,7 @@ FINAL = frozenset(
         MessageStatus.CANCELLED,
         MessageStatus.UNKNOWN,
         MessageStatus.DEAD,
+        MessageStatus.SUPPRESSED,
     }
 )
 
@@ -68,6 +71,8 @@ ALLOWED: dict[MessageStatus, frozenset[MessageStatus]] = {
     S.UNKNOWN: frozenset({S.SENDING, S.SENT}) | _CHUNK_HELD,
     S.DEAD: frozenset({S.QUEUED, S.SENDING, S.RETRYING}),
     S.SCHEDULED: frozenset(),
+    # Stored so at intake (a batch row to a suppressed number); never reached by a transition.
+    S.SUPPRESSED: frozenset(),
 }
 
 
@@ -94,6 +99,7 @@ class DeliveryAction(StrEnum):
     THROTTLED = "throttled"  #: A rate limit said wait; no retry spent.
     CIRCUIT_OPEN = "circuit_open"  #: Every remaining provider's circuit is open; it waits, no retry spent.
     CANCELLED = "cancelled"  #: Its batch was cancelled before it went out.
+    DEFERRED = "deferred"  #: Advertising outside its sending window: it waits for the window, no retry spent.
 
 
 class AttemptOutcome(StrEnum):

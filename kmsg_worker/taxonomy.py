@@ -69,6 +69,7 @@ PERMANENT = frozenset(
         ErrorCode.TEMPLATE_MISMATCH,
         ErrorCode.SENDER_NOT_REGISTERED,
         ErrorCode.RECIPIENT_BLOCKED,
+        ErrorCode.AD_OPTED_OUT,
         ErrorCode.NOT_KAKAO_USER,
         ErrorCode.DELIVERY_FAILED,
         ErrorCode.UNSUPPORTED,

@@ -39,6 +39,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from kmsg_worker import adrules
 from kmsg_worker.errors import ErrorCode, ProviderError, ValidationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, MessageType, ValidationLimits, count_bytes, normalize
@@ -172,6 +173,11 @@ def fallback_message(parent: Message, *, limits: ValidationLimits | None = None)
             "tenant": parent.tenant,
             "priority": parent.priority.value,
             "custom_fields": dict(parent.custom_fields),
+            # The child is under the parent's rules: advertising stays advertising (night window,
+            # its text checked as given), and the parent's night consent goes with it.
+            "purpose": parent.purpose,
+            "compose": "check",
+            "night_consent": parent.night_consent or None,
             # A test message's fallback is simulated too: it must never reach a real provider.
             **(sandbox_child() if is_sandbox(parent) else {}),
         },
@@ -273,6 +279,9 @@ def _not_final(
 
 def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, out: PollReport) -> None:
     not_kakao = is_not_kakao_user(report, rt.settings.tracking)
+    code = ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED
+    if report.opted_out:
+        code = ErrorCode.AD_OPTED_OUT
     with rt.store.sessions.begin() as s:
         changed = rt.store.transition(
             row.id,
@@ -280,7 +289,7 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
             now=now,
             expect=[S.SENT],
             session=s,
-            error_code=(ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED).value,
+            error_code=code.value,
             error_message=report.description or f"provider status {report.code}",
             failed_at=_reported(report.failed_at, now),
             **_status_values(row, report),
@@ -296,9 +305,21 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
         provider=row.provider,
         type=row.type,
         tenant=row.tenant,
-        error_code=(ErrorCode.NOT_KAKAO_USER if not_kakao else ErrorCode.DELIVERY_FAILED).value,
+        error_code=code.value,
         provider_code=report.code,
     )
+    if report.opted_out:
+        # The recipient refused the sender (a 080 opt-out): no advertising to the number again.
+        adrules.suppress_refuser(
+            rt.settings,
+            rt.store,
+            tenant=row.tenant,
+            number=row.recipient,
+            provider=row.provider or "unknown",
+            provider_code=report.code,
+            message_id=row.id,
+            now=now,
+        )
     if child_id is None:
         return
     out.fallbacks.append(child_id)

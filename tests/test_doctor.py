@@ -68,10 +68,28 @@ def test_a_healthy_embedded_install_passes(tmp_path: Path) -> None:
         "consumption": Status.OK,
         "beat": Status.OK,
         "provider:mock": Status.OK,
+        "senders:mock": Status.SKIP,
+        "suppression-key": Status.OK,
         "clock": Status.SKIP,
     }
     assert report.exit_code == 0
-    assert "all 7 checks passed" in report.render()
+    assert "all 9 checks passed" in report.render()
+
+
+def test_a_sender_in_use_that_is_not_registered_fails_naming_it_and_the_provider(tmp_path: Path) -> None:
+    from kmsg_worker.storage.advertising import set_advertiser
+
+    settings = embedded(tmp_path, KMSG_REGISTERED_SENDERS="mock=0212345678", KMSG_DEFAULT_SENDER="02-1234-5678")
+    assert checks(run_doctor(settings, FAST))["senders:mock"] is Status.OK
+    rt = Runtime(settings)
+    set_advertiser(
+        rt.store, "shop", "0311112222", name="가게", opt_out="080-123-4567", contact=None, now=datetime.now(UTC)
+    )
+    rt.close()
+    report = run_doctor(settings, FAST)
+    found = result(report, "senders:mock")
+    assert found.status is Status.FAIL and "0311112222" in found.detail and "mock" in found.detail
+    assert report.exit_code == 1
 
 
 def test_workers_that_stopped_consuming_and_a_dead_beat_fail(tmp_path: Path) -> None:

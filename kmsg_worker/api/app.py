@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from kmsg_worker import adrules
 from kmsg_worker.api import schemas
 from kmsg_worker.api.auth import Authenticator, Principal
 from kmsg_worker.api.config import ApiConfig
@@ -40,11 +41,13 @@ from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import KmsgError, ValidationError
 from kmsg_worker.logging import configure_logging, get_logger
+from kmsg_worker.message import normalize_phone
 from kmsg_worker.producer import KMsg, MessageInfo
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.sandbox import is_sandbox_content
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import MessageStatus
+from kmsg_worker.storage.advertising import count_suppressions
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.tenants import TenantStore
 
@@ -238,7 +241,33 @@ class _Api:
         self.owned_batch(batch_id, principal)
         summary = self.kmsg.cancel_batch(batch_id) if cancel else self.kmsg.batch_summary(batch_id)
         sample = self.tenants.batch_content(batch_id)
-        return {**asdict(summary), "done": summary.done, "test": sample is not None and is_sandbox_content(sample)}
+        return {
+            **asdict(summary),
+            "done": summary.done,
+            "suppressed": summary.suppressed,
+            "deferred": summary.deferred,
+            "test": sample is not None and is_sandbox_content(sample),
+        }
+
+    def suppressions(self, principal: Principal, numbers: list[str] | None, *, remove: bool = False) -> dict[str, Any]:
+        """Change (``numbers`` given) or count the key's tenant's opt-out list."""
+        store, settings = self.kmsg.runtime.store, self.kmsg.settings
+        given = 0
+        changed = 0
+        if numbers is not None:
+            if principal.test:
+                # A test key's requests never reach the real world; the list is the tenant's real one.
+                raise Problem("forbidden", "a test key cannot change the tenant's opt-out list; use a live key")
+            normalized = [normalize_phone(n, f"numbers[{i}]") for i, n in enumerate(numbers)]
+            given = len(normalized)
+            if remove:
+                changed = adrules.unsuppress(settings, store, principal.tenant, normalized)
+            else:
+                changed = adrules.suppress(
+                    settings, store, principal.tenant, normalized, source="api", now=self.kmsg.runtime.now()
+                )
+        count = count_suppressions(store, principal.tenant)
+        return {"given": given, "changed": changed, "count": count}
 
     def templates(self, principal: Principal, action: str, ref: str | None, body: bytes | None) -> dict[str, Any]:
         """One registry operation for the key's tenant (the request body already size-checked)."""
@@ -507,6 +536,43 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 - one nested function per endpo
     async def get_batch(request: Request, principal: Auth, batch_id: BatchId) -> dict[str, Any]:
         api = _app_of(request)
         result: dict[str, Any] = await api.run(principal, api.batch, batch_id, principal)
+        return result
+
+    @app.get(
+        "/v1/suppressions",
+        response_model=schemas.SuppressionCountOut,
+        tags=["advertising"],
+        summary="How many numbers the tenant's advertising opt-out list holds",
+    )
+    async def count_suppressions_(request: Request, principal: Auth) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.suppressions, principal, None)
+        return {"count": result["count"]}
+
+    @app.post(
+        "/v1/suppressions",
+        response_model=schemas.SuppressionsOut,
+        tags=["advertising"],
+        summary="Add numbers to the tenant's advertising opt-out list",
+        responses=_errors(403, 422),
+    )
+    async def add_suppressions(request: Request, principal: Auth, body: schemas.SuppressionsIn) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(principal, api.suppressions, principal, body.numbers)
+        return result
+
+    @app.post(
+        "/v1/suppressions/remove",
+        response_model=schemas.SuppressionsOut,
+        tags=["advertising"],
+        summary="Remove numbers from the tenant's advertising opt-out list",
+        responses=_errors(403, 422),
+    )
+    async def remove_suppressions(request: Request, principal: Auth, body: schemas.SuppressionsIn) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(
+            principal, lambda: api.suppressions(principal, body.numbers, remove=True)
+        )
         return result
 
     @app.post(

@@ -37,6 +37,7 @@ PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "malformed-csv": (400, "The body is not UTF-8 CSV"),
     "bad-request": (400, "The request is malformed"),
     "unauthorized": (401, "Missing, malformed, unknown or revoked API key"),
+    "forbidden": (403, "This key may not do this"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
     "idempotency-conflict": (409, "The idempotency key was used for a different request"),

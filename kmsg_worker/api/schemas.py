@@ -68,6 +68,13 @@ class MessageRequest(BaseModel):
     custom_fields: dict[str, Any] | None = None
     priority: Priority | None = None
     idempotency_key: str | None = Field(None, description="Same as the Idempotency-Key header")
+    purpose: Literal["informational", "advertising"] | None = Field(
+        None, description="advertising: the (광고) format, the night window and the suppression list apply"
+    )
+    compose: Literal["auto", "check"] | None = Field(
+        None, description="advertising only: auto adds the (광고) head and opt-out footer; check refuses without them"
+    )
+    night_consent: bool | None = Field(None, description="the recipient consented to advertising at night")
 
 
 class BatchRequest(BaseModel):
@@ -188,6 +195,8 @@ class BatchSummaryOut(BaseModel):
     by_provider: dict[str, int]
     by_type: dict[str, int]
     by_error_code: dict[str, int]
+    suppressed: int = Field(0, description="Advertising rows not sent: the number is on the tenant's opt-out list")
+    deferred: int = Field(0, description="Advertising rows waiting for the sending window (21:00-08:00 Seoul time)")
     cost_estimate_krw: float
     created_at: datetime | None
     first_sent_at: datetime | None
@@ -195,6 +204,28 @@ class BatchSummaryOut(BaseModel):
     finished_at: datetime | None
     cancelled_at: datetime | None
     throughput_per_s: float | None
+
+
+class SuppressionsIn(BaseModel):
+    """Numbers to add to (or remove from) the tenant's advertising opt-out list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    numbers: list[str] = Field(min_length=1, max_length=10_000, description="Korean phone numbers, 1-10,000")
+
+
+class SuppressionsOut(BaseModel):
+    """What a change of the opt-out list did (numbers are stored as keyed hashes, never shown)."""
+
+    given: int
+    changed: int = Field(description="Numbers added (already listed ones are left) or removed (listed ones)")
+    count: int = Field(description="Numbers on the tenant's list afterwards")
+
+
+class SuppressionCountOut(BaseModel):
+    """The size of the tenant's advertising opt-out list."""
+
+    count: int
 
 
 class ProblemOut(BaseModel):

@@ -34,8 +34,9 @@ def _counts(summary: BatchSummary) -> tuple[int, int, int, int]:
     st = summary.by_status
     sent = st.get("sent", 0) + st.get("delivered", 0)
     failed = st.get("failed", 0) + st.get("unknown", 0) + st.get("dead", 0)
+    # Suppressed rows are final, never sent: not pending, and shown on their own (summary_line).
     cancelled = st.get("cancelled", 0)
-    return sent, failed, cancelled, summary.total - sent - failed - cancelled
+    return sent, failed, cancelled, summary.total - sent - failed - cancelled - summary.suppressed
 
 
 def summary_line(summary: BatchSummary) -> str:
@@ -43,10 +44,15 @@ def summary_line(summary: BatchSummary) -> str:
     sent, failed, cancelled, pending = _counts(summary)
     width = 30
     done = 0 if not summary.total else int(width * (summary.total - pending) / summary.total)
-    return (
+    line = (
         f"[{'#' * done}{'.' * (width - done)}] {summary.total} accepted | {sent} sent | "
         f"{failed} failed | {cancelled} cancelled | {pending} pending"
     )
+    if summary.suppressed:
+        line += f" | {summary.suppressed} suppressed"
+    if summary.deferred:
+        line += f" ({summary.deferred} deferred to the advertising window)"
+    return line
 
 
 def _show_summary(summary: BatchSummary) -> None:
@@ -113,6 +119,21 @@ def _follow(kmsg: Any, batch_id: str, timeout: float) -> BatchSummary:
 @click.option("--template-id", help="AlimTalk template code.")
 @click.option("--at", "scheduled_at", help="Send at this ISO time (naive = KMSG_TIMEZONE).")
 @click.option("--tenant", default="default", show_default=True, help="Tenant the batch belongs to.")
+@click.option(
+    "--purpose",
+    type=click.Choice(["informational", "advertising"]),
+    help="advertising: the (광고) format, the 21:00-08:00 hold and the opt-out list apply (docs/ADVERTISING.md).",
+)
+@click.option(
+    "--compose", type=click.Choice(["auto", "check"]), help="Advertising: add the head/footer, or check them."
+)
+@click.option(
+    "--night-consent",
+    "night_consent",
+    flag_value=True,
+    default=None,
+    help="Advertising: the recipient consented to night sends.",
+)
 @click.option(
     "--chunk-size", type=click.IntRange(min=1), help="Rows per provider request (default: KMSG_BULK_CHUNK_SIZE)."
 )
@@ -189,7 +210,9 @@ def batch() -> None:
 
 def _emit(summary: BatchSummary, as_json: bool) -> None:
     if as_json:
-        echo_json({**plain(summary), "done": summary.done})
+        echo_json(
+            {**plain(summary), "done": summary.done, "suppressed": summary.suppressed, "deferred": summary.deferred}
+        )
     else:
         _show_summary(summary)
 

@@ -74,6 +74,21 @@ def parse_time(value: str, option: str, *, now: datetime, tz: str) -> datetime:
 @click.option("--idempotency-key", help="Sending the same request twice with this key sends it once.")
 @click.option("--at", "scheduled_at", help="Send at this ISO time (naive = KMSG_TIMEZONE, Asia/Seoul).")
 @click.option("--var", "variables", multiple=True, callback=parse_variables, help="name=value (repeatable).")
+@click.option(
+    "--purpose",
+    type=click.Choice(["informational", "advertising"]),
+    help="advertising: the (광고) format, the 21:00-08:00 hold and the opt-out list apply (docs/ADVERTISING.md).",
+)
+@click.option(
+    "--compose", type=click.Choice(["auto", "check"]), help="Advertising: add the head/footer, or check them."
+)
+@click.option(
+    "--night-consent",
+    "night_consent",
+    flag_value=True,
+    default=None,
+    help="Advertising: the recipient consented to night sends.",
+)
 @JSON_OPTION
 def send(as_json: bool, variables: dict[str, str], **options: Any) -> int:
     """Send one message: validated and stored now, sent by a worker."""

@@ -10,7 +10,12 @@ Right before a provider call, for a single send and a chunk's rows alike:
   gives the rows back as ``retrying`` for the limiter's wait, spread a little so they do not all
   return together.
 
-Neither spends a retry, since nothing was sent.
+- **The advertising window** (:func:`admit_window`): an advertising message due outside its window
+  (21:00-08:00 Korean time; FriendTalk 20:50-08:00) waits as ``retrying`` until the window opens,
+  unless it carries the recipient's night consent. A chunk claimed at night therefore holds every
+  advertising row until the morning: a campaign running at 21:00 stops there and resumes at 08:00.
+
+None of them spends a retry, since nothing was sent.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from kmsg_worker.delivery.record import Applied
 from kmsg_worker.delivery.record import hold as hold_rows
 from kmsg_worker.errors import ErrorCode
 from kmsg_worker.logging import get_logger
+from kmsg_worker.message.advertising import next_allowed
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage.messages import Transition, attempt_row, insert_attempts, record_transitions
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.rows import SendRow
 
-__all__ = ["Admitted", "admit_circuits", "throttle"]
+__all__ = ["Admitted", "admit_circuits", "admit_window", "throttle"]
 
 S = MessageStatus
 A = DeliveryAction
@@ -45,6 +51,55 @@ class Admitted:
 
     ready: list[SendRow] = field(default_factory=list)
     applied: Applied = field(default_factory=Applied)
+
+
+def admit_window(rt: Runtime, rows: Sequence[SendRow], *, now: datetime, expect: Sequence[MessageStatus]) -> Admitted:
+    """Hold advertising rows due outside their sending window until it opens (no retry spent).
+
+    Rows that are informational, or carry the recipient's night consent, pass. The others wait in
+    the database (``next_attempt_at`` = the window's opening, error code ``NIGHT_DEFERRED``) and
+    are picked up by the retry sweep then, or by a countdown when the opening is seconds away.
+    """
+    admitted = Admitted()
+    waiting: dict[datetime, list[SendRow]] = {}
+    consented: list[SendRow] = []
+    for row in rows:
+        message = row.message
+        if message.purpose is None:
+            admitted.ready.append(row)
+            continue
+        opening = next_allowed(now, message.type)
+        if opening is None:
+            admitted.ready.append(row)
+        elif message.night_consent:
+            consented.append(row)
+            admitted.ready.append(row)
+        else:
+            waiting.setdefault(opening, []).append(row)
+    if consented:
+        log.info(
+            "advertising.night_consent_used",
+            count=len(consented),
+            message_id=consented[0].id,
+            batch_id=consented[0].batch_id,
+        )
+    for opening, group in waiting.items():
+        delay = max((opening - now).total_seconds(), 0.0)
+        log.info(
+            "advertising.deferred",
+            count=len(group),
+            message_id=group[0].id,
+            batch_id=group[0].batch_id,
+            until=opening.isoformat(),
+        )
+        reason = (
+            ErrorCode.NIGHT_DEFERRED.value,
+            f"advertising outside its sending window: held until {opening.isoformat()}",
+        )
+        admitted.applied.merge(
+            hold_rows(rt, group, delay=delay, now=now, expect=expect, action=A.DEFERRED, reason=reason)
+        )
+    return admitted
 
 
 def admit_circuits(rt: Runtime, rows: Sequence[SendRow], *, now: datetime, expect: Sequence[MessageStatus]) -> Admitted:

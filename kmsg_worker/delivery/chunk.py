@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from kmsg_worker.delivery.admission import admit_circuits
+from kmsg_worker.delivery.admission import admit_circuits, admit_window
 from kmsg_worker.delivery.call import call_provider
 from kmsg_worker.delivery.record import Applied
 from kmsg_worker.delivery.recovery import reconcile
@@ -53,6 +53,8 @@ class ChunkResult:
     cancelled: int = 0
     requests: int = 0
     throttled: int = 0
+    #: Advertising rows held until their sending window opens.
+    deferred: int = 0
     #: Countdowns (seconds; 0 = now) at which the chunk must run again, published after its lease is released.
     republish: list[float] = field(default_factory=list)
 
@@ -67,6 +69,7 @@ class ChunkResult:
         self.sent += c[A.SENT] + c[A.RECONCILED_SENT]
         self.retrying += c[A.RETRY] + c[A.RECONCILE] + c[A.RECONCILE_DEFERRED] + c[A.CIRCUIT_OPEN]
         self.throttled += c[A.THROTTLED]
+        self.deferred += c[A.DEFERRED]
         self.failed += c[A.FAILED]
         self.unknown += c[A.UNKNOWN]
         self.failed_over += c[A.FAILOVER]
@@ -132,7 +135,9 @@ def _send_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[SendRow], now:
         settled = reconcile(rt, unknown, now=now, expect=HELD, chunk=chunk)
         result.add(settled.applied)
         sendable.extend(settled.missing)
-    admitted = admit_circuits(rt, sendable, now=now, expect=HELD)
+    window = admit_window(rt, sendable, now=now, expect=HELD)
+    result.add(window.applied)
+    admitted = admit_circuits(rt, window.ready, now=now, expect=HELD)
     result.add(admitted.applied)
     by_provider: dict[str, list[SendRow]] = defaultdict(list)
     for row in admitted.ready:

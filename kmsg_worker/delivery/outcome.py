@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kmsg_worker.errors import ErrorCode, ProviderError, ProviderNotAttempted, ProviderRateLimited, ProviderRejected
+from kmsg_worker.message.advertising import reopens
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.retry import Action, decide
 from kmsg_worker.settings import RetryPolicy, Settings
@@ -52,6 +53,7 @@ STATUS_OF: Mapping[DeliveryAction, MessageStatus] = {
     A.FAILOVER: S.QUEUED,
     A.FAILED: S.FAILED,
     A.UNKNOWN: S.UNKNOWN,
+    A.DEFERRED: S.RETRYING,
 }
 
 
@@ -135,6 +137,12 @@ def decide_outcomes(
             policy = policies[key] = settings.retry_for(*key)
         raw = refusal(outcome, row.provider)
         error = classify(raw, settings.error_policy)
+        if error.code is ErrorCode.OUTSIDE_SEND_WINDOW:
+            # Nothing wrong with the message: it waits for the window, without spending a retry.
+            delay = (reopens(now, message.type) - now).total_seconds()
+            reason = "the provider refused it outside its sending window"
+            decisions.append(Decision(row.id, A.DEFERRED, AttemptOutcome.REJECTED, error, delay, reason, spent=False))
+            continue
         spent = not (error.retryable and isinstance(raw, (ProviderRateLimited, ProviderNotAttempted)))
         decided = decide(
             error,

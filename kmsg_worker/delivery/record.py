@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from kmsg_worker import adrules
 from kmsg_worker.delivery.outcome import Decision, error_text, first_check_at, wakes_by_countdown
-from kmsg_worker.errors import ProviderError
+from kmsg_worker.errors import ErrorCode, ProviderError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.runtime import Runtime
@@ -158,7 +159,8 @@ def _apply_failures(
             # A run that finished normally: the poison guard counts only claims that never finish.
             "deliveries": 0,
         }
-        if action is A.RETRY or action is A.RECONCILE:
+        if action is A.RETRY or action is A.RECONCILE or action is A.DEFERRED:
+            # A deferral (waiting for the sending window) is a retry that spends no attempt.
             wait = max(waits)
             publish = wakes_by_countdown(rt.settings, wait)
             common.update(
@@ -180,6 +182,24 @@ def _apply_failures(
             )
         applied.counts[action] += len(ids)
     record_transitions(rt.store, transitions, attempts, now=now, expect=expect)
+    _suppress_refusers(rt, by_id, decisions, now)
+
+
+def _suppress_refusers(rt: Runtime, by_id: Mapping[str, SendRow], decisions: Sequence[Decision], now: datetime) -> None:
+    """Numbers whose provider said they refused the sender go on their tenant's suppression list."""
+    for d in decisions:
+        if d.error.code is ErrorCode.AD_OPTED_OUT:
+            row = by_id[d.message_id]
+            adrules.suppress_refuser(
+                rt.settings,
+                rt.store,
+                tenant=row.message.tenant,
+                number=row.message.to,
+                provider=row.provider,
+                provider_code=d.error.provider_code,
+                message_id=row.id,
+                now=now,
+            )
 
 
 def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
@@ -229,10 +249,12 @@ def hold(
     action: DeliveryAction,
     outcome_unknown: bool = False,
     error: ProviderError | None = None,
+    reason: tuple[str, str] | None = None,
 ) -> Applied:
     """Give rows back as ``retrying`` for ``delay`` seconds without spending a retry (nothing was sent).
 
     ``outcome_unknown``: the rows must still be looked up before they are sent (an undecided look-up).
+    ``reason``: ``(error_code, error_message)`` to store while they wait (when there is no ``error``).
     """
     applied = Applied()
     if not rows:
@@ -247,6 +269,8 @@ def hold(
     }
     if error is not None:
         values.update(error_code=error.code.value, error_message=error_text(error))
+    elif reason is not None:
+        values.update(error_code=reason[0], error_message=reason[1])
     ids = [r.id for r in rows]
     record_transitions(rt.store, [Transition(ids, S.RETRYING, values)], [], now=now, expect=expect)
     applied.counts[action] += len(ids)

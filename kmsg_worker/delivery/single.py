@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from kmsg_worker.delivery.admission import admit_circuits
+from kmsg_worker.delivery.admission import admit_circuits, admit_window
 from kmsg_worker.delivery.call import call_provider
 from kmsg_worker.delivery.outcome import STATUS_OF
 from kmsg_worker.delivery.record import Applied
@@ -36,6 +36,7 @@ _STATUS_AFTER: dict[DeliveryAction, MessageStatus] = {
     A.RECONCILE_DEFERRED: S.RETRYING,
     A.THROTTLED: S.RETRYING,
     A.CIRCUIT_OPEN: S.RETRYING,
+    A.DEFERRED: S.RETRYING,
     A.DEAD: S.DEAD,
 }
 
@@ -76,6 +77,9 @@ def deliver(rt: Runtime, message_id: str) -> DeliveryResult:
         settled = reconcile(rt, [row], now=now, expect=_HELD)
         if not settled.missing:
             return _finish(rt, row, settled.applied)
+    window = admit_window(rt, [row], now=now, expect=_HELD)
+    if not window.ready:
+        return _finish(rt, row, window.applied)
     admitted = admit_circuits(rt, [row], now=now, expect=_HELD)
     if not admitted.ready:
         return _finish(rt, row, admitted.applied)

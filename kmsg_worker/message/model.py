@@ -169,6 +169,15 @@ class Message:
     idempotency_key: str | None = None
     #: Set when ``type`` was omitted and chosen by :func:`normalize`.
     type_inferred: bool = False
+    #: ``"advertising"`` for a message under the advertising rules; ``None`` for informational.
+    purpose: str | None = None
+    #: The recipient gave separate consent to advertising at night: no night-time deferral.
+    night_consent: bool = False
+
+    @property
+    def advertising(self) -> bool:
+        """Whether the advertising rules (night window, suppression) apply."""
+        return self.purpose == "advertising"
 
     @property
     def parts(self) -> int:
@@ -215,6 +224,12 @@ class Message:
             "idempotency_key": self.idempotency_key,
             "type_inferred": self.type_inferred,
         }
+        # Only when set, even in the full form: the full form is what idempotency keys hash, and
+        # a key stored before these fields existed must still match the same request.
+        if self.purpose is not None:
+            values["purpose"] = self.purpose
+        if self.night_consent:
+            values["night_consent"] = True
         return values if full else compact_content(values)
 
     @classmethod

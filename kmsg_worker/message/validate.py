@@ -16,12 +16,13 @@ Rules that are deliberate:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from kmsg_worker.errors import ValidationError
+from kmsg_worker.message import advertising as ads
 from kmsg_worker.message.model import (
     _MEDIA_TYPES,
     _SUBJECT_TYPES,
@@ -66,6 +67,7 @@ _ALIASES = {
     "providerOptions": "provider_options",
     "customFields": "custom_fields",
     "idempotencyKey": "idempotency_key",
+    "nightConsent": "night_consent",
 }
 _KNOWN = frozenset(
     {
@@ -95,6 +97,9 @@ _KNOWN = frozenset(
         "tenant",
         "priority",
         "idempotency_key",
+        "purpose",
+        "compose",
+        "night_consent",
     }
 )
 
@@ -303,6 +308,34 @@ def _template_ref(data: Mapping[str, Any]) -> str | None:
     return ref
 
 
+#: Types that may never carry advertising: AlimTalk is for information the recipient expects.
+_NO_ADVERTISING = frozenset({MessageType.ALIMTALK})
+
+
+def parse_purpose(data: Mapping[str, Any]) -> tuple[str | None, str, bool]:
+    """``(purpose, compose mode, night consent)``: purpose ``None`` is informational."""
+    raw = data.get("purpose")
+    if raw is None or raw == "":
+        raw = ads.INFORMATIONAL
+    if not isinstance(raw, str) or raw not in ads.PURPOSES:
+        raise ValidationError("purpose", "enum", f"must be one of {', '.join(ads.PURPOSES)}")
+    mode = data.get("compose")
+    if mode is None or mode == "":
+        mode = "auto"
+    if not isinstance(mode, str) or mode not in ads.COMPOSE_MODES:
+        raise ValidationError("compose", "enum", f"must be one of {', '.join(ads.COMPOSE_MODES)}")
+    consent = data.get("night_consent")
+    if consent is None or consent == "":
+        consent = False
+    elif isinstance(consent, str) and consent.lower() in ("true", "false", "1", "0"):
+        consent = consent.lower() in ("true", "1")  # a CSV cell
+    if not isinstance(consent, bool):
+        raise ValidationError("night_consent", "type", "must be a bool")
+    if raw == ads.INFORMATIONAL and consent:
+        raise ValidationError("night_consent", "not_allowed", "night consent applies to advertising only")
+    return (None if raw == ads.INFORMATIONAL else raw), mode, consent
+
+
 def check_text(
     mtype: MessageType,
     text: str | None,
@@ -400,12 +433,47 @@ def infer_type(
     return MessageType.SMS
 
 
+def _purposed_text(
+    text: str | None,
+    variables: Mapping[str, str],
+    purpose: str | None,
+    compose_mode: str,
+    tenant: str,
+    sender: str | None,
+    advertiser: Callable[[str, str | None], ads.AdvertiserProfile | None] | None,
+) -> str | None:
+    """The text with its variables in, composed and checked under the advertising rules."""
+    profile = None
+    if purpose is not None:
+        profile = advertiser(tenant, sender) if advertiser is not None else None
+        # Composed before the variables go in, so a batch's shared text is composed once for all
+        # its rows; checked after, on exactly what is sent.
+        if text is not None and compose_mode == "auto":
+            if profile is None:
+                raise ValidationError(
+                    "purpose",
+                    "advertiser_profile",
+                    f"no advertiser profile for tenant {tenant!r} and sender {sender or '(none)'}; "
+                    "configure one with `kmsg advertisers set` or use compose='check'",
+                )
+            text = ads.compose(text, profile, sender=sender)
+    if text is not None and variables:
+        text = interpolate(text, variables)
+    if text is not None:
+        if purpose is None:
+            ads.check_informational(text)
+        else:
+            ads.check(text, profile, sender=sender)
+    return text
+
+
 def normalize(
     raw: Mapping[str, Any],
     *,
     limits: ValidationLimits | None = None,
     now: datetime | None = None,
     default_sender: str | None = None,
+    advertiser: Callable[[str, str | None], ads.AdvertiserProfile | None] | None = None,
 ) -> Message:
     """Validate and normalise one message.
 
@@ -415,6 +483,8 @@ def normalize(
         limits: Byte and length limits; defaults to :class:`ValidationLimits()`.
         now: Current time (for ``scheduled_at`` checks); defaults to the wall clock.
         default_sender: Sender number used when none is given.
+        advertiser: ``(tenant, sender) -> profile``: the advertiser profile an advertising message
+            is composed or checked with (see :mod:`kmsg_worker.message.advertising`).
 
     Returns:
         A frozen :class:`Message` with a fresh id unless one was given.
@@ -434,13 +504,14 @@ def normalize(
     if sender_raw is not None:
         sender = normalize_phone_sender(sender_raw)
 
+    tenant = check_tenant(data.get("tenant"))
+    purpose, compose_mode, night_consent = parse_purpose(data)
     variables = parse_variables(data, limits)
     text = _opt_str(data, "text", max_len=20_000)
     subject = _opt_str(data, "subject", max_len=1000)
     if subject is not None and not subject.strip():
         subject = None
-    if text is not None and variables:
-        text = interpolate(text, variables)
+    text = _purposed_text(text, variables, purpose, compose_mode, tenant, sender, advertiser)
     media = _media(data)
 
     raw_type = data.get("type")
@@ -471,7 +542,12 @@ def normalize(
     except ValueError:
         raise ValidationError("priority", "enum", "must be high, normal or bulk") from None
 
-    tenant = check_tenant(data.get("tenant"))
+    if purpose is not None and mtype in _NO_ADVERTISING:
+        raise ValidationError(
+            "purpose",
+            "not_allowed",
+            f"{mtype.value} may not carry advertising (Kakao's rule); send it as FRIENDTALK, SMS or LMS",
+        )
     idem = data.get("idempotency_key")
     if idem is not None and (not isinstance(idem, str) or not _IDEMPOTENCY_KEY.fullmatch(idem)):
         raise ValidationError("idempotency_key", "format", "must be 1-200 printable ASCII characters")
@@ -511,6 +587,8 @@ def normalize(
         priority=priority,
         idempotency_key=idem,
         type_inferred=inferred,
+        purpose=purpose,
+        night_consent=night_consent,
         **fields,
     )
     # Everything stored must be storable on both backends (free-form fields take any nesting).

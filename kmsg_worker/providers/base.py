@@ -222,6 +222,8 @@ class StatusReport:
         code: The provider's own status code (``"3104"``), kept verbatim.
         description: The provider's status text.
         not_kakao_user: The recipient cannot get AlimTalk (triggers the SMS/LMS fallback).
+        opted_out: The recipient refused the sender's messages (a 080 opt-out): the number goes on
+            the tenant's advertising suppression list.
         raw: The provider's payload for this message.
     """
 
@@ -234,6 +236,7 @@ class StatusReport:
     failed_at: datetime | None = None
     not_kakao_user: bool = False
     raw: Mapping[str, Any] | None = None
+    opted_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,17 @@ class Provider:
         if not self.capabilities.balance:
             raise ProviderRejected(f"{self.name} has no balance API", provider=self.name, code=ErrorCode.UNSUPPORTED)
         return self._balance()
+
+    def registered_senders(self) -> frozenset[str] | None:
+        """The sender numbers registered with the provider (발신번호 사전등록), digits only.
+
+        ``None`` when the provider has no API to list them (they then come from
+        ``KMSG_REGISTERED_SENDERS``, or are not checked).
+
+        Raises:
+            ProviderError: The provider has such an API and it failed.
+        """
+        return None
 
     def health(self) -> HealthReport:
         """Check the configuration (and, for HTTP providers, an authenticated probe)."""

@@ -61,6 +61,8 @@ _MESSAGE_BLAME = frozenset(
         ErrorCode.TEMPLATE_MISMATCH,
         ErrorCode.RECIPIENT_BLOCKED,
         ErrorCode.NOT_KAKAO_USER,
+        ErrorCode.AD_OPTED_OUT,
+        ErrorCode.OUTSIDE_SEND_WINDOW,
     }
 )
 
@@ -310,6 +312,7 @@ class MockProvider(Provider):
                 code=code,
                 description="scripted failure",
                 not_kakao_user=code in {"3104", "3107", "3018", "3019", "3020"},
+                opted_out=code in {"1061", "2061", "AD_OPTED_OUT"},
             )
         if deliver == "PENDING":
             return StatusReport(message_id, DeliveryState.SENT, code="SENT")

@@ -82,6 +82,8 @@ SEND_PATH = "/messages/v4/send-many/detail"
 LIST_PATH = "/messages/v4/list"
 UPLOAD_PATH = "/storage/v1/files"
 BALANCE_PATH = "/cash/v1/balance"
+#: The account's sender numbers and their state (Solapi, formerly CoolSMS: "발신번호 목록 조회").
+SENDERS_PATH = "/senderid/v1/numbers"
 #: Message ids per status request: keeps the query string well under common 8 KB URL limits.
 STATUS_CHUNK = 100
 LIST_PAGE_LIMIT = 500
@@ -140,13 +142,13 @@ SOLAPI_CODES: dict[str, CodeRule] = {
     "1053": CodeRule(ErrorCode.INVALID_REQUEST, _M),
     "1058": CodeRule(ErrorCode.PROVIDER_ERROR, _P),  # no route
     "1060": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
-    "1061": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),  # 080 opt-out
+    "1061": CodeRule(ErrorCode.AD_OPTED_OUT, _M),  # 080 opt-out
     "1062": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "1064": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),  # KISA block
     "2011": CodeRule(ErrorCode.INVALID_REQUEST, _M),
     "2024": CodeRule(ErrorCode.NETWORK_SERVICE_UNAVAILABLE, _P, retryable=True),
     "2060": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
-    "2061": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
+    "2061": CodeRule(ErrorCode.AD_OPTED_OUT, _M),  # 080 opt-out
     "2062": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "2063": CodeRule(ErrorCode.AUTHENTICATION_FAILED, _P),  # account blocked
     "2064": CodeRule(ErrorCode.RECIPIENT_BLOCKED, _M),
@@ -167,7 +169,7 @@ SOLAPI_CODES: dict[str, CodeRule] = {
     "3105": CodeRule(ErrorCode.TEMPLATE_NOT_FOUND, _M),
     "3106": CodeRule(ErrorCode.SENDER_NOT_REGISTERED, _P),
     "3107": CodeRule(ErrorCode.NOT_KAKAO_USER, _M),
-    "3108": CodeRule(ErrorCode.DELIVERY_FAILED, _M),  # outside the 08:00-20:00 window
+    "3108": CodeRule(ErrorCode.OUTSIDE_SEND_WINDOW, _M),  # outside the 08:00-20:00 window
 }
 for _code in ("3040", "3041", "3042", "3043", "3044", "3045", "3046", "3047", "3050", "3051", "3056", "3057"):
     SOLAPI_CODES[_code] = CodeRule(ErrorCode.DELIVERY_FAILED, _M)
@@ -1056,6 +1058,10 @@ class SolapiProvider(HttpProvider):
             failed_at=completed if state is DeliveryState.FAILED else None,
             not_kakao_user=not_kakao,
             raw=raw,
+            opted_out=state is DeliveryState.FAILED
+            and code_text is not None
+            and code_text in SOLAPI_CODES
+            and SOLAPI_CODES[code_text].code is ErrorCode.AD_OPTED_OUT,
         )
 
     # -- lookup by our id ------------------------------------------------------------------------
@@ -1219,6 +1225,29 @@ class SolapiProvider(HttpProvider):
                 raw=raw,
             )
         return SendOutcome(message_id, True, provider_message_id=str(entry.get("messageId")), state=state, raw=raw)
+
+    # -- registered senders ----------------------------------------------------------------------
+
+    def registered_senders(self) -> frozenset[str] | None:
+        """The account's sender numbers whose state is ``ACTIVE`` (``GET /senderid/v1/numbers``)."""
+        data = self._call("GET", SENDERS_PATH)
+        # Seen answered as a list, as {"senderIds": [...]} and as {"senderIdList": {id: {...}}}.
+        items: Any = data
+        if isinstance(data, Mapping):
+            items = data.get("senderIds", data.get("senderIdList", []))
+            if isinstance(items, Mapping):
+                items = list(items.values())
+        if not isinstance(items, list):
+            raise ProviderTransientError(
+                f"{self.name}: sender number list is not a list", provider=self.name, code=ErrorCode.PROVIDER_ERROR
+            )
+        numbers = set()
+        for item in items:
+            number = item.get("phoneNumber") if isinstance(item, Mapping) else item
+            status = item.get("status", "ACTIVE") if isinstance(item, Mapping) else "ACTIVE"
+            if isinstance(number, str) and str(status).upper() == "ACTIVE":
+                numbers.add(re.sub(r"\D", "", number))
+        return frozenset(numbers)
 
     # -- balance ---------------------------------------------------------------------------------
 

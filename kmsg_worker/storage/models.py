@@ -20,6 +20,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     PrimaryKeyConstraint,
     String,
     Text,
@@ -34,6 +35,8 @@ from kmsg_worker.message.values import DEFAULT_TENANT
 
 __all__ = [
     "SEND_STATE_COLUMNS",
+    "Advertiser",
+    "Suppression",
     "SENT_CLEARS",
     "ApiKey",
     "Attempt",
@@ -407,3 +410,41 @@ class ProviderTemplate(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(TS)
 
     __table_args__ = (PrimaryKeyConstraint("provider", "code", name="kmsg_provider_templates_pkey"),)
+
+
+class Advertiser(Base):
+    """Who advertises for a tenant's sender number: the parts of the (광고) head and opt-out footer.
+
+    ``sender`` ``*`` is the tenant's profile for every sender number without its own.
+    """
+
+    __tablename__ = "kmsg_advertisers"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    contact: Mapped[str | None] = mapped_column(String(20))
+    opt_out: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Suppression(Base):
+    """A number that refused advertising, per tenant, as a keyed hash (never the number itself).
+
+    The key (``KMSG_SUPPRESSION_KEY``) is not in the database: a copy of this table alone does not
+    give the numbers back. The primary key ``(digest, tenant)`` serves the intake's look-ups.
+    """
+
+    __tablename__ = "kmsg_suppressions"
+
+    #: BLAKE2b keyed with the deployment's key, 16 bytes. Binary, not hex text, and first in the
+    #: primary key: a batch probes the key once per advertising row, and every step down the
+    #: B-tree is then a byte compare (tenant first, each step compared the tenant's text by
+    #: collation); the index is half the size, too.
+    digest: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: ``cli``, ``import``, ``api`` or ``provider:<name>`` (an automatic addition).
+    source: Mapped[str] = mapped_column(String(40))
+    #: The provider's refusal code, for automatic additions.
+    provider_code: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(TS)

@@ -13,6 +13,8 @@ Endpoints (as documented at https://docs.solapi.com):
   rules: PENDING -> ``2000``, SENT -> ``3000``, DELIVERED -> ``4000``, FAILED -> the rule's code;
 * ``POST /storage/v1/files`` — ``{file: base64, type, name?, link?}`` -> ``{fileId, ...}``;
 * ``GET /cash/v1/balance`` — ``{balance, point, ...}`` from :attr:`FakeSolapiServer.balance`;
+* ``GET /senderid/v1/numbers`` — ``{senderIds: [{phoneNumber, status: "ACTIVE"}]}`` from
+  :attr:`FakeSolapiServer.senders` (404 when no list is configured);
 * ``GET /_files/<name>`` — files published with :meth:`FakeSolapiServer.host_file` (no auth), so
   tests can exercise "upload from a URL" without the internet.
 
@@ -332,6 +334,11 @@ class FakeSolapiServer(FakeProviderServer):
             return self._upload(request)
         if route == ("GET", "/kakao/v2/templates"):
             return self._templates(request)
+        if route == ("GET", "/senderid/v1/numbers"):
+            if self.senders is None:  # no list configured: as if the account could not tell
+                return _error(404, "NotFound", "no sender number list")
+            listed = [{"phoneNumber": n, "status": "ACTIVE", "handleKey": f"SID_{n}"} for n in sorted(self.senders)]
+            return FakeResponse(200, {"senderIds": listed})
         if route == ("GET", "/cash/v1/balance"):
             return FakeResponse(
                 200, {"balance": self.balance, "point": self.point, "deposit": 0, "accountId": "fake-account"}

@@ -53,6 +53,8 @@ def test_the_schema_is_served_and_documents_every_path(client: TestClient) -> No
         "/v1/templates/{ref}/preview",
         "/v1/templates/{ref}/publish",
         "/v1/templates/{ref}/archive",
+        "/v1/suppressions",
+        "/v1/suppressions/remove",
     }
     assert served["components"]["schemas"]["MessageRequest"]["additionalProperties"] is False
 

@@ -23,6 +23,7 @@ import pytest
 
 from kmsg_worker.errors import (
     ErrorCode,
+    ProviderError,
     ProviderRejected,
     ProviderTimeout,
     ProviderTransientError,
@@ -704,9 +705,9 @@ class TestSendResults:
             ("1043", ErrorCode.TEMPLATE_MISMATCH, "message"),
             ("3103", ErrorCode.TEMPLATE_MISMATCH, "message"),
             ("1060", ErrorCode.RECIPIENT_BLOCKED, "message"),
-            ("1061", ErrorCode.RECIPIENT_BLOCKED, "message"),
+            ("1061", ErrorCode.AD_OPTED_OUT, "message"),  # 080 opt-out: goes on the suppression list
             ("2060", ErrorCode.RECIPIENT_BLOCKED, "message"),
-            ("2061", ErrorCode.RECIPIENT_BLOCKED, "message"),
+            ("2061", ErrorCode.AD_OPTED_OUT, "message"),
             ("1064", ErrorCode.RECIPIENT_BLOCKED, "message"),
             ("2064", ErrorCode.RECIPIENT_BLOCKED, "message"),
             ("1031", ErrorCode.INVALID_REQUEST, "message"),
@@ -1317,6 +1318,24 @@ class TestFakeServer:
         print(f"fake solapi: {rate:,.0f} msgs/s")
         assert len(fake.ledger.entries) == per_request * requests
         assert rate > 5_000
+
+
+# ------------------------------------------------------------------------------------------------
+# registered sender numbers
+
+
+def test_registered_senders_come_from_the_sender_id_api(
+    fake: FakeSolapiServer, make_provider: Callable[..., SolapiProvider]
+) -> None:
+    provider = make_provider()
+    # A fake without a configured list cannot tell (404): the adapter raises, the registry reads
+    # that as "not known" and does not refuse anything
+    with pytest.raises(ProviderError):
+        provider.registered_senders()
+    fake.senders = {"0212345678", "0311112222"}
+    assert provider.registered_senders() == frozenset({"0212345678", "0311112222"})
+    request = requests_to(fake, "/senderid/v1/numbers")[-1]
+    assert request.method == "GET" and request.headers["authorization"].startswith("HMAC-SHA256")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """template registry and the providers' AlimTalk templates
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-12-07 03:20:00
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0012"
-down_revision = "0009"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
