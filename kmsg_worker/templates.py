@@ -41,6 +41,8 @@ from kmsg_worker.message import (
     infer_type,
     interpolate,
 )
+from kmsg_worker.message.advertising import AdvertiserProfile, require_profile
+from kmsg_worker.message.advertising import compose as compose_advertising
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.storage.models import ProviderTemplate, Template
 from kmsg_worker.storage.templates import ARCHIVED, DRAFT, PUBLISHED, SyncCounts, TemplateStore
@@ -52,6 +54,7 @@ __all__ = [
     "Registry",
     "TemplateResolver",
     "TemplateVersion",
+    "advertising_step",
     "check_variables",
     "parse_ref",
     "render_matches",
@@ -219,6 +222,22 @@ class Preview:
 #: A composing step of a preview: a name and a function of the rendered text (for example the
 #: advertising prefix and opt-out line); applied in order after the variables are filled in.
 ComposeStep = tuple[str, Callable[[str], str]]
+
+
+def advertising_step(
+    advertiser: Callable[[str, str | None], AdvertiserProfile | None], tenant: str, sender: str | None
+) -> ComposeStep:
+    """The preview step that adds the ``(광고)`` head and the opt-out footer, as an advertising send would.
+
+    Args:
+        advertiser: ``(tenant, sender) -> profile`` (:func:`kmsg_worker.adrules.profile_lookup`).
+
+    Raises:
+        ValidationError: No advertiser profile for the tenant and sender (``purpose`` /
+            ``advertiser_profile``), the same refusal a send gets.
+    """
+    profile = require_profile(advertiser(tenant, sender), tenant, sender)
+    return "advertising", lambda text: compose_advertising(text, profile, sender=sender)
 
 
 class Registry:

@@ -75,3 +75,37 @@ def test_sync_from_the_command_line(
     finally:
         for server in fakes.values():
             server.stop()
+
+
+def test_an_advertising_preview_shows_the_composed_text(env: dict[str, str], kmsg: KMsg) -> None:  # noqa: F811
+    assert run("templates", "create", "winter_sale", "--body", "#{name}님 겨울 세일 20%").exit_code == 0
+    plain = json.loads(run("templates", "preview", "winter_sale", "--var", "name=김", "--json").stdout)
+    assert (plain["text"], plain["type"], plain["steps"]) == ("김님 겨울 세일 20%", "SMS", [])
+    # no advertiser profile yet: the same refusal an advertising send gets
+    refused = run("templates", "preview", "winter_sale", "--var", "name=김", "--purpose", "advertising")
+    assert refused.exit_code == 2 and "advertiser_profile" in one_error_line(refused, "kmsg templates preview")
+    profile = ("--sender", "02-1234-5678", "--name", "가나다마트", "--opt-out", "080-123-4567")
+    assert run("advertisers", "set", *profile).exit_code == 0
+    shown = run(
+        "templates", "preview", "winter_sale", "--var", "name=김", "--purpose", "advertising", "--sender", "0212345678"
+    )
+    assert shown.exit_code == 0, shown.output
+    composed = json.loads(
+        run(
+            "templates",
+            "preview",
+            "winter_sale",
+            "--var",
+            "name=김",
+            "--purpose",
+            "advertising",
+            "--sender",
+            "02-1234-5678",
+            "--json",
+        ).stdout
+    )
+    lines = composed["text"].split("\n")
+    assert lines[0].startswith("(광고)가나다마트") and lines[1] == "김님 겨울 세일 20%"
+    assert lines[-1].startswith("무료수신거부") and "080" in lines[-1]
+    assert composed["steps"] == ["advertising"] and composed["bytes"] > plain["bytes"]
+    assert composed["type"] == ("LMS" if composed["bytes"] > 90 else "SMS")

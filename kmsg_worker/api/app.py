@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import datetime
@@ -50,6 +50,7 @@ from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.advertising import count_suppressions
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.tenants import TenantStore
+from kmsg_worker.templates import ComposeStep, advertising_step
 
 __all__ = ["API_VERSION", "create_app"]
 
@@ -269,6 +270,17 @@ class _Api:
         count = count_suppressions(store, principal.tenant)
         return {"given": given, "changed": changed, "count": count}
 
+    def _preview_steps(self, tenant: str, fields: Mapping[str, Any]) -> list[ComposeStep]:
+        """A preview's composition: for advertising, the head and footer an advertising send gets."""
+        purpose = fields.get("purpose") or "informational"
+        if purpose not in ("informational", "advertising"):
+            raise ValidationError("purpose", "enum", "must be one of informational, advertising")
+        if purpose == "informational":
+            return []
+        sender = fields.get("sender")
+        number = None if sender is None else normalize_phone(sender, "sender")
+        return [advertising_step(adrules.profile_lookup(self.kmsg.runtime.store), tenant, number)]
+
     def templates(self, principal: Principal, action: str, ref: str | None, body: bytes | None) -> dict[str, Any]:
         """One registry operation for the key's tenant (the request body already size-checked)."""
         registry, tenant, now = self.kmsg.templates, principal.tenant, self.kmsg.runtime.now()
@@ -291,10 +303,12 @@ class _Api:
         if action == "edit":
             return registry.edit(tenant, ref, now=now, **_template_fields(data, schemas.TemplateEditRequest)).as_dict()
         if action == "preview":
-            sample = _template_fields(data, schemas.TemplatePreviewRequest).get("variables") or {}
+            fields = _template_fields(data, schemas.TemplatePreviewRequest)
+            sample = fields.get("variables") or {}
             if not isinstance(sample, dict):
                 raise ValidationError("variables", "type", "must be a JSON object")
-            return registry.preview(tenant, ref, sample).as_dict()
+            registry.get(tenant, ref)  # an unknown template is said before the advertiser profile is looked up
+            return registry.preview(tenant, ref, sample, compose=self._preview_steps(tenant, fields)).as_dict()
         if action == "publish":
             return registry.publish(tenant, ref, now=now).as_dict()
         return registry.archive(tenant, ref, now=now).as_dict()

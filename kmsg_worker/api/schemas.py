@@ -289,11 +289,15 @@ class TemplateListOut(BaseModel):
 
 
 class TemplatePreviewRequest(BaseModel):
-    """Sample variables for a preview."""
+    """Sample variables for a preview; for advertising, the text as it would be composed."""
 
     model_config = ConfigDict(extra="forbid")
 
     variables: dict[str, Any] = Field(default_factory=dict)
+    purpose: Literal["informational", "advertising"] = Field(
+        "informational", description="advertising: compose the (광고) head and the opt-out footer"
+    )
+    sender: str | None = Field(None, description="The sender number whose advertiser profile composes the text")
 
 
 class TemplatePreviewOut(BaseModel):

@@ -6,10 +6,13 @@ from typing import Any
 
 import click
 
+from kmsg_worker.adrules import profile_lookup
 from kmsg_worker.cli import app
 from kmsg_worker.cli.app import cli
 from kmsg_worker.cli.messages import JSON_OPTION, parse_variables
 from kmsg_worker.cli.output import echo_json, echo_table
+from kmsg_worker.message import normalize_phone
+from kmsg_worker.templates import advertising_step
 
 __all__: list[str] = []
 
@@ -113,12 +116,24 @@ def show(name: str, tenant: str, as_json: bool) -> int:
 @templates.command("preview")
 @click.argument("ref")
 @click.option("--var", "variables", multiple=True, callback=parse_variables, help="name=value (repeatable).")
+@click.option(
+    "--purpose",
+    type=click.Choice(["informational", "advertising"]),
+    default="informational",
+    show_default=True,
+    help="advertising: show the text with the (광고) head and opt-out footer composed for it.",
+)
+@click.option("--sender", default=None, help="The sender number whose advertiser profile composes the text.")
 @_TENANT
 @JSON_OPTION
-def preview(ref: str, variables: dict[str, str], tenant: str, as_json: bool) -> int:
+def preview(ref: str, variables: dict[str, str], purpose: str, sender: str | None, tenant: str, as_json: bool) -> int:
     """Render REF (any state) with sample variables: the text, its bytes, SMS or LMS."""
     with app.producer() as kmsg:
-        shown = kmsg.templates.preview(tenant, ref, variables)
+        steps = []
+        if purpose == "advertising":
+            number = None if sender is None else normalize_phone(sender, "sender")
+            steps.append(advertising_step(profile_lookup(kmsg.runtime.store), tenant, number))
+        shown = kmsg.templates.preview(tenant, ref, variables, compose=steps)
     if as_json:
         echo_json(shown.as_dict())
         return 0

@@ -45,6 +45,7 @@ __all__ = [
     "next_allowed",
     "normalize_opt_out",
     "reopens",
+    "require_profile",
     "window_of",
 ]
 
@@ -145,6 +146,22 @@ def _refuse_lookalike(text: str) -> None:
         raise ValidationError(
             "text", "ad_lookalike", f"{found!r} disguises the advertising head; write exactly {AD_HEAD}"
         )
+
+
+def require_profile(profile: AdvertiserProfile | None, tenant: str, sender: str | None) -> AdvertiserProfile:
+    """``profile``, or the error that composing an advertising text without one is.
+
+    Raises:
+        ValidationError: ``purpose`` / ``advertiser_profile``, naming the tenant and sender.
+    """
+    if profile is None:
+        raise ValidationError(
+            "purpose",
+            "advertiser_profile",
+            f"no advertiser profile for tenant {tenant!r} and sender {sender or '(none)'}; "
+            "configure one with `kmsg advertisers set` or use compose='check'",
+        )
+    return profile
 
 
 def compose(text: str, profile: AdvertiserProfile, *, sender: str | None = None) -> str:

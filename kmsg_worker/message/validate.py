@@ -449,14 +449,7 @@ def _purposed_text(
         # Composed before the variables go in, so a batch's shared text is composed once for all
         # its rows; checked after, on exactly what is sent.
         if text is not None and compose_mode == "auto":
-            if profile is None:
-                raise ValidationError(
-                    "purpose",
-                    "advertiser_profile",
-                    f"no advertiser profile for tenant {tenant!r} and sender {sender or '(none)'}; "
-                    "configure one with `kmsg advertisers set` or use compose='check'",
-                )
-            text = ads.compose(text, profile, sender=sender)
+            text = ads.compose(text, ads.require_profile(profile, tenant, sender), sender=sender)
     if text is not None and variables:
         text = interpolate(text, variables)
     if text is not None:

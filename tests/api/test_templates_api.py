@@ -82,3 +82,27 @@ def test_bad_template_requests_name_the_field(client: TestClient, keys: Keys) ->
     bad_type = client.post("/v1/templates", json={"name": "t", "body": "x", "type": "ALIMTALK"}, headers=keys.a_live)
     assert _problem(bad_type, 422, "validation")["errors"][0]["field"] == "type"  # type: ignore[index]
     assert client.get("/v1/templates").status_code == 401
+
+
+def test_an_advertising_preview_is_composed_with_the_tenants_profile(
+    client: TestClient, keys: Keys, runtime: Runtime
+) -> None:
+    from kmsg_worker.storage.advertising import set_advertiser
+
+    assert client.post("/v1/templates", json={"name": "sale", "body": "#{name}님 세일"}, headers=keys.a_live).is_success
+    url = "/v1/templates/sale/preview"
+    ask = {"variables": {"name": "김"}, "purpose": "advertising", "sender": "02-1234-5678"}
+    # shop-a has no profile: refused like an advertising send, naming the rule
+    missing = _problem(client.post(url, json=ask, headers=keys.a_live), 422, "validation")
+    assert missing["errors"][0]["rule"] == "advertiser_profile"  # type: ignore[index]
+    set_advertiser(
+        runtime.store, "shop-a", "0212345678", name="가나다마트", opt_out="0801234567", contact=None, now=runtime.now()
+    )
+    shown = client.post(url, json=ask, headers=keys.a_live).json()
+    assert shown["text"].startswith("(광고)가나다마트") and "\n김님 세일\n" in shown["text"]
+    assert "무료수신거부" in shown["text"] and shown["steps"] == ["advertising"]
+    # shop-b has no such template: that is what it is told, before any advertiser profile is looked up
+    other = _problem(client.post(url, json=ask, headers=keys.b_live), 422, "validation")
+    assert (other["errors"][0]["field"], other["errors"][0]["rule"]) == ("template", "unknown")  # type: ignore[index]
+    bad = client.post(url, json={**ask, "purpose": "promo"}, headers=keys.a_live)
+    assert _problem(bad, 422, "validation")["errors"][0]["rule"] == "enum"  # type: ignore[index]
