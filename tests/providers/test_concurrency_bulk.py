@@ -138,8 +138,10 @@ def test_a_request_accepted_then_timed_out_ends_unknown_and_is_never_resent(
     stored = rows(rt, batch_id)
     hung = next(r for r in stored if r.recipient == "01050000002")
     assert hung.status == "unknown" and hung.error_code == "OUTCOME_UNKNOWN"
+    # Which others were still unsent when it hung depends on where it fell among the claimed rows
+    # (their order is the table's, not the batch's): none, if it was the last request.
     others = Counter(r.status for r in stored if r is not hung)
-    assert set(others) == {"sent", "retrying"}
+    assert set(others) <= {"sent", "retrying"} and others["sent"] >= 1
     assert not any(r.outcome_unknown for r in stored if r.status == "retrying")
 
     fake.script.rules.clear()
