@@ -213,7 +213,7 @@ def _create_fallback(rt: Runtime, s: Session, row: MessageRow, now: datetime) ->
     child, route = built
     if not insert_child(s, new_message_row(child, route, now, parent_id=row.id)):
         return None  # created by someone else already: exactly once
-    set_fallback_state(s, row.id, "created")
+    set_fallback_state(s, row.id, "created", child_id=child.id, now=now)
     return child.id
 
 
