@@ -40,7 +40,7 @@ def test_the_app_registers_exactly_the_tasks_of_the_table(tmp_path: Path) -> Non
     table = set(TASK_NAMES.values())
     assert set(seen["registered"]) == table
     assert set(seen["routed"]) <= table and set(seen["scheduled"]) <= table
-    assert len(seen["scheduled"]) == 3  # the sweep, the status poll, the scheduled-send dispatch
+    assert len(seen["scheduled"]) == 4  # the sweep, the status poll, the scheduled-send dispatch, the webhooks
 
 
 def test_no_module_spells_a_task_name_outside_the_table() -> None:
