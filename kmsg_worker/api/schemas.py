@@ -27,6 +27,11 @@ __all__ = [
     "MessageSummaryOut",
     "ProblemOut",
     "RowErrorOut",
+    "WebhookCreatedOut",
+    "WebhookListOut",
+    "WebhookOut",
+    "WebhookRequest",
+    "WebhookTestOut",
 ]
 
 
@@ -200,3 +205,57 @@ class ProblemOut(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         None, description="Validation: {field, rule, message}; batch rows: {row, field, rule, message}"
     )
+
+
+class WebhookRequest(BaseModel):
+    """A webhook endpoint to add for the key's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="https URL; private, loopback and link-local destinations are refused")
+    events: list[str] = Field(
+        description="message.sent, message.delivered, message.failed, message.unknown, message.cancelled, "
+        "message.fallback_created, batch.completed"
+    )
+    include_phone: bool = Field(False, description="Full recipient numbers in events (masked otherwise)")
+
+
+class WebhookOut(BaseModel):
+    """A webhook endpoint (its secret is never shown again after it was made)."""
+
+    id: str
+    tenant: str
+    url: str
+    events: list[str]
+    include_phone: bool
+    created_at: datetime | None
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    failures: int = Field(description="Consecutive failed deliveries")
+    failing_since: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    """A new endpoint, or one whose secret was just rotated: the signing secret, shown this once."""
+
+    secret: str = Field(description="whsec_...: verify signatures with it (Standard Webhooks)")
+    previous_secret_valid_until: datetime | None = Field(
+        None, description="After a rotation: the old secret also signs until then"
+    )
+
+
+class WebhookListOut(BaseModel):
+    """The tenant's endpoints."""
+
+    data: list[WebhookOut]
+
+
+class WebhookTestOut(BaseModel):
+    """What the endpoint answered to one signed ``webhook.test`` event."""
+
+    delivered: bool
+    http_status: int | None
+    error: str | None
+    latency_ms: float
