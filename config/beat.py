@@ -19,7 +19,7 @@ log = structlog.get_logger("kmsg.beat")
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Periodic tasks: the maintenance sweep, the delivery-status sweep, the webhook dispatcher and the scheduled-send dispatch.
+    """Periodic tasks: the maintenance and status sweeps, the webhook dispatcher, the scheduled-send dispatch.
 
     Scheduled sends get their own entry, every ``KMSG_SCHEDULE_INTERVAL_SECONDS`` (1 s): with only
     the 5 s maintenance sweep a scheduled message would leave up to 5 s late (``bench/schedule_latency.py``).

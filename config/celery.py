@@ -22,7 +22,15 @@ settings.var_dir.mkdir(parents=True, exist_ok=True)
 
 app = Celery(
     "kmsg",
-    include=["tasks.send", "tasks.bulk", "tasks.tracking", "tasks.scheduling", "tasks.maintenance", "tasks.webhooks", "tasks.signals"],
+    include=[
+        "tasks.send",
+        "tasks.bulk",
+        "tasks.tracking",
+        "tasks.scheduling",
+        "tasks.maintenance",
+        "tasks.webhooks",
+        "tasks.signals",
+    ],
 )
 app.config_from_object(build_config(settings))
 app.conf.beat_schedule = beat_schedule(settings)

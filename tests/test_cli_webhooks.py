@@ -23,7 +23,9 @@ def receiver(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[R
 
 
 def test_an_endpoint_from_add_to_remove(receiver: Receiver) -> None:
-    added = run("webhooks", "add", receiver.url, "--tenant", "shop-a", "--event", "message.sent", "--event", "message.failed")
+    added = run(
+        "webhooks", "add", receiver.url, "--tenant", "shop-a", "--event", "message.sent", "--event", "message.failed"
+    )
     assert added.exit_code == 0, added.output
     secret = added.stdout.strip()
     assert secret.startswith("whsec_") and "not shown again" in added.stderr
@@ -51,7 +53,9 @@ def test_an_endpoint_from_add_to_remove(receiver: Receiver) -> None:
 
 
 def test_a_receiver_that_is_down_fails_the_test_with_exit_1(receiver: Receiver) -> None:
-    added = json.loads(run("webhooks", "add", receiver.url, "--tenant", "shop-a", "--event", "message.sent", "--json").stdout)
+    added = json.loads(
+        run("webhooks", "add", receiver.url, "--tenant", "shop-a", "--event", "message.sent", "--json").stdout
+    )
     receiver.down = True
     tested = run("webhooks", "test", added["id"], "--json")
     assert tested.exit_code == 1

@@ -159,7 +159,8 @@ def test_failures_cancels_and_fallbacks_have_their_events(
     assert deliver(rt, parent).action == "sent"
     # and a batch cancelled before it went out
     receipt = kmsg.send_many(
-        [{"to": f"010333{i:05d}"} for i in range(5)], defaults={"text": "취소될 안내", "sender": SENDER, "tenant": "shop-a"}
+        [{"to": f"010333{i:05d}"} for i in range(5)],
+        defaults={"text": "취소될 안내", "sender": SENDER, "tenant": "shop-a"},
     )
     assert receipt.batch_id is not None
     kmsg.cancel_batch(receipt.batch_id)
@@ -226,7 +227,9 @@ def test_a_replay_delivers_again_with_the_same_ids(
     assert receiver.event_ids() == first + first
 
 
-def test_retry_after_is_honoured(rt: Runtime, clock: Clock, receiver: Receiver, dispatcher: RecordingDispatcher) -> None:
+def test_retry_after_is_honoured(
+    rt: Runtime, clock: Clock, receiver: Receiver, dispatcher: RecordingDispatcher
+) -> None:
     kmsg = KMsg(runtime=rt)
     made = subscribe(rt, receiver, "shop-a", "message.sent")
     bulk(kmsg, 1, "shop-a", dispatcher)
@@ -302,9 +305,10 @@ def test_standard_webhooks_signature_round_trip_and_refusals() -> None:
     entry = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
     assert entry == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
     headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330"}
-    assert verify(secret, {**headers, "webhook-signature": f"v1,bogus {entry}"}, body, now=1614265331) == headers[
-        "webhook-id"
-    ]
+    assert (
+        verify(secret, {**headers, "webhook-signature": f"v1,bogus {entry}"}, body, now=1614265331)
+        == headers["webhook-id"]
+    )
     with pytest.raises(SignatureError):
         verify(secret, {**headers, "webhook-signature": entry}, body + b" ", now=1614265331)
     with pytest.raises(SignatureError):

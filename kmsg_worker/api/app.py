@@ -37,6 +37,7 @@ from kmsg_worker.api.auth import Authenticator, Principal
 from kmsg_worker.api.config import ApiConfig
 from kmsg_worker.api.intake import batch_defaults, batch_rows, message_input, ndjson_rows, parse_json
 from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain, problem_response, validation_problem
+from kmsg_worker.api.reports import receive_reports
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import KmsgError, ValidationError
 from kmsg_worker.logging import configure_logging, get_logger
@@ -568,6 +569,31 @@ def _webhook_routes(app: FastAPI) -> None:
         return result
 
 
+def _report_routes(app: FastAPI) -> None:
+    @app.post(
+        "/v1/providers/{provider}/reports",
+        response_model=schemas.ReportReceiptOut,
+        tags=["reports"],
+        summary="A provider's delivery-report webhook (authenticated by KMSG_REPORT_SECRET, not by an API key)",
+        # Providers hold no API key of ours: the report is checked by its signature or token instead.
+        openapi_extra={"security": []},
+        responses=_errors(400, 401, 404, 413),
+    )
+    async def post_reports(
+        request: Request,
+        provider: Annotated[str, Path(max_length=32)],
+        token: Annotated[
+            str | None, Query(max_length=200, description="The shared secret, for a URL-only sender")
+        ] = None,
+    ) -> dict[str, Any]:
+        api = _app_of(request)
+        body = await _read_body(request, api.config.max_batch_bytes)
+        result: dict[str, Any] = await run_in_threadpool(
+            receive_reports, api.kmsg.runtime, provider, dict(request.headers), token, body
+        )
+        return result
+
+
 def _body(model: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}
 
@@ -731,6 +757,7 @@ def create_app(
     _install_handlers(app)
     _routes(app)
     _webhook_routes(app)
+    _report_routes(app)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     if api.config.cors_origins:
         app.add_middleware(

@@ -36,6 +36,7 @@ PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "malformed-json": (400, "The body is not valid JSON"),
     "bad-request": (400, "The request is malformed"),
     "unauthorized": (401, "Missing, malformed, unknown or revoked API key"),
+    "report-unauthorized": (401, "The delivery report carries no valid signature or token"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
     "idempotency-conflict": (409, "The idempotency key was used for a different request"),

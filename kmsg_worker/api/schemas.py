@@ -26,6 +26,7 @@ __all__ = [
     "MessageRequest",
     "MessageSummaryOut",
     "ProblemOut",
+    "ReportReceiptOut",
     "RowErrorOut",
     "WebhookCreatedOut",
     "WebhookListOut",
@@ -259,3 +260,13 @@ class WebhookTestOut(BaseModel):
     http_status: int | None
     error: str | None
     latency_ms: float
+
+
+class ReportReceiptOut(BaseModel):
+    """What a provider's delivery report changed."""
+
+    received: int = Field(description="Reports in the body")
+    matched: int = Field(description="Of them, messages found still sent (others were settled already or unknown)")
+    delivered: int
+    failed: int
+    fallbacks: int = Field(description="SMS/LMS fallbacks created for AlimTalks that failed")

@@ -348,6 +348,19 @@ class Provider:
             raise ProviderRejected(f"{self.name} has no status API", provider=self.name, code=ErrorCode.UNSUPPORTED)
         return self._query_status(queries)
 
+    def delivery_reports(self, payload: Any) -> list[tuple[str, StatusReport]]:
+        """Read the vendor's own delivery-report webhook body (already parsed JSON).
+
+        Returns:
+            ``(provider message id, report)`` pairs; each report's ``message_id`` is left empty
+            (only the vendor's id is known until the row is found).
+
+        Raises:
+            ProviderRejected: The vendor sends no delivery reports (``UNSUPPORTED``), or the body is
+                not one of its reports (``INVALID_REQUEST``).
+        """
+        raise ProviderRejected(f"{self.name} sends no delivery reports", provider=self.name, code=ErrorCode.UNSUPPORTED)
+
     def lookup(
         self, message_ids: Sequence[str], hints: Mapping[str, LookupHint] | None = None
     ) -> dict[str, SendOutcome]:

@@ -294,6 +294,18 @@ class Store:
         with self.sessions() as s:
             return list(s.scalars(stmt))
 
+    def sent_by_provider_ids(self, provider: str, provider_message_ids: Sequence[str]) -> list[MessageRow]:
+        """The ``sent`` messages ``provider`` knows by these ids (one probe of the provider-id index each)."""
+        if not provider_message_ids:
+            return []
+        stmt = select(MessageRow).where(
+            MessageRow.provider == provider,
+            MessageRow.provider_message_id.in_(list(provider_message_ids)),
+            MessageRow.status == S.SENT,
+        )
+        with self.sessions() as s:
+            return list(s.scalars(stmt))
+
     def attempts(self, message_id: str) -> list[Attempt]:
         """All attempt rows of a message, oldest first."""
         with self.sessions() as s:

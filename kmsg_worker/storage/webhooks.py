@@ -23,6 +23,7 @@ from sqlalchemy import (
     Subquery,
     Update,
     and_,
+    case,
     delete,
     func,
     insert,
@@ -218,7 +219,9 @@ def list_endpoints(sessions: sessionmaker[Session], tenant: str | None = None) -
         return list(s.scalars(stmt))
 
 
-def get_endpoint(sessions: sessionmaker[Session], endpoint_id: str, tenant: str | None = None) -> WebhookEndpoint | None:
+def get_endpoint(
+    sessions: sessionmaker[Session], endpoint_id: str, tenant: str | None = None
+) -> WebhookEndpoint | None:
     """One endpoint (only the tenant's own when ``tenant`` is given)."""
     with sessions() as s:
         row = s.get(WebhookEndpoint, endpoint_id)
@@ -462,20 +465,13 @@ def delivery_attempts(sessions: sessionmaker[Session], endpoint_id: str, limit: 
 
 def event_counts(sessions: sessionmaker[Session], endpoint_id: str) -> dict[str, int]:
     """How many of an endpoint's events are pending, delivered and expired."""
+    state = case(
+        (WebhookEvent.delivered_at.is_not(None), "delivered"),
+        (WebhookEvent.expired_at.is_not(None), "expired"),
+        else_="pending",
+    )
+    stmt = select(state, func.count()).where(WebhookEvent.endpoint_id == endpoint_id).group_by(state)
+    counts = {"pending": 0, "delivered": 0, "expired": 0}
     with sessions() as s:
-        pending = s.scalar(select(func.count()).where(_pending(endpoint_id))) or 0
-        delivered = (
-            s.scalar(
-                select(func.count()).where(
-                    WebhookEvent.endpoint_id == endpoint_id, WebhookEvent.delivered_at.is_not(None)
-                )
-            )
-            or 0
-        )
-        expired = (
-            s.scalar(
-                select(func.count()).where(WebhookEvent.endpoint_id == endpoint_id, WebhookEvent.expired_at.is_not(None))
-            )
-            or 0
-        )
-    return {"pending": int(pending), "delivered": int(delivered), "expired": int(expired)}
+        counts.update({str(k): int(n) for k, n in s.execute(stmt)})
+    return counts

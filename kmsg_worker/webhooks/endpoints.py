@@ -177,7 +177,9 @@ def test_endpoint(
     body = orjson.dumps(
         {
             "type": "events",
-            "events": [{"id": test_id, "type": "webhook.test", "timestamp": _iso(now), "tenant": row.tenant, "data": {}}],
+            "events": [
+                {"id": test_id, "type": "webhook.test", "timestamp": _iso(now), "tenant": row.tenant, "data": {}}
+            ],
         }
     )
     policy = rt.settings.webhooks
@@ -191,9 +193,7 @@ def test_endpoint(
     }
 
 
-def replay_events(
-    rt: Runtime, *, since: datetime, endpoint_id: str | None = None, tenant: str | None = None
-) -> int:
+def replay_events(rt: Runtime, *, since: datetime, endpoint_id: str | None = None, tenant: str | None = None) -> int:
     """Deliver again every event since ``since`` (one endpoint's, or a tenant's, or all); returns how many.
 
     The events keep their ids, so a receiver that deduplicates by id skips what it already has.

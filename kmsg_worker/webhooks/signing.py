@@ -52,9 +52,7 @@ def signature_header(secrets_: Sequence[str], msg_id: str, timestamp: int, body:
     return " ".join(sign(s, msg_id, timestamp, body) for s in secrets_)
 
 
-def verify(
-    secret: str, headers: Mapping[str, str], body: bytes, *, now: float, tolerance: float = 300.0
-) -> str:
+def verify(secret: str, headers: Mapping[str, str], body: bytes, *, now: float, tolerance: float = 300.0) -> str:
     """Check a request's Standard Webhooks headers; returns its ``webhook-id``.
 
     Args:

@@ -48,6 +48,7 @@ def test_the_schema_is_served_and_documents_every_path(client: TestClient) -> No
         "/v1/batches/{batch_id}",
         "/v1/batches/{batch_id}/cancel",
         "/v1/webhooks",
+        "/v1/providers/{provider}/reports",
         "/v1/webhooks/{endpoint_id}",
         "/v1/webhooks/{endpoint_id}/rotate",
         "/v1/webhooks/{endpoint_id}/test",

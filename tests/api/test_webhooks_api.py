@@ -1,4 +1,4 @@
-"""The webhook endpoints of the HTTP API: add (secret shown once), list, rotate, test, delete, all scoped to the tenant."""
+"""The webhook endpoints of the HTTP API: add (secret shown once), list, rotate, delete, scoped to the tenant."""
 
 from __future__ import annotations
 

@@ -71,9 +71,7 @@ def upgrade() -> None:
         postgresql_where=where,
         sqlite_where=where,
     )
-    op.create_index(
-        "ix_kmsg_webhook_events_created", "kmsg_webhook_events", ["created_at"], postgresql_using="brin"
-    )
+    op.create_index("ix_kmsg_webhook_events_created", "kmsg_webhook_events", ["created_at"], postgresql_using="brin")
     op.create_table(
         "kmsg_webhook_attempts",
         sa.Column("id", _BIGINT, autoincrement=True, nullable=False),
