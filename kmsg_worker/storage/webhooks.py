@@ -191,7 +191,7 @@ def execute_with_events(
     return len(ids)
 
 
-def count_with_events(changed: CTE, event_type: str, now: datetime | ColumnElement[Any]) -> Select[tuple[int]]:
+def count_with_events(changed: CTE, event_type: str, now: datetime | ColumnElement[Any]) -> Select[int]:
     """``SELECT count(*) FROM changed`` with the event INSERT attached (a PostgreSQL ``RETURNING`` CTE)."""
     return select(func.count()).select_from(changed).add_cte(event_insert(changed, event_type, now).cte("ev"))
 

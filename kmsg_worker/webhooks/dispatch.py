@@ -78,7 +78,7 @@ def backoff_seconds(policy: WebhookPolicy, failures: int, retry_after: float | N
     Exponential from ``backoff_base`` with bounded jitter, capped at ``backoff_max``; a receiver's
     ``Retry-After`` wins when it asks for longer (still capped).
     """
-    delay = min(policy.backoff_max, policy.backoff_base * 2 ** max(0, failures - 1))
+    delay = min(policy.backoff_max, policy.backoff_base * 2.0 ** max(0, failures - 1))
     delay *= 1 + random.uniform(-policy.jitter, policy.jitter)  # noqa: S311 - jitter, not a secret
     if retry_after is not None:
         delay = max(delay, retry_after)
