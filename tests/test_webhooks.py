@@ -82,7 +82,9 @@ def endpoint_row(rt: Runtime, endpoint_id: str) -> WebhookEndpoint:
 
 def bulk(kmsg: KMsg, n: int, tenant: str, dispatcher: RecordingDispatcher, **defaults: Any) -> str:
     items = [{"to": f"0109{tenant[-1] == 'a' and 1 or 2}{i:06d}"} for i in range(n)]
-    receipt = kmsg.send_many(items, defaults={"text": "세일 안내", "sender": SENDER, "tenant": tenant, **defaults})
+    receipt = kmsg.send_many(
+        items, defaults={"text": "세일 안내", "sender": SENDER, "tenant": tenant, **defaults}, tenant=tenant
+    )
     for batch_id, chunk, _ in list(dispatcher.chunks):
         if batch_id == receipt.batch_id:
             process_chunk(kmsg.runtime, batch_id, chunk)
@@ -363,3 +365,27 @@ def test_adding_a_refused_endpoint_stores_nothing(rt: Runtime) -> None:
         endpoints.add_endpoint(rt, "shop-a", "https://x.example/", ["message.read"], resolve=_resolver("8.8.8.8"))
     assert (caught.value.field, caught.value.rule) == ("events", "known_type")
     assert endpoints.list_endpoints(rt) == []
+
+
+def test_batch_completed_is_written_once_when_every_message_is_final(
+    rt: Runtime, clock: Clock, receiver: Receiver, dispatcher: RecordingDispatcher
+) -> None:
+    kmsg = KMsg(runtime=rt)
+    subscribe(rt, receiver, "shop-a", "batch.completed")
+    batch_id = bulk(kmsg, 5, "shop-a", dispatcher)
+    cancelled = kmsg.send_many(
+        [{"to": "01077770000"}], defaults={"text": "취소", "sender": SENDER}, tenant="shop-a"
+    ).batch_id
+    assert cancelled is not None
+    kmsg.cancel_batch(cancelled)
+    # The first batch's messages are only sent: not complete yet; the cancelled one is
+    dispatch_webhooks(rt)
+    assert [(e["data"]["batch_id"], e["data"]["status"]) for e in receiver.events()] == [(cancelled, "cancelled")]
+    # Once tracking settles every message, the batch completes, once
+    clock.advance(31)
+    poll_statuses(rt)
+    dispatch_webhooks(rt)
+    dispatch_webhooks(rt)
+    completed = [e for e in receiver.events() if e["data"]["batch_id"] == batch_id]
+    assert [(e["type"], e["data"]["status"]) for e in completed] == [("batch.completed", "completed")]
+    assert len(events_of(rt, type="batch.completed")) == 2

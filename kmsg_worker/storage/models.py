@@ -413,6 +413,8 @@ class WebhookEvent(Base):
             "id",
             where="delivered_at IS NULL AND expired_at IS NULL",
         ),
+        # "Has this batch's batch.completed been written?" (one look-up per finished batch).
+        _partial("ix_kmsg_webhook_events_batch_completed", "batch_id", where="type = 'batch.completed'"),
         # Replays select by time; events arrive in time order (BRIN on PostgreSQL, as for messages).
         Index("ix_kmsg_webhook_events_created", "created_at", postgresql_using="brin"),
     )

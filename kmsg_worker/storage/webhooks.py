@@ -35,8 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from kmsg_worker.status import MessageStatus
-from kmsg_worker.storage.models import TS, MessageRow, WebhookAttempt, WebhookEndpoint, WebhookEvent
+from kmsg_worker.status import FINAL, MessageStatus
+from kmsg_worker.storage.models import TS, Batch, MessageRow, WebhookAttempt, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "EVENT_FOR_STATUS",
@@ -50,6 +50,7 @@ __all__ = [
     "execute_with_events",
     "expire_events",
     "pending_events",
+    "record_completed_batches",
     "record_delivery",
     "recipients",
     "replay",
@@ -194,6 +195,61 @@ def execute_with_events(
 def count_with_events(changed: CTE, event_type: str, now: datetime | ColumnElement[Any]) -> Select[int]:
     """``SELECT count(*) FROM changed`` with the event INSERT attached (a PostgreSQL ``RETURNING`` CTE)."""
     return select(func.count()).select_from(changed).add_cte(event_insert(changed, event_type, now).cte("ev"))
+
+
+# -- batch.completed --------------------------------------------------------------------------------
+
+#: Batches looked at per run.
+_BATCHES_PER_RUN = 100
+
+
+def record_completed_batches(
+    sessions: sessionmaker[Session], *, now: datetime, since: datetime, is_postgres: bool
+) -> int:
+    """Write ``batch.completed`` for batches whose every message is final; returns how many batches.
+
+    A batch completes when its last message settles, which no single transition can see cheaply;
+    so this look-up (run by the dispatcher) writes the event, once per batch: the batch rows are
+    locked (``SKIP LOCKED``) and a batch that has its event already is skipped, in the same
+    transaction as the insert. Only batches since ``since`` of tenants with an endpoint subscribed
+    to ``batch.completed`` are looked at: without such an endpoint this is one probe of an empty
+    sub-select.
+    """
+    e = _ENDPOINTS.c
+    wanted = e.events.contains(",batch.completed,", autoescape=True)
+    tenants = select(e.tenant).where(e.disabled_at.is_(None), wanted)
+    written = (
+        select(WebhookEvent.id)
+        .where(WebhookEvent.type == "batch.completed", WebhookEvent.batch_id == Batch.id)
+        .exists()
+    )
+    open_rows = (
+        select(MessageRow.id)
+        .where(MessageRow.batch_id == Batch.id, MessageRow.status.not_in([s.value for s in FINAL]))
+        .exists()
+    )
+    due = (
+        select(Batch.id)
+        .where(Batch.created_at >= since, Batch.tenant.in_(tenants), ~written, ~open_rows)
+        .limit(_BATCHES_PER_RUN)
+    )
+    if is_postgres:
+        due = due.with_for_update(skip_locked=True, of=Batch)
+    batches = Batch.__table__
+    with sessions.begin() as s:
+        ids = [str(i) for i in s.scalars(due)]
+        if not ids:
+            return 0
+        status = case((batches.c.status == "cancelled", "cancelled"), else_="completed")
+        blanks = [null()] * 6  # provider, codes and texts, error, parent, child: a batch has none
+        rows = (
+            select(e.id, batches.c.tenant, literal("batch.completed"), null(), batches.c.id, status)
+            .add_columns(*blanks, literal(now, TS), literal(0))
+            .select_from(batches.join(_ENDPOINTS, and_(e.tenant == batches.c.tenant, e.disabled_at.is_(None), wanted)))
+            .where(batches.c.id.in_(ids))
+        )
+        s.execute(insert(WebhookEvent).from_select(_EVENT_COLUMNS, rows))
+    return len(ids)
 
 
 # -- endpoints --------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class DispatchReport:
     failed_requests: int = 0
     expired: int = 0
     disabled: int = 0
+    batches_completed: int = 0
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,9 @@ def dispatch_webhooks(
     policy = rt.settings.webhooks
     out = DispatchReport()
     now = rt.now()
+    out.batches_completed = outbox.record_completed_batches(
+        rt.store.sessions, now=now, since=now - timedelta(seconds=policy.max_age), is_postgres=rt.store.is_postgres
+    )
     lease = timedelta(seconds=RUN_SECONDS + 2 * policy.timeout)
     endpoints = outbox.claim_due_endpoints(
         rt.store.sessions, now=now, lease=lease, limit=MAX_ENDPOINTS, is_postgres=rt.store.is_postgres
@@ -315,5 +319,6 @@ def dispatch_webhooks(
         failed_requests=out.failed_requests,
         expired=out.expired,
         disabled=out.disabled,
+        batches_completed=out.batches_completed,
     )
     return out

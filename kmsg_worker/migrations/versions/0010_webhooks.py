@@ -71,6 +71,14 @@ def upgrade() -> None:
         postgresql_where=where,
         sqlite_where=where,
     )
+    completed = sa.text("type = 'batch.completed'")
+    op.create_index(
+        "ix_kmsg_webhook_events_batch_completed",
+        "kmsg_webhook_events",
+        ["batch_id"],
+        postgresql_where=completed,
+        sqlite_where=completed,
+    )
     op.create_index("ix_kmsg_webhook_events_created", "kmsg_webhook_events", ["created_at"], postgresql_using="brin")
     op.create_table(
         "kmsg_webhook_attempts",
@@ -93,6 +101,7 @@ def downgrade() -> None:
     op.drop_index("ix_kmsg_webhook_attempts_endpoint_id", table_name="kmsg_webhook_attempts")
     op.drop_table("kmsg_webhook_attempts")
     op.drop_index("ix_kmsg_webhook_events_created", table_name="kmsg_webhook_events")
+    op.drop_index("ix_kmsg_webhook_events_batch_completed", table_name="kmsg_webhook_events")
     op.drop_index("ix_kmsg_webhook_events_pending", table_name="kmsg_webhook_events")
     op.drop_table("kmsg_webhook_events")
     op.drop_index("ix_kmsg_webhook_endpoints_tenant", table_name="kmsg_webhook_endpoints")
