@@ -90,6 +90,7 @@ class PollReport:
         released: Claimed rows given back unchecked because the sweep's deadline came.
         query_errors: Status requests that failed (one per provider and round at most).
         fallbacks: Ids of the SMS/LMS fallback children created.
+        early: Delivery reports about messages whose send is not recorded yet (reports only).
     """
 
     claimed: int = 0
@@ -100,6 +101,7 @@ class PollReport:
     released: int = 0
     query_errors: int = 0
     fallbacks: list[str] = field(default_factory=list)
+    early: int = 0
 
 
 @dataclass(frozen=True)
@@ -371,11 +373,17 @@ def apply_reports(rt: Runtime, provider: str, reports: Sequence[tuple[str, Statu
     final = {DeliveryState.DELIVERED, DeliveryState.FAILED}
     by_pmid = {pmid: report for pmid, report in reports if report.state in final}
     now = rt.now()
+    matched: set[str] = set()
     for start in range(0, len(by_pmid), BULK_STATUS_BATCH):
         wanted = list(by_pmid)[start : start + BULK_STATUS_BATCH]
         for row in rt.store.sent_by_provider_ids(provider, wanted):
             out.claimed += 1
+            matched.add(row.provider_message_id or "")
             _apply(rt, row, replace(by_pmid[row.provider_message_id or ""], message_id=row.id), now, out)
+    # A report can overtake our own record of the send (the provider answered, the worker has not
+    # written ``sent`` yet): such a row is still on its way, and the report must come again.
+    ours = [r.message_id for pmid, r in by_pmid.items() if pmid not in matched and r.message_id]
+    out.early = rt.store.count_unsent(ours)
     log.info(
         "tracking.reports_applied",
         provider=provider,
@@ -384,6 +392,7 @@ def apply_reports(rt: Runtime, provider: str, reports: Sequence[tuple[str, Statu
         delivered=out.delivered,
         failed=out.failed,
         fallbacks=len(out.fallbacks),
+        early=out.early,
     )
     return out
 

@@ -195,3 +195,25 @@ def test_reports_for_an_unconfigured_provider_or_a_bad_body_are_refused(rt: Runt
     assert client.post("/v1/providers/iwinv/reports", content=body, headers=signed(body)).status_code == 404
     bad = b'{"hello": 1}'
     assert client.post("/v1/providers/solapi/reports", content=bad, headers=signed(bad)).status_code == 400
+
+
+def test_a_report_that_overtakes_the_send_is_refused_for_a_retry_and_then_applied(
+    rt: Runtime, client: TestClient, solapi: FakeSolapiServer
+) -> None:
+    # Given a message the provider has answered for but that our worker has not recorded as sent
+    receipt = KMsg(runtime=rt).send(to="01055550077", text="배송 안내", sender="0212345678")
+    early = orjson.dumps(
+        [{"messageId": "M-EARLY", "statusCode": "4000", "customFields": {"kmsgId": receipt.message_id}}]
+    )
+    answer = client.post("/v1/providers/solapi/reports", content=early, headers=signed(early))
+    # Then the sender is asked to come again, and nothing changed
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.json()["type"] == "urn:kmsg:problem:report-early"
+    assert status(rt, receipt.message_id) == "queued"
+    # Once the send is recorded, the provider's repeat settles it
+    assert deliver(rt, receipt.message_id).action == "sent"
+    row = rt.store.get(receipt.message_id)
+    assert row is not None
+    body = report_body(solapi, row)
+    assert client.post("/v1/providers/solapi/reports", content=body, headers=signed(body)).status_code == 200
+    assert status(rt, receipt.message_id) == "delivered"

@@ -577,7 +577,7 @@ def _report_routes(app: FastAPI) -> None:
         summary="A provider's delivery-report webhook (authenticated by KMSG_REPORT_SECRET, not by an API key)",
         # Providers hold no API key of ours: the report is checked by its signature or token instead.
         openapi_extra={"security": []},
-        responses=_errors(400, 401, 404, 413),
+        responses=_errors(400, 401, 404, 413, 503),
     )
     async def post_reports(
         request: Request,

@@ -49,6 +49,7 @@ PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "internal": (500, "Internal error"),
     "storage-unavailable": (503, "The system of record is unavailable; nothing was accepted"),
     "acceptance-unknown": (503, "The connection was lost while storing; look the request up before retrying"),
+    "report-early": (503, "A delivery report came before the send was recorded; send it again"),
     "batch-partially-stored": (503, "The database went away during the batch; the first rows were stored"),
 }
 

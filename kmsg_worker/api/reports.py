@@ -66,7 +66,8 @@ def receive_reports(
 
     Raises:
         Problem: ``report-unauthorized`` (401), ``not-found`` (a provider not configured here),
-            ``bad-request`` (a body that is not the provider's report).
+            ``bad-request`` (a body that is not the provider's report), ``report-early`` (503: some
+            reports overtook our record of the send; the rest is applied, the sender should retry).
     """
     _authenticate(rt, provider, headers, token, body)
     if provider not in rt.settings.providers:
@@ -76,6 +77,14 @@ def receive_reports(
     except ProviderError as exc:
         raise Problem("bad-request", str(exc)) from None
     result = apply_reports(rt, provider, reports)
+    if result.early:
+        # What matched is applied; asking again re-applies nothing (every change is conditional)
+        # and settles the reports that came before our record of the send.
+        raise Problem(
+            "report-early",
+            f"{result.early} report(s) concern messages whose send is not recorded yet: send again",
+            headers={"Retry-After": "1"},
+        )
     return {
         "received": len(reports),
         "matched": result.claimed,

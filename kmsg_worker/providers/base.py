@@ -352,8 +352,8 @@ class Provider:
         """Read the vendor's own delivery-report webhook body (already parsed JSON).
 
         Returns:
-            ``(provider message id, report)`` pairs; each report's ``message_id`` is left empty
-            (only the vendor's id is known until the row is found).
+            ``(provider message id, report)`` pairs; a report's ``message_id`` is our id where
+            the vendor echoes it back, else empty (the row is found by the vendor's id).
 
         Raises:
             ProviderRejected: The vendor sends no delivery reports (``UNSUPPORTED``), or the body is

@@ -1005,7 +1005,8 @@ class SolapiProvider(HttpProvider):
                 provider=self.name,
                 code=ErrorCode.INVALID_REQUEST,
             )
-        return [(str(e["messageId"]), self._report("", e)) for e in entries]
+        # Our own id travels in customFields: it tells a report that overtook our record of the send.
+        return [(str(e["messageId"]), self._report(_reference(e), e)) for e in entries]
 
     def _report(self, message_id: str, entry: Mapping[str, Any]) -> StatusReport:
         code = entry.get("statusCode")
@@ -1236,3 +1237,9 @@ def _wire_type(mtype: MessageType | None) -> str | None:
 def _default_name(content_type: str | None) -> str:
     ext = {"image/png": "png", "image/gif": "gif", "application/pdf": "pdf"}.get(content_type or "", "jpg")
     return f"file.{ext}"
+
+
+def _reference(entry: Mapping[str, Any]) -> str:
+    """Our message id in a Solapi message object (``customFields.kmsgId``), or ``""``."""
+    custom = entry.get("customFields")
+    return str(custom.get(REFERENCE_FIELD) or "") if isinstance(custom, Mapping) else ""
