@@ -3,8 +3,8 @@
     python -m bench.webhooks                       # 100,000 messages, runs off/on/off/on
     python -m bench.webhooks --count 20000 --rounds 1
 
-Each run: the same processes (a bulk worker, a worker for kmsg.poll/kmsg.maintenance/kmsg.webhooks,
-beat; the fake providers in their own process), the same ``send_many`` of ``--count`` rows, timed
+Each run: the same processes (a bulk worker, a worker for kmsg.poll/kmsg.maintenance, one for
+kmsg.webhooks, beat; the fake providers in their own process), the same ``send_many`` of ``--count`` rows, timed
 until every row was accepted by the fake Solapi (as ``bench.run`` times a bulk). The only
 difference: in an "on" run tenant ``default`` has one endpoint subscribed to ``message.sent`` and
 ``message.delivered``, so every transition also writes its outbox rows and the dispatcher POSTs
@@ -127,7 +127,10 @@ def one_run(env: Env, engine: Any, count: int, receiver: Receiver | None) -> dic
             },
         )
     bulk = env.worker("config.celery", "kmsg.bulk", 2, "bulk")
-    side = env.worker("config.celery", "kmsg.poll,kmsg.maintenance,kmsg.webhooks", 1, "side")
+    side = env.worker("config.celery", "kmsg.poll,kmsg.maintenance", 1, "side")
+    # The dispatcher gets a worker of its own: sharing one process with a long status poll, its
+    # 1 s beat tasks expired unrun for as long as tracking had rows to settle.
+    hooks = env.worker("config.celery", "kmsg.webhooks", 1, "hooks")
     beat = env.start(
         [sys.executable, "-m", "celery", "-A", "config.celery", "beat", "--schedule", str(env.var / "beat-schedule")],
         "beat",
@@ -176,7 +179,7 @@ def one_run(env: Env, engine: Any, count: int, receiver: Receiver | None) -> dic
         )
         with engine.connect() as conn:
             result["outbox_rows"] = conn.execute(text("SELECT count(*) FROM kmsg_webhook_events")).scalar_one()
-    env.stop([bulk, side, beat])
+    env.stop([bulk, side, hooks, beat])
     kmsg.close()
     log(f"webhooks={'on' if receiver else 'off'}: {json.dumps(result)}")
     return result
