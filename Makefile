@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-QUEUES  = kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance
+QUEUES  = kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance,kmsg.webhooks
 STAMP   = $(VENV)/.installed
 
 .PHONY: install lock demo test test-fast lint format typecheck all worker beat flower metrics doctor report bench bench-long migrate fake-providers clean

@@ -19,7 +19,7 @@ log = structlog.get_logger("kmsg.beat")
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
-    """Periodic tasks: the maintenance sweep, the delivery-status sweep and the scheduled-send dispatch.
+    """Periodic tasks: the maintenance and status sweeps, the webhook dispatcher, the scheduled-send dispatch.
 
     Scheduled sends get their own entry, every ``KMSG_SCHEDULE_INTERVAL_SECONDS`` (1 s): with only
     the 5 s maintenance sweep a scheduled message would leave up to 5 s late (``bench/schedule_latency.py``).
@@ -38,6 +38,13 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": every,
             "options": {"queue": QUEUES["poll"], "expires": every * 2},
         },
+    }
+    # Webhooks have their own queue: a slow receiver never delays a sweep or a poll.
+    tick = settings.webhooks.interval
+    schedule["kmsg-dispatch-webhooks"] = {
+        "task": TASK_NAMES["webhooks"],
+        "schedule": tick,
+        "options": {"queue": QUEUES["webhooks"], "expires": max(tick * 2, 2.0)},
     }
     if settings.schedule_interval < every:
         tick = settings.schedule_interval

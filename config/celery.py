@@ -29,6 +29,7 @@ app = Celery(
         "tasks.scheduling",
         "tasks.maintenance",
         "tasks.templates",
+        "tasks.webhooks",
         "tasks.signals",
     ],
 )

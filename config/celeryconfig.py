@@ -97,6 +97,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
             TASK_NAMES["sweep"]: {"queue": QUEUES["maintenance"]},
             TASK_NAMES["schedule"]: {"queue": QUEUES["maintenance"]},
             TASK_NAMES["template_sync"]: {"queue": QUEUES["maintenance"]},
+            TASK_NAMES["webhooks"]: {"queue": QUEUES["webhooks"]},
         },
         # Publishing itself retries briefly; a broker outage longer than this is covered by the
         # stale-queued sweep (the row was committed before we published).

@@ -27,6 +27,7 @@ QUEUES = {
     "bulk": "kmsg.bulk",
     "poll": "kmsg.poll",
     "maintenance": "kmsg.maintenance",
+    "webhooks": "kmsg.webhooks",
 }
 #: Every registered task name: the one table. The ``tasks`` package registers its tasks under these
 #: names, and the library, the app's routes and the beat schedule publish by them without importing
@@ -40,6 +41,7 @@ TASK_NAMES: Final[Mapping[str, str]] = MappingProxyType(
         "sweep": "kmsg.sweep",
         "schedule": "kmsg.dispatch_scheduled",
         "template_sync": "kmsg.sync_templates",
+        "webhooks": "kmsg.dispatch_webhooks",
     }
 )
 

@@ -52,9 +52,10 @@ from kmsg_worker.providers.base_http import HttpProvider, make_http_client
 from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.settings import Settings
 from kmsg_worker.storage import queries
-from kmsg_worker.storage.db import make_engine
+from kmsg_worker.storage.db import make_engine, make_sessionmaker
 from kmsg_worker.storage.migrate import head_revision
 from kmsg_worker.storage.models import Base
+from kmsg_worker.storage.webhooks import list_endpoints
 
 __all__ = ["CheckResult", "DoctorOptions", "DoctorReport", "Status", "add_subcommand", "run_doctor", "safe_url"]
 
@@ -562,6 +563,37 @@ def _check_clock(report: DoctorReport, options: DoctorOptions, clocks: dict[str,
         report.add("clock", Status.OK, f"skew {shown} (Date headers have 1 s resolution)")
 
 
+def _check_webhooks(engine: Engine, report: DoctorReport) -> None:
+    """Disabled or failing webhook endpoints: their tenants are not being told what happened."""
+    try:
+        endpoints = list_endpoints(make_sessionmaker(engine))
+    except SQLAlchemyError as exc:
+        report.add("webhooks", Status.SKIP, f"cannot read the endpoints: {type(exc).__name__}")
+        return
+    disabled = [e for e in endpoints if e.disabled_at is not None]
+    failing = [e for e in endpoints if e.disabled_at is None and e.failures]
+    if disabled:
+        first = disabled[0]
+        report.add(
+            "webhooks",
+            Status.WARN,
+            f"{len(disabled)} endpoint(s) disabled after failing, e.g. {first.id} of {first.tenant}: "
+            f"{(first.disabled_reason or '')[:160]}",
+            "fix the receiver, then `kmsg webhooks enable <id>` (pending events go out again; "
+            "`kmsg webhooks replay --since ...` re-sends older ones)",
+        )
+    elif failing:
+        first = failing[0]
+        report.add(
+            "webhooks",
+            Status.WARN,
+            f"{len(failing)} endpoint(s) failing, e.g. {first.id} of {first.tenant}: {(first.last_error or '')[:160]}",
+            "check the receiver; `kmsg webhooks show <id>` lists the last attempts",
+        )
+    else:
+        report.add("webhooks", Status.OK, f"{len(endpoints)} endpoint(s), none failing")
+
+
 def run_doctor(
     settings: Settings, options: DoctorOptions | None = None, *, http_client: httpx.Client | None = None
 ) -> DoctorReport:
@@ -585,6 +617,7 @@ def run_doctor(
         if engine is not None:
             _check_consumption(settings, engine, report, options, broker_ok)
             _check_beat(settings, engine, report, options)
+            _check_webhooks(engine, report)
         else:
             report.add("consumption", Status.SKIP, "database unreachable")
             report.add("beat", Status.SKIP, "database unreachable")

@@ -40,6 +40,7 @@ __all__ = [
     "RetryPolicy",
     "Settings",
     "TrackingPolicy",
+    "WebhookPolicy",
     "mask_url",
     "stop_unless_sendable",
 ]
@@ -159,6 +160,45 @@ class TrackingPolicy:
 
 
 @dataclass(frozen=True)
+class WebhookPolicy:
+    """Outgoing webhooks and incoming delivery reports.
+
+    Attributes:
+        batch_size: Events per POST at most (``KMSG_WEBHOOK_BATCH_SIZE``).
+        interval: Seconds between dispatcher runs (beat, ``KMSG_WEBHOOK_INTERVAL_SECONDS``).
+        backoff_base: First wait after a failed delivery, doubling per failure.
+        backoff_max: Longest wait between tries.
+        jitter: Bounded jitter as a fraction of the wait.
+        max_age: An event not delivered after this many seconds is given up (24 h).
+        disable_after: An endpoint failing for this long is disabled.
+        timeout: Seconds for one POST (connect and each read).
+        max_response_bytes: Response bytes read at most (the rest is not read).
+        allow_http_loopback: Plain ``http://`` is accepted for loopback destinations only.
+        allow_private: Destinations that resolve to private, loopback or link-local addresses are
+            accepted (an internal deployment); refused by default.
+        secret_overlap: Seconds a rotated-out secret keeps signing.
+        report_secret: Shared secret that incoming provider delivery reports must carry
+            (``KMSG_REPORT_SECRET``); ``None`` refuses every report.
+        report_max_age: Seconds a signed report's timestamp may be off (stale reports are refused).
+    """
+
+    batch_size: int = 500
+    interval: float = 1.0
+    backoff_base: float = 5.0
+    backoff_max: float = 3600.0
+    jitter: float = 0.2
+    max_age: float = 86400.0
+    disable_after: float = 6 * 3600.0
+    timeout: float = 5.0
+    max_response_bytes: int = 65536
+    allow_http_loopback: bool = False
+    allow_private: bool = False
+    secret_overlap: float = 86400.0
+    report_secret: str | None = field(default=None, repr=False)
+    report_max_age: float = 300.0
+
+
+@dataclass(frozen=True)
 class RetryOverride:
     """Per message type or priority limits over :class:`RetryPolicy` (``None`` = keep the default).
 
@@ -271,6 +311,7 @@ class Settings:
     limits: ValidationLimits = field(default_factory=ValidationLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tracking: TrackingPolicy = field(default_factory=TrackingPolicy)
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     #: Operator overrides of the retry classification (``KMSG_RETRY_POLICY``).
     error_policy: ErrorPolicy = field(default_factory=ErrorPolicy)
     #: Limits per message type (``KMSG_RETRY_BY_TYPE``) and per priority (``KMSG_RETRY_BY_PRIORITY``).
@@ -461,6 +502,20 @@ class Settings:
             fallback_codes=frozenset(_parse(env, "KMSG_FALLBACK_CODES", _NO_WORDS, _words)),
             fallback_texts=_parse(env, "KMSG_FALLBACK_TEXTS", _NO_WORDS, _words),
         )
+        webhooks = WebhookPolicy(
+            batch_size=_parse(env, "KMSG_WEBHOOK_BATCH_SIZE", 500, _positive(int)),
+            interval=_parse(env, "KMSG_WEBHOOK_INTERVAL_SECONDS", 1.0, _positive(float)),
+            backoff_base=_parse(env, "KMSG_WEBHOOK_BACKOFF_BASE_SECONDS", 5.0, _positive(float)),
+            backoff_max=_parse(env, "KMSG_WEBHOOK_BACKOFF_MAX_SECONDS", 3600.0, _positive(float)),
+            max_age=_parse(env, "KMSG_WEBHOOK_MAX_AGE_SECONDS", 86400.0, _positive(float)),
+            disable_after=_parse(env, "KMSG_WEBHOOK_DISABLE_AFTER_SECONDS", 6 * 3600.0, _positive(float)),
+            timeout=_parse(env, "KMSG_WEBHOOK_TIMEOUT_SECONDS", 5.0, _positive(float)),
+            allow_http_loopback=_parse(env, "KMSG_WEBHOOK_ALLOW_HTTP_LOOPBACK", False, _bool),
+            allow_private=_parse(env, "KMSG_WEBHOOK_ALLOW_PRIVATE", False, _bool),
+            secret_overlap=_parse(env, "KMSG_WEBHOOK_SECRET_OVERLAP_SECONDS", 86400.0, float),
+            report_secret=_env(env, "KMSG_REPORT_SECRET"),
+            report_max_age=_parse(env, "KMSG_REPORT_MAX_AGE_SECONDS", 300.0, _positive(float)),
+        )
         visibility_timeout = _parse(env, "KMSG_VISIBILITY_TIMEOUT", 3600, _positive(int))
         lease = _parse(env, "KMSG_LEASE_SECONDS", 120.0, _positive(float))
         if lease >= visibility_timeout:
@@ -490,6 +545,7 @@ class Settings:
             "limits": limits,
             "retry": retry,
             "tracking": tracking,
+            "webhooks": webhooks,
             **retry_values,
             "idempotency_ttl": timedelta(seconds=_parse(env, "KMSG_IDEMPOTENCY_TTL_SECONDS", 86400, _positive(int))),
             "lease_seconds": lease,

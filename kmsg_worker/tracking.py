@@ -52,7 +52,14 @@ from kmsg_worker.storage.messages import insert_child, set_fallback_state
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.rows import new_message_row
 
-__all__ = ["NON_KAKAO_CODES", "PollReport", "fallback_message", "is_not_kakao_user", "poll_statuses"]
+__all__ = [
+    "NON_KAKAO_CODES",
+    "PollReport",
+    "apply_reports",
+    "fallback_message",
+    "is_not_kakao_user",
+    "poll_statuses",
+]
 
 S = MessageStatus
 log = get_logger("kmsg.tracking")
@@ -84,6 +91,7 @@ class PollReport:
         released: Claimed rows given back unchecked because the sweep's deadline came.
         query_errors: Status requests that failed (one per provider and round at most).
         fallbacks: Ids of the SMS/LMS fallback children created.
+        early: Delivery reports about messages whose send is not recorded yet (reports only).
     """
 
     claimed: int = 0
@@ -94,6 +102,7 @@ class PollReport:
     released: int = 0
     query_errors: int = 0
     fallbacks: list[str] = field(default_factory=list)
+    early: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,7 +228,7 @@ def _create_fallback(rt: Runtime, s: Session, row: MessageRow, now: datetime) ->
     child, route = built
     if not insert_child(s, new_message_row(child, route, now, parent_id=row.id)):
         return None  # created by someone else already: exactly once
-    set_fallback_state(s, row.id, "created")
+    set_fallback_state(s, row.id, "created", child_id=child.id, now=now)
     return child.id
 
 
@@ -365,6 +374,48 @@ def _apply(
         _failed(rt, row, report, now, out)
     else:
         _not_final(rt, row, report, now, out, error)
+
+
+def apply_reports(rt: Runtime, provider: str, reports: Sequence[tuple[str, StatusReport]]) -> PollReport:
+    """Apply a provider's pushed delivery reports exactly as a poll's answers are applied.
+
+    Each report is matched to the ``sent`` row the provider knows by its id, then goes through
+    :func:`_apply`: the same conditional ``sent -> delivered | failed`` and the same fallback,
+    created exactly once whether a report or a poll saw the failure first. A settled row leaves
+    ``sent`` and so the polling index. A report that settles nothing (still sending, an unknown
+    id, a row settled already) changes nothing: polling remains the safety net.
+
+    Args:
+        rt: The process's runtime.
+        provider: The provider that sent them.
+        reports: ``(provider message id, report)`` pairs (:meth:`Provider.delivery_reports`).
+    """
+    out = PollReport()
+    final = {DeliveryState.DELIVERED, DeliveryState.FAILED}
+    by_pmid = {pmid: report for pmid, report in reports if report.state in final}
+    now = rt.now()
+    matched: set[str] = set()
+    for start in range(0, len(by_pmid), BULK_STATUS_BATCH):
+        wanted = list(by_pmid)[start : start + BULK_STATUS_BATCH]
+        for row in rt.store.sent_by_provider_ids(provider, wanted):
+            out.claimed += 1
+            matched.add(row.provider_message_id or "")
+            _apply(rt, row, replace(by_pmid[row.provider_message_id or ""], message_id=row.id), now, out)
+    # A report can overtake our own record of the send (the provider answered, the worker has not
+    # written ``sent`` yet): such a row is still on its way, and the report must come again.
+    ours = [r.message_id for pmid, r in by_pmid.items() if pmid not in matched and r.message_id]
+    out.early = rt.store.count_unsent(ours)
+    log.info(
+        "tracking.reports_applied",
+        provider=provider,
+        received=len(reports),
+        matched=out.claimed,
+        delivered=out.delivered,
+        failed=out.failed,
+        fallbacks=len(out.fallbacks),
+        early=out.early,
+    )
+    return out
 
 
 def _query_error(exc: Exception) -> _QueryError:

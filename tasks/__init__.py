@@ -9,5 +9,15 @@ from tasks.scheduling import dispatch_scheduled
 from tasks.send import send_message
 from tasks.templates import sync_templates
 from tasks.tracking import poll
+from tasks.webhooks import dispatch_webhooks
 
-__all__ = ["dispatch_scheduled", "poll", "send_bulk", "send_chunk", "send_message", "sweep", "sync_templates"]
+__all__ = [
+    "dispatch_scheduled",
+    "dispatch_webhooks",
+    "poll",
+    "send_bulk",
+    "send_chunk",
+    "send_message",
+    "sweep",
+    "sync_templates",
+]

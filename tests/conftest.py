@@ -179,7 +179,7 @@ def runtime(backend_url: str, settings_factory: Any, dispatcher: RecordingDispat
 
 # -- Celery worker processes ----------------------------------------------------------------------
 
-QUEUE_LIST = "kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance"
+QUEUE_LIST = "kmsg.priority,kmsg.send,kmsg.bulk,kmsg.poll,kmsg.maintenance,kmsg.webhooks"
 
 
 @dataclass

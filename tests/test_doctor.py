@@ -67,13 +67,14 @@ def test_a_healthy_embedded_install_passes(tmp_path: Path) -> None:
         "broker": Status.OK,
         "consumption": Status.OK,
         "beat": Status.OK,
+        "webhooks": Status.OK,
         "provider:mock": Status.OK,
         "senders:mock": Status.SKIP,
         "suppression-key": Status.OK,
         "clock": Status.SKIP,
     }
     assert report.exit_code == 0
-    assert "all 9 checks passed" in report.render()
+    assert "all 10 checks passed" in report.render()
 
 
 def test_a_sender_in_use_that_is_not_registered_fails_naming_it_and_the_provider(tmp_path: Path) -> None:
@@ -304,3 +305,31 @@ def test_ping_asks_celery_without_importing_the_app(
     [check] = report.checks
     assert (check.name, check.status) == ("workers", Status.FAIL)
     assert "no worker answered" in check.detail
+
+
+def test_a_disabled_webhook_endpoint_is_a_warning_naming_it(tmp_path: Path) -> None:
+    from kmsg_worker.storage.models import WebhookEndpoint
+
+    settings = embedded(tmp_path)
+    rt = Runtime(settings)
+    now = datetime.now(UTC)
+    with rt.store.sessions.begin() as s:
+        s.add(
+            WebhookEndpoint(
+                id="whe_down",
+                tenant="shop-a",
+                url="https://hooks.example.com/x",
+                events=",message.sent,",
+                include_phone=False,
+                secret="whsec_AAAA",
+                created_at=now,
+                failures=40,
+                disabled_at=now,
+                disabled_reason="failing since 2026-12-07T00:00:00Z: HTTP 503",
+            )
+        )
+    rt.close()
+    report = run_doctor(settings, FAST)
+    webhooks = result(report, "webhooks")
+    assert webhooks.status is Status.WARN
+    assert "whe_down" in webhooks.detail and "HTTP 503" in webhooks.detail and "kmsg webhooks enable" in webhooks.hint

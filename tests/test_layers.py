@@ -40,8 +40,8 @@ def test_the_app_registers_exactly_the_tasks_of_the_table(tmp_path: Path) -> Non
     table = set(TASK_NAMES.values())
     assert set(seen["registered"]) == table
     assert set(seen["routed"]) <= table and set(seen["scheduled"]) <= table
-    # The sweep, the status poll, the scheduled-send dispatch, the AlimTalk template sync.
-    assert len(seen["scheduled"]) == 4
+    # The sweep, the status poll, the scheduled-send dispatch, the AlimTalk template sync, the webhooks.
+    assert len(seen["scheduled"]) == 5
 
 
 def test_no_module_spells_a_task_name_outside_the_table() -> None:

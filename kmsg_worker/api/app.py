@@ -38,6 +38,7 @@ from kmsg_worker.api.auth import Authenticator, Principal
 from kmsg_worker.api.config import ApiConfig
 from kmsg_worker.api.intake import batch_defaults, batch_rows, csv_rows, message_input, ndjson_rows, parse_json
 from kmsg_worker.api.problems import PROBLEM_TYPES, Problem, problem_from_domain, problem_response, validation_problem
+from kmsg_worker.api.reports import receive_reports
 from kmsg_worker.dispatch import Dispatcher
 from kmsg_worker.errors import KmsgError, ValidationError
 from kmsg_worker.logging import configure_logging, get_logger
@@ -51,6 +52,7 @@ from kmsg_worker.storage.advertising import count_suppressions
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.storage.tenants import TenantStore
 from kmsg_worker.templates import ComposeStep, advertising_step
+from kmsg_worker.webhooks import endpoints
 
 __all__ = ["API_VERSION", "create_app"]
 
@@ -313,6 +315,22 @@ class _Api:
             return registry.publish(tenant, ref, now=now).as_dict()
         return registry.archive(tenant, ref, now=now).as_dict()
 
+    def add_webhook(self, body: bytes, principal: Principal) -> dict[str, Any]:
+        data = parse_json(body)
+        if not isinstance(data, dict):
+            raise ValidationError("body", "object", "the body must be a JSON object")
+        unknown = sorted(set(data) - {"url", "events", "include_phone"})
+        if unknown:
+            raise ValidationError(unknown[0], "unknown_field", f"unknown field {unknown[0]!r}")
+        url, events, include_phone = data.get("url"), data.get("events"), data.get("include_phone", False)
+        if not isinstance(url, str):
+            raise ValidationError("url", "required", "url is required (a string)")
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            raise ValidationError("events", "required", "events is required (a list of event types)")
+        if not isinstance(include_phone, bool):
+            raise ValidationError("include_phone", "boolean", "include_phone must be true or false")
+        return endpoints.add_endpoint(self.kmsg.runtime, principal.tenant, url, events, include_phone=include_phone)
+
     def aware(self, value: datetime | None) -> datetime | None:
         # Naive times are in the deployment's zone, as for scheduled_at.
         if value is None or value.tzinfo is not None:
@@ -339,6 +357,7 @@ async def _principal(request: Request) -> Principal:
 
 Auth = Annotated[Principal, Depends(_principal)]
 MessageId = Annotated[str, Path(max_length=80)]
+EndpointId = Annotated[str, Path(max_length=24)]
 BatchId = Annotated[str, Path(max_length=40)]
 TemplateRef = Annotated[str, Path(max_length=80, description="name, or name@version")]
 
@@ -696,6 +715,94 @@ def _template_routes(app: FastAPI) -> None:
         return await run(request, principal, "archive", ref)
 
 
+def _webhook_routes(app: FastAPI) -> None:
+    @app.post(
+        "/v1/webhooks",
+        status_code=201,
+        response_model=schemas.WebhookCreatedOut,
+        tags=["webhooks"],
+        summary="Add a webhook endpoint; its signing secret is in this answer only",
+        openapi_extra={"requestBody": _body("WebhookRequest")},
+        responses=_errors(400, 422),
+    )
+    async def post_webhook(request: Request, principal: Auth) -> dict[str, Any]:
+        api = _app_of(request)
+        body = await _read_body(request, api.config.max_body_bytes)
+        result: dict[str, Any] = await api.run(principal, api.add_webhook, body, principal)
+        return result
+
+    @app.get("/v1/webhooks", response_model=schemas.WebhookListOut, tags=["webhooks"], summary="The tenant's endpoints")
+    async def list_webhooks(request: Request, principal: Auth) -> dict[str, Any]:
+        api = _app_of(request)
+        rows = await api.run(principal, endpoints.list_endpoints, api.kmsg.runtime, principal.tenant)
+        return {"data": rows}
+
+    @app.delete(
+        "/v1/webhooks/{endpoint_id}",
+        status_code=204,
+        tags=["webhooks"],
+        summary="Remove an endpoint (its undelivered events go with it)",
+        responses=_errors(404),
+    )
+    async def delete_webhook(request: Request, principal: Auth, endpoint_id: EndpointId) -> Response:
+        api = _app_of(request)
+        await api.run(principal, endpoints.remove_endpoint, api.kmsg.runtime, endpoint_id, principal.tenant)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/webhooks/{endpoint_id}/rotate",
+        response_model=schemas.WebhookCreatedOut,
+        tags=["webhooks"],
+        summary="A new signing secret; the old one keeps signing for the configured overlap",
+        responses=_errors(404),
+    )
+    async def rotate_webhook(request: Request, principal: Auth, endpoint_id: EndpointId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(
+            principal, endpoints.rotate_secret, api.kmsg.runtime, endpoint_id, principal.tenant
+        )
+        return result
+
+    @app.post(
+        "/v1/webhooks/{endpoint_id}/test",
+        response_model=schemas.WebhookTestOut,
+        tags=["webhooks"],
+        summary="Send one signed webhook.test event now and report the answer",
+        responses=_errors(404),
+    )
+    async def test_webhook(request: Request, principal: Auth, endpoint_id: EndpointId) -> dict[str, Any]:
+        api = _app_of(request)
+        result: dict[str, Any] = await api.run(
+            principal, endpoints.test_endpoint, api.kmsg.runtime, endpoint_id, principal.tenant
+        )
+        return result
+
+
+def _report_routes(app: FastAPI) -> None:
+    @app.post(
+        "/v1/providers/{provider}/reports",
+        response_model=schemas.ReportReceiptOut,
+        tags=["reports"],
+        summary="A provider's delivery-report webhook (authenticated by KMSG_REPORT_SECRET, not by an API key)",
+        # Providers hold no API key of ours: the report is checked by its signature or token instead.
+        openapi_extra={"security": []},
+        responses=_errors(400, 401, 404, 413, 503),
+    )
+    async def post_reports(
+        request: Request,
+        provider: Annotated[str, Path(max_length=32)],
+        token: Annotated[
+            str | None, Query(max_length=200, description="The shared secret, for a URL-only sender")
+        ] = None,
+    ) -> dict[str, Any]:
+        api = _app_of(request)
+        body = await _read_body(request, api.config.max_batch_bytes)
+        result: dict[str, Any] = await run_in_threadpool(
+            receive_reports, api.kmsg.runtime, provider, dict(request.headers), token, body
+        )
+        return result
+
+
 def _body(model: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}
 
@@ -816,7 +923,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (schemas.MessageRequest, schemas.BatchRequest):
+            for model in (schemas.MessageRequest, schemas.BatchRequest, schemas.WebhookRequest):
                 components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schema["components"]["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "kmsg_live_... or kmsg_test_..."}
@@ -873,6 +980,8 @@ def create_app(
     _install_handlers(app)
     _routes(app)
     _template_routes(app)
+    _webhook_routes(app)
+    _report_routes(app)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     if api.config.cors_origins:
         app.add_middleware(

@@ -38,6 +38,7 @@ PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "bad-request": (400, "The request is malformed"),
     "unauthorized": (401, "Missing, malformed, unknown or revoked API key"),
     "forbidden": (403, "This key may not do this"),
+    "report-unauthorized": (401, "The delivery report carries no valid signature or token"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
     "idempotency-conflict": (409, "The idempotency key was used for a different request"),
@@ -50,6 +51,7 @@ PROBLEM_TYPES: Mapping[str, tuple[int, str]] = {
     "internal": (500, "Internal error"),
     "storage-unavailable": (503, "The system of record is unavailable; nothing was accepted"),
     "acceptance-unknown": (503, "The connection was lost while storing; look the request up before retrying"),
+    "report-early": (503, "A delivery report came before the send was recorded; send it again"),
     "batch-partially-stored": (503, "The database went away during the batch; the first rows were stored"),
 }
 

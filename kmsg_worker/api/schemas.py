@@ -26,6 +26,7 @@ __all__ = [
     "MessageRequest",
     "MessageSummaryOut",
     "ProblemOut",
+    "ReportReceiptOut",
     "RowErrorOut",
     "TemplateEditRequest",
     "TemplateListOut",
@@ -33,6 +34,11 @@ __all__ = [
     "TemplatePreviewOut",
     "TemplatePreviewRequest",
     "TemplateRequest",
+    "WebhookCreatedOut",
+    "WebhookListOut",
+    "WebhookOut",
+    "WebhookRequest",
+    "WebhookTestOut",
 ]
 
 
@@ -311,3 +317,67 @@ class TemplatePreviewOut(BaseModel):
     missing: list[str] = Field(description="Variables not given (their #{name} stays in the text)")
     unknown: list[str] = Field(description="Given variables the template does not have")
     steps: list[str] = Field(description="Composing steps applied after rendering")
+
+
+class WebhookRequest(BaseModel):
+    """A webhook endpoint to add for the key's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="https URL; private, loopback and link-local destinations are refused")
+    events: list[str] = Field(
+        description="message.sent, message.delivered, message.failed, message.unknown, message.cancelled, "
+        "message.fallback_created, batch.completed"
+    )
+    include_phone: bool = Field(False, description="Full recipient numbers in events (masked otherwise)")
+
+
+class WebhookOut(BaseModel):
+    """A webhook endpoint (its secret is never shown again after it was made)."""
+
+    id: str
+    tenant: str
+    url: str
+    events: list[str]
+    include_phone: bool
+    created_at: datetime | None
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    failures: int = Field(description="Consecutive failed deliveries")
+    failing_since: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    """A new endpoint, or one whose secret was just rotated: the signing secret, shown this once."""
+
+    secret: str = Field(description="whsec_...: verify signatures with it (Standard Webhooks)")
+    previous_secret_valid_until: datetime | None = Field(
+        None, description="After a rotation: the old secret also signs until then"
+    )
+
+
+class WebhookListOut(BaseModel):
+    """The tenant's endpoints."""
+
+    data: list[WebhookOut]
+
+
+class WebhookTestOut(BaseModel):
+    """What the endpoint answered to one signed ``webhook.test`` event."""
+
+    delivered: bool
+    http_status: int | None
+    error: str | None
+    latency_ms: float
+
+
+class ReportReceiptOut(BaseModel):
+    """What a provider's delivery report changed."""
+
+    received: int = Field(description="Reports in the body")
+    matched: int = Field(description="Of them, messages found still sent (others were settled already or unknown)")
+    delivered: int
+    failed: int
+    fallbacks: int = Field(description="SMS/LMS fallbacks created for AlimTalks that failed")

@@ -11,7 +11,7 @@ and every other command then load none of it. That cost is the reason for those 
 
 from __future__ import annotations
 
-from kmsg_worker.cli import advertising, api, batches, demo, messages, operations, templates  # noqa: F401 - each registers its commands
+from kmsg_worker.cli import advertising, api, batches, demo, messages, operations, templates, webhooks  # noqa: F401 - each registers its commands
 from kmsg_worker.cli.app import cli, main
 
 __all__ = ["cli", "main"]

@@ -352,6 +352,19 @@ class Provider:
             raise ProviderRejected(f"{self.name} has no status API", provider=self.name, code=ErrorCode.UNSUPPORTED)
         return self._query_status(queries)
 
+    def delivery_reports(self, payload: Any) -> list[tuple[str, StatusReport]]:
+        """Read the vendor's own delivery-report webhook body (already parsed JSON).
+
+        Returns:
+            ``(provider message id, report)`` pairs; a report's ``message_id`` is our id where
+            the vendor echoes it back, else empty (the row is found by the vendor's id).
+
+        Raises:
+            ProviderRejected: The vendor sends no delivery reports (``UNSUPPORTED``), or the body is
+                not one of its reports (``INVALID_REQUEST``).
+        """
+        raise ProviderRejected(f"{self.name} sends no delivery reports", provider=self.name, code=ErrorCode.UNSUPPORTED)
+
     def lookup(
         self, message_ids: Sequence[str], hints: Mapping[str, LookupHint] | None = None
     ) -> dict[str, SendOutcome]:

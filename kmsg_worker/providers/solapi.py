@@ -1038,6 +1038,27 @@ class SolapiProvider(HttpProvider):
                 break
         return entries
 
+    def delivery_reports(self, payload: Any) -> list[tuple[str, StatusReport]]:
+        """Solapi's message-report webhook: message objects as ``GET /messages/v4/list`` has them.
+
+        Solapi posts the messages whose status changed (https://docs.solapi.com, "웹훅"): a JSON
+        array of message objects (``messageId``, ``statusCode``, ``statusMessage``, ``dateSent``,
+        ``dateCompleted`` ...); one object, or ``{"messageList": ...}`` as the list API answers, is
+        taken as well. Each is read exactly as a status query's answer is (:meth:`_report`).
+        """
+        if isinstance(payload, Mapping) and "messageList" in payload:
+            listing = payload["messageList"]
+            payload = list(listing.values()) if isinstance(listing, Mapping) else listing
+        entries = [payload] if isinstance(payload, Mapping) else payload
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and e.get("messageId") for e in entries):
+            raise ProviderRejected(
+                f"{self.name}: a delivery report is a list of message objects with a messageId",
+                provider=self.name,
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        # Our own id travels in customFields: it tells a report that overtook our record of the send.
+        return [(str(e["messageId"]), self._report(_reference(e), e)) for e in entries]
+
     def _report(self, message_id: str, entry: Mapping[str, Any]) -> StatusReport:
         code = entry.get("statusCode")
         code_text = str(code) if code not in (None, "") else None
@@ -1294,3 +1315,9 @@ def _wire_type(mtype: MessageType | None) -> str | None:
 def _default_name(content_type: str | None) -> str:
     ext = {"image/png": "png", "image/gif": "gif", "application/pdf": "pdf"}.get(content_type or "", "jpg")
     return f"file.{ext}"
+
+
+def _reference(entry: Mapping[str, Any]) -> str:
+    """Our message id in a Solapi message object (``customFields.kmsgId``), or ``""``."""
+    custom = entry.get("customFields")
+    return str(custom.get(REFERENCE_FIELD) or "") if isinstance(custom, Mapping) else ""

@@ -12,6 +12,7 @@ from kmsg_worker.errors import MessageNotFoundError
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.chunks import in_flight_chunks
 from kmsg_worker.storage.models import Batch, MessageRow, UTCDateTime
+from kmsg_worker.storage.webhooks import execute_with_events
 
 if TYPE_CHECKING:
     from kmsg_worker.storage.repo import Store
@@ -38,15 +39,19 @@ def cancel_unsent(store: Store, batch_id: str, *, now: datetime) -> tuple[int, i
         where = [MessageRow.batch_id == batch_id, MessageRow.status.in_([S.SCHEDULED, S.QUEUED, S.RETRYING])]
         if busy:
             where.append(MessageRow.chunk.not_in(sorted(busy)))
-        result: Any = s.execute(
+        cancelled = execute_with_events(
+            s,
             update(MessageRow)
             .where(*where)
             .values(status=S.CANCELLED, updated_at=now, final_at=now, error_code="CANCELLED")
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
+            "message.cancelled",
+            now=now,
+            is_postgres=store.is_postgres,
         )
         batch.status = "cancelled"
         batch.cancelled_at = now
-    return int(result.rowcount or 0), len(busy)
+    return cancelled, len(busy)
 
 
 def cancel_message_of_batch(store: Store, message_id: str, batch_id: str, chunk: int, *, now: datetime) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, insert, or_, select, text, update
+from sqlalchemy import Table, TextClause, bindparam, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,7 @@ from kmsg_worker.storage.copy import copy_payload, copy_rows
 from kmsg_worker.storage.db import json_dumps
 from kmsg_worker.storage.models import SENT_CLEARS, Attempt, MessageRow
 from kmsg_worker.storage.rows import SendRow
+from kmsg_worker.storage.webhooks import EVENT_SOURCE, count_with_events, events_for_ids
 
 if TYPE_CHECKING:
     from kmsg_worker.storage.repo import Store
@@ -154,9 +155,17 @@ def insert_child(session: Session, row: Mapping[str, Any]) -> bool:
     return True
 
 
-def set_fallback_state(session: Session, message_id: str, state: str) -> None:
-    """Record on a parent what became of its fallback (``created`` or ``skipped:<reason>``)."""
+def set_fallback_state(
+    session: Session, message_id: str, state: str, *, child_id: str | None = None, now: datetime | None = None
+) -> None:
+    """Record on a parent what became of its fallback (``created`` or ``skipped:<reason>``).
+
+    A created child (``child_id``) is a ``message.fallback_created`` event of the parent, written
+    in the same transaction as the child itself.
+    """
     session.execute(update(MessageRow).where(MessageRow.id == message_id).values(fallback_state=state[:64]))
+    if child_id is not None and now is not None:
+        events_for_ids(session, [message_id], "message.fallback_created", now, child_id=child_id)
 
 
 def stored_ids(store: Store, ids: Sequence[str]) -> set[str]:
@@ -209,10 +218,19 @@ def record_sent(
     with store.sessions.begin() as s:
         if store.is_postgres:
             s.execute(_JOIN_BY_HASH)
-            result = s.execute(*_sent_update_pg(rows, outcomes, now, next_check_at, expected, chunk))
-            changed = int(getattr(result, "rowcount", 0) or 0)
+            stmt, params = _sent_update_pg(rows, outcomes, now, next_check_at, expected, chunk)
+            # The UPDATE's RETURNING feeds the message.sent events' INSERT ... SELECT: one statement.
+            changed_rows = stmt.columns(*EVENT_SOURCE).cte("changed")
+            changed = int(s.execute(count_with_events(changed_rows, "message.sent", now), params).scalar_one())
         else:
             changed = _sent_update_sqlite(s, rows, outcomes, now, next_check_at, expected)
+            # The rows this call moved are the ones sent at exactly ``now``.
+            moved = s.scalars(
+                select(MessageRow.id).where(
+                    MessageRow.id.in_([r.id for r in rows]), MessageRow.status == S.SENT, MessageRow.sent_at == now
+                )
+            )
+            events_for_ids(s, list(moved), "message.sent", now)
         # Attempt numbers from the rows as claimed: the lease keeps every other writer away.
         insert_attempts(store, s, [attempt_row(r, attempt_outcome, now, latency_ms=latency_ms) for r in rows])
     return int(changed)
@@ -306,6 +324,8 @@ _SENT_SET = (
 )
 _SENT_WHERE = "WHERE m.id = v.id AND m.status = ANY(CAST(:expected AS text[]))"
 _SENT_IN_CHUNK = " AND m.batch_id = :batch_id AND m.chunk = :chunk"
+#: What the webhook events copy of each row moved (the columns of EVENT_SOURCE, in its order).
+_SENT_RETURNING = " RETURNING " + ", ".join(f"m.{c.key}" for c in EVENT_SOURCE)
 #: For the rest of the transaction: plan the UPDATE with its real parameters, never as a nested loop.
 #: psycopg prepares a statement run five times on a connection, and PostgreSQL then switches to a
 #: generic plan that guesses 10 elements for an array parameter: it joined a chunk's 5,000 ids to its
@@ -329,7 +349,7 @@ def _sent_update_pg(
     first_check: datetime,
     expected: list[str],
     chunk: tuple[str, int] | None = None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[TextClause, dict[str, Any]]:
     """One ``UPDATE ... FROM ROWS FROM (JSON arrays)`` for the whole group: the statement and its parameters.
 
     A group is one provider's, and warnings or native fallbacks are rare: then only ids and
@@ -374,4 +394,5 @@ def _sent_update_pg(
     if chunk is not None:
         params["batch_id"], params["chunk"] = chunk
         sql += _SENT_IN_CHUNK
+    sql += _SENT_RETURNING
     return text(sql), params

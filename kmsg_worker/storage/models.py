@@ -50,6 +50,9 @@ __all__ = [
     "ProviderTemplate",
     "Template",
     "Tenant",
+    "WebhookAttempt",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
@@ -447,4 +450,100 @@ class Suppression(Base):
     source: Mapped[str] = mapped_column(String(40))
     #: The provider's refusal code, for automatic additions.
     provider_code: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook endpoint: where its events go, which ones, and how they are signed.
+
+    The signing secret is kept in clear: an HMAC needs it to sign. After a rotation the previous
+    secret still signs (a second signature) until ``previous_expires_at``, so receivers can switch.
+    The delivery state (failures, next try, the dispatcher's lease) lives on the endpoint: its
+    events go out in order, one batch at a time.
+    """
+
+    __tablename__ = "kmsg_webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    #: Subscribed event types, comma-separated with a comma at each end (``,message.sent,``), so one
+    #: ``LIKE`` in the transition's INSERT ... SELECT tells whether a type is subscribed.
+    events: Mapped[str] = mapped_column(Text)
+    #: Include the recipient's full number in events (otherwise masked): the tenant's opt-in.
+    include_phone: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_expires_at: Mapped[datetime | None] = mapped_column(TS)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    disabled_at: Mapped[datetime | None] = mapped_column(TS)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    #: Consecutive failed deliveries, since when, and when the next try is due.
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    failing_since: Mapped[datetime | None] = mapped_column(TS)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS)
+    last_success_at: Mapped[datetime | None] = mapped_column(TS)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: A dispatcher run holds the endpoint until then (one sender per endpoint).
+    lease_until: Mapped[datetime | None] = mapped_column(TS)
+
+
+class WebhookEvent(Base):
+    """One event for one endpoint: the transactional outbox of webhooks.
+
+    Written by the status transition that causes it, in the same statement or transaction, only
+    for endpoints subscribed to its type. ``delivered_at`` (or ``expired_at``, after the maximum
+    age) ends it. The message text is never copied here; the recipient is read at delivery time.
+    """
+
+    __tablename__ = "kmsg_webhook_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(String(24))
+    tenant: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(40))
+    message_id: Mapped[str | None] = mapped_column(String(80))
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    status: Mapped[str | None] = mapped_column(String(16))
+    provider: Mapped[str | None] = mapped_column(String(32))
+    provider_code: Mapped[str | None] = mapped_column(String(40))
+    provider_text: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    parent_id: Mapped[str | None] = mapped_column(String(80))
+    child_id: Mapped[str | None] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    #: Deliveries tried that included this event.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivered_at: Mapped[datetime | None] = mapped_column(TS)
+    expired_at: Mapped[datetime | None] = mapped_column(TS)
+
+    __table_args__ = (
+        # The dispatcher reads an endpoint's pending events in order: only those are indexed.
+        _partial(
+            "ix_kmsg_webhook_events_pending",
+            "endpoint_id",
+            "id",
+            where="delivered_at IS NULL AND expired_at IS NULL",
+        ),
+        # "Has this batch's batch.completed been written?" (one look-up per finished batch).
+        _partial("ix_kmsg_webhook_events_batch_completed", "batch_id", where="type = 'batch.completed'"),
+        # Replays select by time; events arrive in time order (BRIN on PostgreSQL, as for messages).
+        Index("ix_kmsg_webhook_events_created", "created_at", postgresql_using="brin"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One POST to an endpoint (a batch of events): its answer or error, kept to explain deliveries."""
+
+    __tablename__ = "kmsg_webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(String(24), index=True)
+    events: Mapped[int] = mapped_column(Integer)
+    first_event_id: Mapped[int] = mapped_column(BigInteger)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(TS)

@@ -35,6 +35,13 @@ from kmsg_worker.status import ALLOWED, FINAL, MessageStatus
 from kmsg_worker.storage.db import backend_pid, make_sessionmaker, settle_lost_commit
 from kmsg_worker.storage.models import SEND_STATE_COLUMNS, SENT_CLEARS, Attempt, DeadLetter, IdempotencyKey, MessageRow
 from kmsg_worker.storage.rows import SendRow
+from kmsg_worker.storage.webhooks import (
+    EVENT_FOR_STATUS,
+    EVENT_SOURCE,
+    event_insert,
+    events_for_ids,
+    execute_with_events,
+)
 
 __all__ = ["Store"]
 
@@ -103,7 +110,9 @@ def _mark_sent_statements() -> tuple[Update, Any]:
             **SENT_CLEARS,
         )
     )
-    done = sent.returning(MessageRow.id).cte("sent")
+    done = sent.returning(*EVENT_SOURCE).cte("sent")
+    # The message.sent events of the row (for subscribed endpoints) in the same statement.
+    events = event_insert(done, "message.sent", bindparam("m_now", type_=MessageRow.updated_at.type))
     attempt = (
         insert(Attempt)
         .from_select(
@@ -119,6 +128,7 @@ def _mark_sent_statements() -> tuple[Update, Any]:
             ),
         )
         .returning(Attempt.message_id)
+        .add_cte(events.cte("events"))
     )
     return sent, attempt
 
@@ -284,6 +294,28 @@ class Store:
         with self.sessions() as s:
             return list(s.scalars(stmt))
 
+    def sent_by_provider_ids(self, provider: str, provider_message_ids: Sequence[str]) -> list[MessageRow]:
+        """The ``sent`` messages ``provider`` knows by these ids (one probe of the provider-id index each)."""
+        if not provider_message_ids:
+            return []
+        stmt = select(MessageRow).where(
+            MessageRow.provider == provider,
+            MessageRow.provider_message_id.in_(list(provider_message_ids)),
+            MessageRow.status == S.SENT,
+        )
+        with self.sessions() as s:
+            return list(s.scalars(stmt))
+
+    def count_unsent(self, ids: Sequence[str]) -> int:
+        """How many of ``ids`` are still on their way to the provider (queued, sending or retrying)."""
+        if not ids:
+            return 0
+        stmt = select(func.count()).where(
+            MessageRow.id.in_(list(ids)), MessageRow.status.in_([S.QUEUED, S.SENDING, S.RETRYING])
+        )
+        with self.sessions() as s:
+            return int(s.scalar(stmt) or 0)
+
     def attempts(self, message_id: str) -> list[Attempt]:
         """All attempt rows of a message, oldest first."""
         with self.sessions() as s:
@@ -359,10 +391,12 @@ class Store:
         by_id = MessageRow.id == id_list[0] if len(id_list) == 1 else MessageRow.id.in_(id_list)
         by_status = or_(*(MessageRow.status == st for st in sorted(allowed)))
         stmt = update(MessageRow).where(by_id, by_status).values(**vals).execution_options(synchronize_session=False)
+        # The change and the webhook events it causes, in one statement (the transactional outbox).
+        event = EVENT_FOR_STATUS.get(target)
         if session is not None:
-            return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            return execute_with_events(session, stmt, event, now=now, is_postgres=self.is_postgres)
         with self.sessions.begin() as s:
-            return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            return execute_with_events(s, stmt, event, now=now, is_postgres=self.is_postgres)
 
     def mark_sent(
         self,
@@ -404,6 +438,7 @@ class Store:
         with self.sessions.begin() as s:
             if not s.execute(_MARK_SENT, params).rowcount:  # type: ignore[attr-defined]
                 return False
+            events_for_ids(s, [message_id], "message.sent", now)
             self.record_attempt(
                 s,
                 message_id=message_id,

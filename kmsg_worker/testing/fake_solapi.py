@@ -263,6 +263,10 @@ class FakeSolapiServer(FakeProviderServer):
         self._counter = itertools.count(1)
         self._freeze_every = freeze_gc_every
         self._next_freeze = freeze_gc_every or 0
+        #: Messages whose final status was pushed to a report URL (:meth:`push_reports`).
+        self.reports_pushed = 0
+        self._push_stop = threading.Event()
+        self._pusher: threading.Thread | None = None
         if non_kakao_suffix:
             self.fail_alimtalk_for(suffix=non_kakao_suffix)
 
@@ -311,6 +315,70 @@ class FakeSolapiServer(FakeProviderServer):
             # the common stats (ledger, peak in flight) plus Solapi's own SMS replacements
             answer.body["replacements"] = len(self.replacements)
         return answer
+
+    # -- delivery reports pushed to a webhook --------------------------------------------------------
+
+    def push_reports(self, url: str, secret: str, *, interval: float = 0.2, batch: int = 500) -> None:
+        """Push every message's final status to ``url``, as Solapi's message-report webhook does.
+
+        A background thread posts, every ``interval`` seconds, the messages that reached a final
+        status since the last push: a JSON array of message objects shaped as the list API's, at
+        most ``batch`` per request, signed with ``secret`` (a ``whsec_`` secret) in Standard
+        Webhooks headers. A push the receiver does not answer with a 2xx is tried again next time.
+        :attr:`reports_pushed` counts the messages it took. Stopped by :meth:`stop`.
+        """
+        self._push_stop.clear()
+        thread = threading.Thread(
+            target=self._push_loop, args=(url, secret, interval, batch), name="fake-solapi-reports", daemon=True
+        )
+        thread.start()
+        self._pusher = thread
+
+    def _push_loop(self, url: str, secret: str, interval: float, batch: int) -> None:
+        # Imported here: the fake is usable without the webhook package loaded otherwise.
+        import httpx
+
+        from kmsg_worker.webhooks.signing import sign
+
+        reported: set[str] = set()
+        counter = itertools.count(1)
+        with httpx.Client(timeout=10.0) as client:
+            while not self._push_stop.wait(interval):
+                now = self.ledger.clock()
+                with self.ledger._lock:
+                    entries = list(self.ledger.entries.values())
+                due = [
+                    e
+                    for e in entries
+                    if e.provider_message_id not in reported and e.state(now)[0] in ("DELIVERED", "FAILED")
+                ]
+                for start in range(0, len(due), batch):
+                    part = due[start : start + batch]
+                    body = orjson.dumps([self._record(e, now) for e in part])
+                    msg_id = f"rpt_{self._tag}_{next(counter)}"
+                    stamp = int(time.time())
+                    headers = {
+                        "content-type": "application/json",
+                        "webhook-id": msg_id,
+                        "webhook-timestamp": str(stamp),
+                        "webhook-signature": sign(secret, msg_id, stamp, body),
+                    }
+                    try:
+                        answer = client.post(url, content=body, headers=headers)
+                    except httpx.HTTPError:
+                        break
+                    if not answer.is_success:
+                        break
+                    reported.update(e.provider_message_id for e in part)
+                    self.reports_pushed += len(part)
+
+    def stop(self) -> None:
+        """Stop the report pusher (if any) and the server."""
+        self._push_stop.set()
+        if self._pusher is not None:
+            self._pusher.join(timeout=5)
+            self._pusher = None
+        super().stop()
 
     # -- dispatch ----------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ def test_no_5xx_answers_match_the_schema_and_refusals_store_nothing(
     app = create_app(runtime=sqlite_runtime, config=ApiConfig(rate_limit=1_000_000, auth_cache_seconds=60))
     api_schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 19  # 9 of messages, batches and health, 7 of templates, 3 of suppressions
+    # 9 of messages, batches and health, 7 of templates, 3 of suppressions, 6 of webhooks and reports
+    assert len(operations) == 25
 
     seen: Counter[int] = Counter()
     for operation in operations:
