@@ -310,6 +310,48 @@ def cluster(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
     c.stop()
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def api_server(cluster: Cluster) -> Iterator[Any]:
+    """A real ``uvicorn`` process of the HTTP API on the cluster's environment, once ``/readyz`` answers.
+
+    Yields an ``httpx.Client`` on its base URL; the process is stopped with the cluster's.
+    """
+    import httpx
+
+    port = free_port()
+    log = open(cluster.var_dir / "api.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "kmsg_worker.api:create_app"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+        env=cluster.env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    cluster.procs.append(proc)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    def ready() -> bool:
+        try:
+            return client.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, 30, what="the API to be ready")
+        yield client
+    finally:
+        client.close()
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import click
 
 from kmsg_worker.cli import app
 from kmsg_worker.cli.app import EXIT_ERROR, cli
-from kmsg_worker.cli.messages import JSON_OPTION
+from kmsg_worker.cli.messages import JSON_OPTION, advertising_options
 from kmsg_worker.cli.output import echo_json, echo_table, is_terminal, note, plain
 from kmsg_worker.message.tabular import csv_message_rows
 
@@ -119,21 +119,7 @@ def _follow(kmsg: Any, batch_id: str, timeout: float) -> BatchSummary:
 @click.option("--template-id", help="AlimTalk template code.")
 @click.option("--at", "scheduled_at", help="Send at this ISO time (naive = KMSG_TIMEZONE).")
 @click.option("--tenant", default="default", show_default=True, help="Tenant the batch belongs to.")
-@click.option(
-    "--purpose",
-    type=click.Choice(["informational", "advertising"]),
-    help="advertising: the (광고) format, the 21:00-08:00 hold and the opt-out list apply (docs/ADVERTISING.md).",
-)
-@click.option(
-    "--compose", type=click.Choice(["auto", "check"]), help="Advertising: add the head/footer, or check them."
-)
-@click.option(
-    "--night-consent",
-    "night_consent",
-    flag_value=True,
-    default=None,
-    help="Advertising: the recipient consented to night sends.",
-)
+@advertising_options
 @click.option(
     "--chunk-size", type=click.IntRange(min=1), help="Rows per provider request (default: KMSG_BULK_CHUNK_SIZE)."
 )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +21,27 @@ if TYPE_CHECKING:
 __all__ = ["JSON_OPTION", "age_text", "parse_time", "parse_variables"]
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def advertising_options(command: F) -> F:
+    """``--purpose``, ``--compose`` and ``--night-consent``: the advertising fields of a send or a batch."""
+    command = click.option(
+        "--night-consent",
+        "night_consent",
+        flag_value=True,
+        default=None,
+        help="Advertising: the recipient consented to night sends.",
+    )(command)
+    command = click.option(
+        "--compose", type=click.Choice(["auto", "check"]), help="Advertising: add the head/footer, or check them."
+    )(command)
+    return click.option(
+        "--purpose",
+        type=click.Choice(["informational", "advertising"]),
+        help="advertising: the (광고) format, the 21:00-08:00 hold and the opt-out list apply (docs/ADVERTISING.md).",
+    )(command)
 
 
 def parse_variables(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -74,21 +96,7 @@ def parse_time(value: str, option: str, *, now: datetime, tz: str) -> datetime:
 @click.option("--idempotency-key", help="Sending the same request twice with this key sends it once.")
 @click.option("--at", "scheduled_at", help="Send at this ISO time (naive = KMSG_TIMEZONE, Asia/Seoul).")
 @click.option("--var", "variables", multiple=True, callback=parse_variables, help="name=value (repeatable).")
-@click.option(
-    "--purpose",
-    type=click.Choice(["informational", "advertising"]),
-    help="advertising: the (광고) format, the 21:00-08:00 hold and the opt-out list apply (docs/ADVERTISING.md).",
-)
-@click.option(
-    "--compose", type=click.Choice(["auto", "check"]), help="Advertising: add the head/footer, or check them."
-)
-@click.option(
-    "--night-consent",
-    "night_consent",
-    flag_value=True,
-    default=None,
-    help="Advertising: the recipient consented to night sends.",
-)
+@advertising_options
 @JSON_OPTION
 def send(as_json: bool, variables: dict[str, str], **options: Any) -> int:
     """Send one message: validated and stored now, sent by a worker."""

@@ -8,9 +8,6 @@ tenant's reads and cancels are 404; a streamed NDJSON batch is stored and comple
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,18 +18,12 @@ from kmsg_worker.api import admin
 from kmsg_worker.settings import Settings
 from kmsg_worker.testing.fakeserver import FakeProviderServer
 from kmsg_worker.testing.servers import fake_env, start_fakes
-from tests.conftest import ROOT, Cluster, wait_until
+from tests.conftest import Cluster, api_server, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 #: Rows of the streamed batch (the 100,000-row upload is a bench run, too heavy for every CI run).
 NDJSON_ROWS = int(os.environ.get("KMSG_E2E_NDJSON_ROWS", "10000"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -47,29 +38,8 @@ def solapi(cluster: Cluster) -> Iterator[FakeProviderServer]:
 
 @pytest.fixture
 def api(cluster: Cluster, solapi: FakeProviderServer) -> Iterator[httpx.Client]:
-    port = _free_port()
-    log = open(cluster.var_dir / "api.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "kmsg_worker.api:create_app"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
-        env=cluster.env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    cluster.procs.append(proc)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-
-    def ready() -> bool:
-        try:
-            return client.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 30, what="the API to be ready")
-    yield client
-    client.close()
+    with api_server(cluster) as client:
+        yield client
 
 
 def _keys(cluster: Cluster) -> dict[str, dict[str, str]]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -29,19 +26,13 @@ from kmsg_worker.storage.models import MessageRow, WebhookEvent
 from kmsg_worker.testing.fake_solapi import FakeSolapiServer
 from kmsg_worker.testing.servers import fake_env, start_fakes
 from kmsg_worker.webhooks.signing import new_secret
-from tests.conftest import QUEUE_LIST, ROOT, Cluster, wait_until
+from tests.conftest import QUEUE_LIST, Cluster, api_server, wait_until
 from tests.webhook_receiver import Receiver, start_receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 REPORT_SECRET = new_secret()
 LIST = "GET /messages/v4/list"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -78,29 +69,8 @@ def solapi(cluster: Cluster) -> Iterator[FakeSolapiServer]:
 
 @pytest.fixture
 def api(cluster: Cluster, solapi: FakeSolapiServer) -> Iterator[httpx.Client]:
-    port = _free_port()
-    log = open(cluster.var_dir / "api.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "kmsg_worker.api:create_app"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
-        env=cluster.env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    cluster.procs.append(proc)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-
-    def ready() -> bool:
-        try:
-            return client.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 30, what="the API to be ready")
-    yield client
-    client.close()
+    with api_server(cluster) as client:
+        yield client
 
 
 def _key(cluster: Cluster, tenant: str) -> dict[str, str]:
