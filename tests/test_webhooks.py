@@ -290,6 +290,28 @@ def test_a_redirect_is_not_followed(rt: Runtime, clock: Clock, receiver: Receive
     assert result["delivered"] is False and result["http_status"] == 302
 
 
+def test_a_delivery_connects_to_the_address_the_guard_checked(
+    rt: Runtime, clock: Clock, receiver: Receiver, dispatcher: RecordingDispatcher
+) -> None:
+    # A name only our resolver knows: were the POST to resolve it again (where a rebinding DNS
+    # server could answer differently), it would fail; it must go to the address that was checked.
+    made = subscribe(rt, receiver, "shop-a", "message.sent")
+    port = receiver.url.split(":")[2].split("/")[0]
+    named = f"http://hooks.kmsg-test.invalid:{port}/hooks"
+    with rt.store.sessions.begin() as s:
+        s.get(WebhookEndpoint, made["id"]).url = named  # type: ignore[union-attr]
+    bulk(KMsg(runtime=rt), 3, "shop-a", dispatcher)
+    report = dispatch_webhooks(rt, resolve=_resolver("127.0.0.1"))
+    assert (report.requests, report.delivered) == (1, 3)
+    [request] = receiver.requests
+    assert request["headers"]["host"] == f"hooks.kmsg-test.invalid:{port}"  # the name, for the receiver
+    # and an address the guard refuses is never connected to, whatever the name
+    bulk(KMsg(runtime=rt), 1, "shop-a", dispatcher)
+    clock.advance(60)
+    refused = dispatch_webhooks(rt, resolve=_resolver("10.0.0.7"))
+    assert refused.delivered == 0 and len(receiver.requests) == 1
+
+
 def test_no_endpoint_means_no_event_rows(rt: Runtime, clock: Clock, dispatcher: RecordingDispatcher) -> None:
     bulk(KMsg(runtime=rt), 10, "shop-a", dispatcher)
     with rt.store.sessions() as s:

@@ -159,9 +159,14 @@ def post_signed(
     """Sign ``body`` and POST it to the endpoint, after the destination check; never raises for the network."""
     started = time.perf_counter()
     try:
-        check_destination(endpoint.url, policy, resolve)
+        address = check_destination(endpoint.url, policy, resolve)
     except ValidationError as exc:
         return PostResult(False, None, f"destination refused: {exc.detail}", None, 0.0)
+    # Connect to the address just checked, not to whatever the host resolves to a moment later
+    # (DNS rebinding); the host name still goes in the Host header and is the TLS server name, so
+    # the certificate is verified against it.
+    url = httpx.URL(endpoint.url)
+    pinned = url.copy_with(host=address)
     stamp = int(time.time())  # the receiver compares it with its own clock
     headers = {
         "content-type": "application/json",
@@ -170,7 +175,13 @@ def post_signed(
         "webhook-signature": signature_header(signing_secrets(endpoint, now), msg_id, stamp, body),
     }
     try:
-        with client.stream("POST", endpoint.url, content=body, headers=headers) as response:
+        with client.stream(
+            "POST",
+            pinned,
+            content=body,
+            headers={**headers, "host": url.netloc.decode("ascii")},
+            extensions={"sni_hostname": url.host},
+        ) as response:
             read = 0
             # Bounded: a receiver's answer is not ours to store, only its start is read.
             for part in response.iter_bytes():

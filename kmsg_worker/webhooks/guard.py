@@ -10,7 +10,9 @@ sheet, https://cheatsheetseries.owasp.org/cheatsheets/Server_Side_Request_Forger
 - no user info in the URL;
 - every address the host resolves to must be public (not private, loopback, link-local,
   multicast, reserved or unspecified) unless ``KMSG_WEBHOOK_ALLOW_PRIVATE`` says otherwise;
-  checked when the endpoint is added and again before every delivery (DNS may change);
+  checked when the endpoint is added and again before every delivery (DNS may change), and the
+  delivery connects to the address that was checked (the host name goes in the ``Host`` header and
+  the TLS server name), so a second, different DNS answer cannot redirect it (DNS rebinding);
 - redirects are never followed, timeouts are short, and only the start of the response is read
   (:mod:`kmsg_worker.webhooks.dispatch`).
 """
@@ -79,8 +81,11 @@ def check_url(url: str) -> tuple[str, str, int]:
     return scheme, host, port
 
 
-def check_destination(url: str, policy: WebhookPolicy, resolve: Resolver | None = None) -> None:
+def check_destination(url: str, policy: WebhookPolicy, resolve: Resolver | None = None) -> str:
     """Refuse a URL the dispatcher must not reach (see the module's rules).
+
+    Returns:
+        The address to connect to: the first the host resolved to, all of which were checked.
 
     Raises:
         ValidationError: On the ``url`` field, naming the rule.
@@ -93,12 +98,13 @@ def check_destination(url: str, policy: WebhookPolicy, resolve: Resolver | None 
     loopback = all(ip.is_loopback for ip in ips)
     if scheme == "http" and not (loopback and policy.allow_http_loopback):
         raise ValidationError("url", "scheme", "the webhook URL must be https (http only to loopback, when allowed)")
-    if scheme == "http":
-        return  # loopback, explicitly allowed for http
-    refused = [str(ip) for ip in ips if _refused(ip)]
-    if refused and not policy.allow_private:
-        raise ValidationError(
-            "url",
-            "public_address",
-            f"the webhook host {host!r} resolves to a private, loopback or link-local address ({refused[0]})",
-        )
+    if scheme == "https":
+        refused = [str(ip) for ip in ips if _refused(ip)]
+        if refused and not policy.allow_private:
+            raise ValidationError(
+                "url",
+                "public_address",
+                f"the webhook host {host!r} resolves to a private, loopback or link-local address ({refused[0]})",
+            )
+    # http reaches here only for loopback, explicitly allowed
+    return str(ips[0])
