@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the producer API (issue 7: nothing lost, nothing duplicated).
+"""Property-based fuzzing of the producer API: nothing lost, nothing duplicated.
 
 Every generated input must end in exactly one of two ways:
 

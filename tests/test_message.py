@@ -79,7 +79,7 @@ def test_emoji_counts_four_bytes_toward_the_threshold() -> None:
 
 
 def test_upgrade_is_decided_after_interpolation() -> None:
-    # 10 bytes of template, 100 bytes once the variable is filled in: k-msg would send SMS.
+    # 10 bytes of template, 100 bytes once the variable is filled in: deciding before interpolation would pick SMS.
     message = make(text="#{body}", variables={"body": "x" * 100})
     assert message.text == "x" * 100
     assert message.type is MessageType.LMS

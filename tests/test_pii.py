@@ -1,4 +1,4 @@
-"""Personal data and secrets stay where they belong (issue 7).
+"""Personal data and secrets stay where they belong.
 
 Phone numbers and message text live only in the system of record: never in task arguments (what
 the broker and Flower show), never unmasked in logs at INFO and above, never in exception messages.

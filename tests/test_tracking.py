@@ -135,7 +135,7 @@ def test_checks_back_off_30_120_600_1800_7200_then_unknown_after_24h(rt: Runtime
         clock.now = row.next_check_at
         checks.append((clock.now - sent_at).total_seconds())
         poll_statuses(rt)
-    # Then the gaps follow the ladder, and the first check after 24 h gives up as k-msg does (t = 88,980 s)
+    # Then the gaps follow the ladder, and the first check after 24 h gives up (t = 88,980 s)
     assert gaps[:7] == [30, 30, 120, 600, 1800, 7200, 7200]
     assert set(gaps[5:]) == {7200}
     row = row_of(rt, mid)

@@ -301,7 +301,7 @@ def test_template_params_follow_variable_order_or_the_explicit_list() -> None:
 
 
 def test_resend_stays_off_even_when_a_sender_exists() -> None:
-    # k-msg switches IWINV's paid SMS re-send on whenever a sender number is known.
+    # IWINV's paid SMS re-send must not be switched on just because a sender number is known.
     recorder = Recorder()
     provider = mocked(recorder, sender_number=SENDER, sms_sender_number=SENDER)
     outcome = provider.send(alimtalk(sender="0299998888"))
