@@ -27,6 +27,7 @@ from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import KAKAO_TYPES, Message, MessageType, check_text, normalize
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import is_sandbox_content
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
@@ -119,6 +120,8 @@ class MessageInfo:
     failed_at: datetime | None = None
     #: For an AlimTalk with a fallback request: ``created`` or ``skipped:<reason>`` once decided.
     fallback_state: str | None = None
+    #: Sent with a test API key: it only ever reached the simulator.
+    test: bool = False
 
     @property
     def final(self) -> bool:
@@ -453,6 +456,7 @@ def _info(row: MessageRow, attempts: list[AttemptInfo], children: list[str]) -> 
         provider_status_message=row.provider_status_message,
         failed_at=row.failed_at,
         fallback_state=row.fallback_state,
+        test=is_sandbox_content(row.content or {}),
     )
 
 

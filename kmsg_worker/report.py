@@ -229,7 +229,14 @@ def build_report(
         attempt_errors = queries.attempt_error_counts(conn, since, until)
 
     groups = [
-        _group(prov, mtype, by_status, durations.get((prov, mtype), []), table.get(mtype.upper()))
+        _group(
+            prov,
+            mtype,
+            by_status,
+            durations.get((prov, mtype), []),
+            # test-key messages reached only the simulator: no provider charged for them
+            0.0 if prov == queries.TEST_PROVIDER else table.get(mtype.upper()),
+        )
         for (prov, mtype), by_status in counts.items()
     ]
     groups.sort(key=lambda g: (-g.total, g.provider, g.type))
@@ -239,6 +246,8 @@ def build_report(
     overall = _group("all", "all", everything, [d for ds in durations.values() for d in ds], None)
     cost_by_type: dict[str, tuple[int, float | None, float]] = {}
     for g in groups:
+        if g.provider == queries.TEST_PROVIDER:
+            continue  # never charged: the cost by type is what the providers bill
         billable, _, cost = cost_by_type.get(g.type, (0, None, 0.0))
         cost_by_type[g.type] = (billable + g.billable, g.unit_price, round(cost + g.cost, 2))
     overall = GroupStats(**{**asdict(overall), "cost": round(sum(c for _, _, c in cost_by_type.values()), 2)})

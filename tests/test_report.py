@@ -134,6 +134,29 @@ def test_report_numbers_match_the_database(runtime: Runtime) -> None:
     assert (empty.overall.total, empty.groups, empty.overall.delivery_rate) == (0, [], None)
 
 
+def test_test_key_messages_are_reported_apart_and_cost_nothing(runtime: Runtime) -> None:
+    sandbox = {"provider_options": {"mock": {"sandbox": True, "deliver": "DELIVERED"}}}
+    with runtime.store.sessions.begin() as s:
+        s.add_all(
+            [
+                message("live", "delivered", delivered_after=10),
+                message("t1", "delivered", delivered_after=3, content=sandbox),
+                message("t2", "failed", content=sandbox, error_code="INVALID_RECIPIENT"),
+                # a live message whose options merely mention the mock provider is live
+                message(
+                    "m", "delivered", delivered_after=4, content={"provider_options": {"mock": {"sandbox": False}}}
+                ),
+            ]
+        )
+    report = build_report(runtime.engine, SINCE, UNTIL)
+    groups = {(g.provider, g.type): g for g in report.groups}
+    test = groups[("test keys (simulator)", "SMS")]
+    assert (test.total, test.delivered, test.failed, test.cost) == (2, 1, 1, 0.0)
+    assert groups[("mock", "SMS")].total == 2
+    assert report.cost_by_type == {"SMS": (2, 9.9, pytest.approx(19.8))}  # the live ones only
+    assert "test keys (simulator)" in render_text(report)
+
+
 def test_text_and_html_show_the_figures(runtime: Runtime) -> None:
     seed(runtime)
     report = build_report(runtime.engine, SINCE, UNTIL)

@@ -129,13 +129,13 @@ def _attempt_out(a: Any) -> dict[str, Any]:
     }
 
 
-def _message_out(info: MessageInfo, test: bool) -> dict[str, Any]:
+def _message_out(info: MessageInfo) -> dict[str, Any]:
     return {
         "id": info.id,
         "status": info.status,
         "type": info.type,
         "to": info.to,
-        "test": test,
+        "test": info.test,
         "provider": info.provider,
         "provider_message_id": info.provider_message_id,
         "route": info.route,
@@ -233,12 +233,12 @@ class _Api:
             raise Problem("not-found", f"no batch {batch_id!r}")
 
     def message(self, message_id: str, principal: Principal) -> dict[str, Any]:
-        row = self.owned_row(message_id, principal)
-        return _message_out(self.kmsg.get(message_id), is_sandbox_content(row.content or {}))
+        self.owned_row(message_id, principal)
+        return _message_out(self.kmsg.get(message_id))
 
     def cancel(self, message_id: str, principal: Principal) -> dict[str, Any]:
-        row = self.owned_row(message_id, principal)
-        return _message_out(self.kmsg.cancel(message_id), is_sandbox_content(row.content or {}))
+        self.owned_row(message_id, principal)
+        return _message_out(self.kmsg.cancel(message_id))
 
     def batch(self, batch_id: str, principal: Principal, *, cancel: bool = False) -> dict[str, Any]:
         self.owned_batch(batch_id, principal)

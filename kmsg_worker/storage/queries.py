@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Executable, and_, func, inspect, select, text
+from sqlalchemy import ColumnElement, Connection, Engine, Executable, and_, case, func, inspect, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
 from kmsg_worker.storage.models import Attempt, Heartbeat, MessageRow
 
 __all__ = [
+    "TEST_PROVIDER",
     "DatabaseProbe",
     "HeartbeatRow",
     "attempt_error_counts",
@@ -55,6 +56,17 @@ def _created_in(since: datetime, until: datetime) -> ColumnElement[bool]:
     return and_(M.created_at >= since, M.created_at < until)
 
 
+#: The provider label of test-key (sandbox) messages in reports: they reached only the simulator.
+TEST_PROVIDER = "test keys (simulator)"
+
+
+def _report_provider(no_provider: str) -> ColumnElement[Any]:
+    """The provider a report groups a message under: test-key messages apart from live ones."""
+    # The sandbox marker the API pins on a test key's message (kmsg_worker.sandbox), read in SQL.
+    sandboxed = M.content[("provider_options", "mock", "sandbox")].as_boolean().is_(True)
+    return case((sandboxed, literal(TEST_PROVIDER)), else_=func.coalesce(M.provider, no_provider))
+
+
 def status_counts(
     conn: Connection, since: datetime, until: datetime, *, no_provider: str
 ) -> list[tuple[str, str, str, int]]:
@@ -62,9 +74,9 @@ def status_counts(
 
     Returns:
         ``(provider, type, status, count)`` rows; a message never handed to a provider counts under
-        ``no_provider``.
+        ``no_provider``, a test key's message under :data:`TEST_PROVIDER`.
     """
-    provider = func.coalesce(M.provider, no_provider)
+    provider = _report_provider(no_provider)
     stmt = select(provider, M.type, M.status, func.count()).where(_created_in(since, until))
     return [(str(p), str(t), str(s), int(n)) for p, t, s, n in conn.execute(stmt.group_by(provider, M.type, M.status))]
 
@@ -85,7 +97,7 @@ def delivery_seconds(
         ``(provider, type, seconds)`` rows, as the clocks recorded them (a provider clock behind
         ours can make one negative).
     """
-    provider = func.coalesce(M.provider, no_provider)
+    provider = _report_provider(no_provider)
     stmt = select(provider, M.type, _seconds_to_delivered(conn)).where(
         _created_in(since, until), M.status == "delivered", M.delivered_at.is_not(None)
     )

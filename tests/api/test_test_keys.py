@@ -7,6 +7,7 @@ for every test message, whatever KMSG_ROUTING says, while a live key's message d
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +16,10 @@ from fastapi.testclient import TestClient
 from kmsg_worker.api import create_app
 from kmsg_worker.api.config import ApiConfig
 from kmsg_worker.delivery import deliver
+from kmsg_worker.producer import KMsg
+from kmsg_worker.report import build_report
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.storage.queries import TEST_PROVIDER
 from kmsg_worker.storage.tenants import TenantStore
 from kmsg_worker.testing.fakeserver import FakeProviderServer
 from kmsg_worker.testing.servers import fake_env, start_fakes
@@ -87,6 +91,12 @@ def test_test_key_messages_follow_the_magic_numbers_and_never_reach_a_real_provi
         assert live["route"] == ["solapi"] and live["test"] is False
         deliver(rt, live["id"])
         assert solapi.ledger.per_recipient["01000000001"] == 1
+    # the mark travels beyond the API: the producer's view (kmsg get) and the report
+    kmsg = KMsg(runtime=rt)
+    assert kmsg.get(ids["01000000001"]).test is True and kmsg.get(live["id"]).test is False
+    report = build_report(rt.engine, clock.now - timedelta(days=1), clock.now + timedelta(days=1))
+    by_provider = {g.provider: g.total for g in report.groups if g.type == "SMS"}
+    assert by_provider == {TEST_PROVIDER: len(expected), "solapi": 1}
 
 
 def test_a_test_keys_batch_goes_to_the_simulator_only(live_runtime: Runtime, solapi: FakeProviderServer) -> None:
