@@ -394,6 +394,12 @@ def apply_reports(rt: Runtime, provider: str, reports: Sequence[tuple[str, Statu
     final = {DeliveryState.DELIVERED, DeliveryState.FAILED}
     by_pmid = {pmid: report for pmid, report in reports if report.state in final}
     now = rt.now()
+    # A report can overtake our own record of the send (the provider answered, the worker has not
+    # written ``sent`` yet): such a row is still on its way, and the report must come again. Which
+    # rows are on their way is read *before* the sent rows are matched: read after, a row written
+    # ``sent`` in between would be neither matched nor on its way, and its report would be lost.
+    ours = {r.message_id: pmid for pmid, r in by_pmid.items() if r.message_id}
+    on_the_way = rt.store.unsent_ids(list(ours))
     matched: set[str] = set()
     for start in range(0, len(by_pmid), BULK_STATUS_BATCH):
         wanted = list(by_pmid)[start : start + BULK_STATUS_BATCH]
@@ -401,10 +407,7 @@ def apply_reports(rt: Runtime, provider: str, reports: Sequence[tuple[str, Statu
             out.claimed += 1
             matched.add(row.provider_message_id or "")
             _apply(rt, row, replace(by_pmid[row.provider_message_id or ""], message_id=row.id), now, out)
-    # A report can overtake our own record of the send (the provider answered, the worker has not
-    # written ``sent`` yet): such a row is still on its way, and the report must come again.
-    ours = [r.message_id for pmid, r in by_pmid.items() if pmid not in matched and r.message_id]
-    out.early = rt.store.count_unsent(ours)
+    out.early = sum(1 for message_id in on_the_way if ours[message_id] not in matched)
     log.info(
         "tracking.reports_applied",
         provider=provider,

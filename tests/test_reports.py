@@ -217,3 +217,30 @@ def test_a_report_that_overtakes_the_send_is_refused_for_a_retry_and_then_applie
     body = report_body(solapi, row)
     assert client.post("/v1/providers/solapi/reports", content=body, headers=signed(body)).status_code == 200
     assert status(rt, receipt.message_id) == "delivered"
+
+
+def test_a_send_recorded_while_its_report_is_being_matched_is_asked_for_again(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a sent message, set back to 'sending' as if its worker had not committed yet
+    row = sent_message(rt, to="01055550088")
+    pmid = row.provider_message_id or ""
+    with rt.store.sessions.begin() as s:
+        s.get(MessageRow, row.id).status = "sending"  # type: ignore[union-attr]
+    matching = rt.store.sent_by_provider_ids
+
+    def match_then_the_worker_commits(provider: str, ids: Any) -> list[MessageRow]:
+        found = matching(provider, ids)  # the row is not 'sent' yet: not matched
+        with rt.store.sessions.begin() as s:  # and now the worker's 'sent' lands
+            s.get(MessageRow, row.id).status = "sent"  # type: ignore[union-attr]
+        return found
+
+    monkeypatch.setattr(rt.store, "sent_by_provider_ids", match_then_the_worker_commits)
+    report = StatusReport(row.id, DeliveryState.DELIVERED)
+    # When the report is applied in that instant, it is neither applied nor lost: it must come again
+    first = apply_reports(rt, "solapi", [(pmid, report)])
+    assert (first.claimed, first.early) == (0, 1) and status(rt, row.id) == "sent"
+    monkeypatch.undo()
+    # Then its repeat settles the message
+    second = apply_reports(rt, "solapi", [(pmid, report)])
+    assert (second.claimed, second.delivered, second.early) == (1, 1, 0) and status(rt, row.id) == "delivered"

@@ -306,15 +306,15 @@ class Store:
         with self.sessions() as s:
             return list(s.scalars(stmt))
 
-    def count_unsent(self, ids: Sequence[str]) -> int:
-        """How many of ``ids`` are still on their way to the provider (queued, sending or retrying)."""
+    def unsent_ids(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` still on their way to the provider (queued, sending or retrying)."""
         if not ids:
-            return 0
-        stmt = select(func.count()).where(
+            return set()
+        stmt = select(MessageRow.id).where(
             MessageRow.id.in_(list(ids)), MessageRow.status.in_([S.QUEUED, S.SENDING, S.RETRYING])
         )
         with self.sessions() as s:
-            return int(s.scalar(stmt) or 0)
+            return set(s.scalars(stmt))
 
     def attempts(self, message_id: str) -> list[Attempt]:
         """All attempt rows of a message, oldest first."""

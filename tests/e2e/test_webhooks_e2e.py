@@ -119,7 +119,11 @@ def test_reports_settle_messages_and_every_event_reaches_a_receiver_that_was_dow
     receiver.down = True
     _send(api, key, singles=5, bulk=40)
     # Then the fake's reports deliver every message without a single status query
-    wait_until(lambda: _statuses(cluster) == {"delivered": 45}, 90, what="45 messages delivered by reports")
+    try:
+        wait_until(lambda: _statuses(cluster) == {"delivered": 45}, 90, what="45 messages delivered by reports")
+    except AssertionError:
+        print(_statuses(cluster), solapi.reports_pushed, cluster.logs())
+        raise
     assert solapi.ledger.per_endpoint[LIST] == 0
     wait_until(lambda: receiver.refused >= 2, 30, what="the dispatcher to have tried twice")
     assert receiver.event_ids() == []
