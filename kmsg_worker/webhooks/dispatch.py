@@ -18,7 +18,6 @@ every event carries its stable ``id`` for that.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,9 @@ import orjson
 from kmsg_worker.errors import ValidationError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.pii import mask_phone
+from kmsg_worker.retry import backoff_delay
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.settings import WebhookPolicy
+from kmsg_worker.settings import RetryPolicy, WebhookPolicy
 from kmsg_worker.storage import webhooks as outbox
 from kmsg_worker.storage.models import WebhookEndpoint
 from kmsg_worker.webhooks.guard import Resolver, check_destination
@@ -76,14 +76,12 @@ class PostResult:
 def backoff_seconds(policy: WebhookPolicy, failures: int, retry_after: float | None = None) -> float:
     """Wait before the next try after ``failures`` consecutive failures (counting this one).
 
-    Exponential from ``backoff_base`` with bounded jitter, capped at ``backoff_max``; a receiver's
-    ``Retry-After`` wins when it asks for longer (still capped).
+    The sends' own backoff (:func:`kmsg_worker.retry.backoff_delay`: exponential, bounded jitter,
+    ``Retry-After`` as a floor) on the webhook knobs, capped at ``backoff_max``: a receiver may ask
+    for a longer wait, never for one past the cap.
     """
-    delay = min(policy.backoff_max, policy.backoff_base * 2.0 ** max(0, failures - 1))
-    delay *= 1 + random.uniform(-policy.jitter, policy.jitter)  # noqa: S311 - jitter, not a secret
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return max(0.0, min(policy.backoff_max, delay))
+    knobs = RetryPolicy(base_delay=policy.backoff_base, max_delay=policy.backoff_max, jitter=policy.jitter)
+    return min(policy.backoff_max, backoff_delay(failures, knobs, retry_after=retry_after))
 
 
 def _retry_after(value: str | None) -> float | None:
