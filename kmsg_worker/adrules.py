@@ -181,13 +181,13 @@ def suppress_refuser(
     store: Store,
     *,
     tenant: str,
-    number: str,
+    numbers: Sequence[str],
     provider: str,
     provider_code: str | None,
-    message_id: str,
+    message_ids: Sequence[str],
     now: datetime,
 ) -> None:
-    """Add a number whose provider said it refused the sender (a 080 opt-out), and log it.
+    """Add numbers whose provider said they refused the sender (a 080 opt-out), in one write, and log it.
 
     Called by the engine and by tracking after the message's own state was recorded: a failure here
     (no ``KMSG_SUPPRESSION_KEY`` on PostgreSQL, the database gone) is logged, never raised, so the
@@ -195,12 +195,13 @@ def suppress_refuser(
     """
     try:
         added = suppress(
-            settings, store, tenant, [number], source=f"provider:{provider}"[:40], now=now, provider_code=provider_code
+            settings, store, tenant, numbers, source=f"provider:{provider}"[:40], now=now, provider_code=provider_code
         )
     except (ConfigurationError, SQLAlchemyError) as exc:
         log.error(
             "advertising.suppress_failed",
-            message_id=message_id,
+            message_id=message_ids[0],
+            count=len(numbers),
             provider=provider,
             provider_code=provider_code,
             error=type(exc).__name__,
@@ -208,7 +209,8 @@ def suppress_refuser(
         return
     log.info(
         "advertising.suppressed_by_provider",
-        message_id=message_id,
+        message_id=message_ids[0],
+        count=len(numbers),
         provider=provider,
         provider_code=provider_code,
         added=added,

@@ -323,10 +323,10 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
             rt.settings,
             rt.store,
             tenant=row.tenant,
-            number=row.recipient,
+            numbers=[row.recipient],
             provider=row.provider or "unknown",
             provider_code=report.code,
-            message_id=row.id,
+            message_ids=[row.id],
             now=now,
         )
     if child_id is None:

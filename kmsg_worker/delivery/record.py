@@ -186,20 +186,26 @@ def _apply_failures(
 
 
 def _suppress_refusers(rt: Runtime, by_id: Mapping[str, SendRow], decisions: Sequence[Decision], now: datetime) -> None:
-    """Numbers whose provider said they refused the sender go on their tenant's suppression list."""
+    """Numbers whose provider said they refused the sender go on their tenant's suppression list.
+
+    One write per (tenant, provider, code) of the call, not one per refused row of a chunk.
+    """
+    groups: dict[tuple[str, str, str | None], list[SendRow]] = defaultdict(list)
     for d in decisions:
         if d.error.code is ErrorCode.AD_OPTED_OUT:
             row = by_id[d.message_id]
-            adrules.suppress_refuser(
-                rt.settings,
-                rt.store,
-                tenant=row.message.tenant,
-                number=row.message.to,
-                provider=row.provider,
-                provider_code=d.error.provider_code,
-                message_id=row.id,
-                now=now,
-            )
+            groups[(row.message.tenant, row.provider, d.error.provider_code)].append(row)
+    for (tenant, provider, provider_code), rows in groups.items():
+        adrules.suppress_refuser(
+            rt.settings,
+            rt.store,
+            tenant=tenant,
+            numbers=[r.message.to for r in rows],
+            provider=provider,
+            provider_code=provider_code,
+            message_ids=[r.id for r in rows],
+            now=now,
+        )
 
 
 def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
