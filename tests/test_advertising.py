@@ -553,6 +553,23 @@ def test_a_provider_refusal_for_opt_out_adds_the_number_with_its_code(
     assert info.value.rule == "suppressed"
 
 
+def test_a_chunks_opt_out_refusals_are_all_listed(kmsg: KMsg, runtime: Runtime, clock: Clock) -> None:
+    clock.now = seoul(12, 0)
+    refuse = {"mock": {"script": [{"outcome": "failure", "code": "AD_OPTED_OUT", "provider_code": "1061"}]}}
+    rows = [{"to": f"0107000000{i}", "provider_options": refuse if i < 3 else {}} for i in range(5)]
+    receipt = kmsg.send_many(rows, defaults={"text": "세일", "sender": SENDER, "purpose": "advertising"})
+    result = process_chunk(runtime, receipt.batch_id, 0)
+    assert (result.sent, result.failed) == (2, 3)
+    listed = list(ad_store.export_suppressions(runtime.store, "default"))
+    assert len(listed) == 3 and {(e.source, e.provider_code) for e in listed} == {("provider:mock", "1061")}
+    for i in range(5):
+        if i < 3:
+            with pytest.raises(ValidationError):
+                kmsg.send(ad(to=f"0107000000{i}"))
+        else:
+            assert kmsg.send(ad(to=f"0107000000{i}")).message_id  # accepted: not listed
+
+
 def test_a_delivery_report_of_an_opt_out_adds_the_number_too(kmsg: KMsg, runtime: Runtime, clock: Clock) -> None:
     from kmsg_worker.tracking import poll_statuses
 
