@@ -5,11 +5,12 @@
 * a streamed batch: ``KMsg.send_many`` of N rows, against the same rows uploaded as NDJSON.
 
 Both sides store in the same scratch PostgreSQL database, for the same tenant, and publish to the
-same Redis broker (no worker consumes: this is the intake, not the delivery). The API runs as one
-uvicorn process. ``--rounds N`` measures each pair N times, alternating which side goes first, and
-reports the median of the per-round ratios, so the machine's drift cancels out.
+same Redis broker (no worker consumes: this is the intake, not the delivery). The API runs as it is
+deployed, ``kmsg api --workers 2`` (``--server-workers 1`` measures one process). ``--rounds N``
+measures each pair N times, alternating which side goes first, and reports the median of the
+per-round ratios, so the machine's drift cancels out.
 
-    python -m bench.api [--count 1000] [--rows 20000] [--rounds 3]
+    python -m bench.api [--count 1000] [--rows 20000] [--rounds 3] [--server-workers 2]
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def _compare(
     count: int,
     rows_count: int,
     rounds: int,
+    server_workers: int,
 ) -> None:
     """Each comparison ``rounds`` times, alternating which side goes first; prints medians and ratios."""
     import orjson
@@ -176,7 +178,8 @@ def _compare(
     batch_ratio = statistics.median(u / m for u, m in zip(upload_rates, many_rates, strict=True))
 
     ms = 1000.0
-    print(f"singles ({count} per side and round, {rounds} rounds, PostgreSQL + Redis, one uvicorn process)")
+    processes = "one server process" if server_workers == 1 else f"`kmsg api --workers {server_workers}`"
+    print(f"singles ({count} per side and round, {rounds} rounds, PostgreSQL + Redis, {processes})")
     print(f"  KMsg.send loop, one process     {statistics.median(loop_rates):8.1f} msg/s (median)")
     print(
         f"  POST /v1/messages, 8 in flight  {statistics.median(post_rates):8.1f} msg/s  "
@@ -203,6 +206,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000, help="single messages per side")
     parser.add_argument("--rows", type=int, default=20_000, help="rows of the streamed batch per side")
     parser.add_argument("--rounds", type=int, default=3, help="measured pairs per comparison, alternating")
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=2,
+        help="API server processes (`kmsg api --workers`; docker-compose.yml runs 2, one per core here)",
+    )
     args = parser.parse_args()
 
     import redis
@@ -243,9 +252,10 @@ def main() -> None:
         admin.create_tenant(TENANT, settings=settings)
         key = {"Authorization": f"Bearer {admin.create_key(TENANT, settings=settings).token}"}
         port = _free_port()
+        # The server as it is deployed: the `kmsg api` command, with docker-compose.yml's process count.
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "kmsg_worker.api:create_app"]
-            + ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+            [sys.executable, "-m", "kmsg_worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", str(args.server_workers)],
             env=env,
             cwd=ROOT,
         )
@@ -263,7 +273,7 @@ def main() -> None:
         for i in range(20):  # warm-up: connections, first imports in the server's threads
             client.post("/v1/messages", json=_body(20_000_000 + i), headers=key)
 
-        _compare(client, key, env, settings, args.count, args.rows, args.rounds)
+        _compare(client, key, env, settings, args.count, args.rows, args.rounds, args.server_workers)
         client.close()
     finally:
         if server is not None:
