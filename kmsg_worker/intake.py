@@ -51,6 +51,7 @@ from kmsg_worker.message import (
 )
 from kmsg_worker.message import advertising as ads
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import is_sandbox_content
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.advertising import suppressed as suppressed_digests
 from kmsg_worker.storage.chunks import IDLE_LEASE
@@ -656,6 +657,7 @@ def intake(
     digest = _defaults_digest(defaults)
     errors: list[RowError] = []
     invalid_count = 0
+    tests = 0  # rows of a test key (they only reach the simulator): counted apart in the metrics
 
     explicit: set[str] = set()
     rows_iter: Iterable[tuple[int, dict[str, Any] | RowError]] = _iter_rows(
@@ -700,6 +702,7 @@ def intake(
                         errors.append(row)
                 elif not (reject and invalid_count):  # once rejected, the rest is only validated
                     out.add(row)
+                    tests += is_sandbox_content(row)
             if reject and invalid_count:
                 raise BatchValidationError(errors)  # leaving writing(): the transaction rolls back
             out.flush(final=True)
@@ -723,7 +726,9 @@ def intake(
     log.info(
         "batch.accepted",
         batch_id=batch_id,
+        tenant=tenant,
         total=len(ids),
+        tests=tests,
         invalid=invalid_count,
         chunks=chunker.next_number,
         suppressed=len(suppressed),

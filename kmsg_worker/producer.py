@@ -27,7 +27,7 @@ from kmsg_worker.intake import intake
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message import KAKAO_TYPES, Message, MessageType, check_text, normalize
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.sandbox import is_sandbox_content
+from kmsg_worker.sandbox import event_mark, is_sandbox_content
 from kmsg_worker.settings import Settings
 from kmsg_worker.status import FINAL, MessageStatus
 from kmsg_worker.storage.db import storage_errors
@@ -252,7 +252,14 @@ class KMsg:
         if row["status"] == S.QUEUED:
             self._publish([msg.id], msg.priority.value)
         # Logged after the publish: the worker can start while this line is rendered.
-        log.info("message.accepted", message_id=msg.id, type=msg.type.value, provider=route[0], tenant=msg.tenant)
+        log.info(
+            "message.accepted",
+            message_id=msg.id,
+            type=msg.type.value,
+            provider=route[0],
+            tenant=msg.tenant,
+            **event_mark(msg),
+        )
         return Receipt(msg.id, str(row["status"]), msg.type.value, tuple(route))
 
     def schedule(self, message: Mapping[str, Any] | None = None, /, *, at: datetime | str, **fields: Any) -> Receipt:

@@ -26,7 +26,15 @@ from typing import Any
 from kmsg_worker.errors import ValidationError
 from kmsg_worker.message import Message, normalize_phone
 
-__all__ = ["MAGIC_NUMBERS", "SIMULATOR", "is_sandbox", "is_sandbox_content", "sandbox_child", "sandboxed"]
+__all__ = [
+    "MAGIC_NUMBERS",
+    "SIMULATOR",
+    "event_mark",
+    "is_sandbox",
+    "is_sandbox_content",
+    "sandbox_child",
+    "sandboxed",
+]
 
 #: The provider every sandbox message goes to.
 SIMULATOR = "mock"
@@ -58,6 +66,17 @@ def is_sandbox_content(content: Mapping[str, Any]) -> bool:
     """:func:`is_sandbox` for a stored content mapping."""
     spec = _spec(content.get("provider_options"))
     return spec is not None and spec.get("sandbox") is True
+
+
+def event_mark(message: Message | Mapping[str, Any]) -> dict[str, bool]:
+    """The log fields that mark a test message's lifecycle event: ``{"test": True}``, or none.
+
+    Spread into the event (``log.info("message.sent", ..., **event_mark(message))``) so the metrics
+    count test messages apart (label ``test="true"``) from what live keys send. ``message`` is a
+    :class:`Message` or its stored content mapping.
+    """
+    test = is_sandbox(message) if isinstance(message, Message) else is_sandbox_content(message)
+    return {"test": True} if test else {}
 
 
 def _magic(to: Any) -> Mapping[str, Any]:

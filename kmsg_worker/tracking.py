@@ -45,7 +45,7 @@ from kmsg_worker.logging import get_logger
 from kmsg_worker.message import Message, MessageType, ValidationLimits, count_bytes, normalize
 from kmsg_worker.providers.base import DeliveryState, Provider, StatusQuery, StatusReport
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.sandbox import is_sandbox, sandbox_child
+from kmsg_worker.sandbox import event_mark, is_sandbox, sandbox_child
 from kmsg_worker.settings import TrackingPolicy
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.messages import insert_child, set_fallback_state
@@ -316,6 +316,7 @@ def _failed(rt: Runtime, row: MessageRow, report: StatusReport, now: datetime, o
         tenant=row.tenant,
         error_code=code.value,
         provider_code=report.code,
+        **event_mark(row.content or {}),
     )
     if report.opted_out:
         # The recipient refused the sender (a 080 opt-out): no advertising to the number again.
@@ -369,6 +370,7 @@ def _apply(
                 type=row.type,
                 tenant=row.tenant,
                 delivery_seconds=round((delivered_at - row.created_at).total_seconds(), 3),
+                **event_mark(row.content or {}),
             )
     elif report is not None and report.state is DeliveryState.FAILED:
         _failed(rt, row, report, now, out)

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
+from kmsg_worker.logging import add_event_counter, configure_logging
 from kmsg_worker.message import Priority
+from kmsg_worker.observability.events import Metrics, metrics_processor, use_metrics
 from kmsg_worker.producer import KMsg
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.settings import Settings
@@ -359,3 +362,22 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.2, what: str 
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels`` (robust to labels added later)."""
+    found = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                found += sample.value
+    return found
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    # What config/celery.py does where the app is configured.
+    add_event_counter(metrics_processor)
+    configure_logging("INFO")
+    with use_metrics(Metrics()) as fresh:
+        yield fresh

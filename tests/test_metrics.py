@@ -18,9 +18,9 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kmsg_worker.delivery import deliver
-from kmsg_worker.logging import add_event_counter, configure_logging, get_logger
+from kmsg_worker.logging import configure_logging, get_logger
 from kmsg_worker.observability.backlog import BacklogCollector
-from kmsg_worker.observability.events import Metrics, metrics_processor, use_metrics
+from kmsg_worker.observability.events import Metrics, metrics_processor
 from kmsg_worker.observability.multiprocess import MultiProcessDirCollector
 from kmsg_worker.observability.server import build_registry
 from kmsg_worker.producer import KMsg
@@ -28,30 +28,11 @@ from kmsg_worker.providers.registry import PROVIDER_ALIASES, register_provider
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.storage.models import MessageRow
 from kmsg_worker.tracking import poll_statuses
-from tests.conftest import ROOT, RecordingDispatcher
+from tests.conftest import ROOT, RecordingDispatcher, total
 from tests.test_pipeline import BackupMock, Clock
 
 if "mock_b" not in PROVIDER_ALIASES:
     register_provider("mock_b", "tests.test_pipeline:BackupMock")
-
-
-def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include ``labels`` (robust to labels added later)."""
-    found = 0.0
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                found += sample.value
-    return found
-
-
-@pytest.fixture
-def metrics() -> Iterator[Metrics]:
-    # What config/celery.py does where the app is configured.
-    add_event_counter(metrics_processor)
-    configure_logging("INFO")
-    with use_metrics(Metrics()) as fresh:
-        yield fresh
 
 
 @pytest.fixture
@@ -125,7 +106,7 @@ def test_counters_after_a_known_run(metrics: Metrics, sqlite_rt: Runtime) -> Non
     assert total(reg, "kmsg_log_events_total", event="message.sent", level="info") == 8
     # and the exposition follows Prometheus naming
     text = generate_latest(reg).decode()
-    assert 'kmsg_messages_accepted_total{provider="mock",tenant="default",type="SMS"} 8.0' in text
+    assert 'kmsg_messages_accepted_total{provider="mock",tenant="default",test="false",type="SMS"} 8.0' in text
     assert "# TYPE kmsg_provider_request_seconds histogram" in text
 
 
@@ -184,6 +165,28 @@ def test_json_logs_are_masked_and_carry_the_bound_context(capsys: pytest.Capture
     assert (line["correlation_id"], line["message_id"]) == ("req-7", "m-1")
     assert line["to"] == "010****5432"
     assert "1234-5678" not in line["note"] and "2345 6789" not in line["note"]
+
+
+def test_test_key_events_are_counted_apart_from_live_ones(metrics: Metrics) -> None:
+    log = get_logger("t")
+    log.info("message.accepted", provider="mock", type="SMS", tenant="t1", test=True)
+    log.info("message.accepted", provider="mock", type="SMS", tenant="t1")
+    log.info("message.sent", provider="mock", type="SMS", tenant="t1", test=True)
+    log.info("message.delivered", provider="mock", type="SMS", tenant="t1", test=True, delivery_seconds=1.0)
+    log.info("message.failed", provider="mock", type="SMS", tenant="t1", error_code="X")
+    # a batch reports how many of its rows came from a test key
+    log.info("batch.accepted", tenant="t1", total=10, tests=4)
+    log.info("batch.accepted", tenant="t1", total=5)
+    reg = metrics.registry
+    assert total(reg, "kmsg_messages_accepted_total", test="true") == 1 + 4
+    assert total(reg, "kmsg_messages_accepted_total", test="false") == 1 + 6 + 5
+    assert total(reg, "kmsg_messages_sent_total", test="true") == 1
+    assert total(reg, "kmsg_messages_sent_total", test="false") == 0
+    assert total(reg, "kmsg_messages_delivered_total", test="true", tenant="t1") == 1
+    assert total(reg, "kmsg_messages_failed_total", test="false") == 1
+    # a field that is not exactly True never makes a live message a test one
+    log.info("message.sent", provider="mock", type="SMS", tenant="t1", test="yes")
+    assert total(reg, "kmsg_messages_sent_total", test="false") == 1
 
 
 def test_producer_events_have_the_documented_fields(sqlite_rt: Runtime) -> None:
@@ -342,7 +345,7 @@ def test_prefork_children_counts_are_merged(tmp_path: Path) -> None:
     )
     registry = CollectorRegistry()
     registry.register(MultiProcessDirCollector(tmp_path / "metrics"))
-    labels = {"provider": "mock", "type": "SMS", "tenant": "t"}
+    labels = {"provider": "mock", "type": "SMS", "tenant": "t", "test": "false"}
     assert registry.get_sample_value("kmsg_messages_sent_total", labels) == 1 + 1 + 2 + 3
     assert (
         registry.get_sample_value(
@@ -384,7 +387,7 @@ def test_scrapes_never_see_counters_fall_while_exited_children_are_folded(tmp_pa
             children.append(pid)
         registry = CollectorRegistry()
         registry.register(MultiProcessDirCollector(folder.parent))
-        labels = {{"provider": "mock", "type": "SMS", "tenant": "t"}}
+        labels = {{"provider": "mock", "type": "SMS", "tenant": "t", "test": "false"}}
         seen = []
         alive = set(children)
         deadline = time.monotonic() + 30
@@ -418,7 +421,7 @@ def test_the_app_configuration_installs_the_event_counters(tmp_path: Path) -> No
         from kmsg_worker.logging import get_logger
         from kmsg_worker.observability.events import default_metrics
         sent = lambda: default_metrics().registry.get_sample_value(
-            "kmsg_messages_sent_total", {"provider": "mock", "type": "SMS", "tenant": "t"}
+            "kmsg_messages_sent_total", {"provider": "mock", "type": "SMS", "tenant": "t", "test": "false"}
         )
         get_logger("p").info("message.sent", provider="mock", type="SMS", tenant="t")
         before = sent()

@@ -33,6 +33,7 @@ from kmsg_worker.errors import ErrorCode
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message.advertising import next_allowed
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import event_mark
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage.messages import Transition, attempt_row, insert_attempts, record_transitions
 from kmsg_worker.storage.models import MessageRow
@@ -192,7 +193,15 @@ def _all_open(
         by_provider: dict[str, list[SendRow]] = {}
         for row in too_old:
             by_provider.setdefault(row.provider, []).append(row)
-            log.info("message.failed", message_id=row.id, provider=row.provider, error_code="RETRIES_EXHAUSTED")
+            log.info(
+                "message.failed",
+                message_id=row.id,
+                provider=row.provider,
+                error_code="RETRIES_EXHAUSTED",
+                type=row.message.type.value,
+                tenant=row.message.tenant,
+                **event_mark(row.message),
+            )
         record_transitions(
             rt.store,
             [

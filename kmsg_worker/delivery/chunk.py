@@ -25,6 +25,7 @@ from kmsg_worker.delivery.recovery import reconcile
 from kmsg_worker.errors import ErrorCode
 from kmsg_worker.logging import get_logger
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import event_mark
 from kmsg_worker.status import DeliveryAction, MessageStatus
 from kmsg_worker.storage import chunks as chunk_store
 from kmsg_worker.storage.messages import Transition, record_transitions
@@ -171,4 +172,5 @@ def _log_request(
         failed=counts.get(A.FAILED, 0),
         requests=1,
         latency_ms=round(latency_ms, 2),
+        **event_mark(piece[0].message),  # a chunk is one batch's: one key, live or test
     )

@@ -20,6 +20,7 @@ from kmsg_worker.errors import ErrorCode, ProviderError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.providers.base import SendOutcome
 from kmsg_worker.runtime import Runtime
+from kmsg_worker.sandbox import event_mark
 from kmsg_worker.status import DeliveryAction, MessageStatus
 from kmsg_worker.storage.messages import Transition, attempt_row, record_sent, record_transitions
 from kmsg_worker.storage.models import MessageRow
@@ -112,6 +113,7 @@ def _log_sent(row: SendRow, latency_ms: float | None) -> None:
         type=row.message.type.value,
         tenant=row.message.tenant,
         latency_ms=None if latency_ms is None else round(latency_ms, 2),
+        **event_mark(row.message),
     )
 
 
@@ -242,6 +244,7 @@ def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
             error_code=error.code.value,
             type=row.message.type.value,
             tenant=row.message.tenant,
+            **event_mark(row.message),
         )
 
 

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from kmsg_worker.api import create_app
 from kmsg_worker.api.config import ApiConfig
 from kmsg_worker.delivery import deliver
+from kmsg_worker.observability.events import Metrics
 from kmsg_worker.producer import KMsg
 from kmsg_worker.report import build_report
 from kmsg_worker.runtime import Runtime
@@ -25,7 +26,7 @@ from kmsg_worker.testing.fakeserver import FakeProviderServer
 from kmsg_worker.testing.servers import fake_env, start_fakes
 from kmsg_worker.tracking import poll_statuses
 from tests.api.conftest import bearer
-from tests.conftest import Clock, RecordingDispatcher
+from tests.conftest import Clock, RecordingDispatcher, total
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def live_runtime(
 
 
 def test_test_key_messages_follow_the_magic_numbers_and_never_reach_a_real_provider(
-    live_runtime: Runtime, solapi: FakeProviderServer
+    live_runtime: Runtime, solapi: FakeProviderServer, metrics: Metrics
 ) -> None:
     rt = live_runtime
     clock: Clock = rt.now  # type: ignore[assignment]
@@ -97,9 +98,22 @@ def test_test_key_messages_follow_the_magic_numbers_and_never_reach_a_real_provi
     report = build_report(rt.engine, clock.now - timedelta(days=1), clock.now + timedelta(days=1))
     by_provider = {g.provider: g.total for g in report.groups if g.type == "SMS"}
     assert by_provider == {TEST_PROVIDER: len(expected), "solapi": 1}
+    # and the metrics, from the engine's own events: every test message's under test="true"
+    reg = metrics.registry
+    sms = {"type": "SMS", "tenant": "shop-a"}
+    assert total(reg, "kmsg_messages_accepted_total", test="true", provider="mock", **sms) == len(expected)
+    assert total(reg, "kmsg_messages_accepted_total", test="false", provider="solapi", **sms) == 1
+    assert total(reg, "kmsg_messages_sent_total", test="true", **sms) == 5  # all but the refused number
+    assert total(reg, "kmsg_messages_sent_total", test="false", **sms) == 1
+    assert total(reg, "kmsg_messages_delivered_total", test="true", **sms) == 3
+    assert total(reg, "kmsg_messages_failed_total", test="true", stage="send", **sms) == 1
+    assert total(reg, "kmsg_messages_failed_total", test="true", stage="delivery", **sms) == 1
+    assert total(reg, "kmsg_messages_failed_total", test="false") == 0
 
 
-def test_a_test_keys_batch_goes_to_the_simulator_only(live_runtime: Runtime, solapi: FakeProviderServer) -> None:
+def test_a_test_keys_batch_goes_to_the_simulator_only(
+    live_runtime: Runtime, solapi: FakeProviderServer, metrics: Metrics
+) -> None:
     rt = live_runtime
     store = TenantStore(rt.engine)
     store.create_tenant("shop-a", now=rt.now())
@@ -125,6 +139,11 @@ def test_a_test_keys_batch_goes_to_the_simulator_only(live_runtime: Runtime, sol
         providers = set(s.scalars(select(MessageRow.provider).where(MessageRow.batch_id == receipt["batch_id"])))
     assert providers == {"mock"}
     assert solapi.ledger.requests == 0
+    reg = metrics.registry
+    assert total(reg, "kmsg_messages_accepted_total", test="true", tenant="shop-a") == 3
+    assert total(reg, "kmsg_messages_sent_total", test="true", provider="mock", type="SMS", tenant="shop-a") == 3
+    assert total(reg, "kmsg_messages_accepted_total", test="false") == 0
+    assert total(reg, "kmsg_messages_sent_total", test="false") == 0
 
 
 def test_a_live_key_cannot_mark_its_messages_as_test_ones(live_runtime: Runtime) -> None:
