@@ -112,3 +112,14 @@ def test_send_and_send_many_take_the_purpose(
     status = run("batch", "status", json.loads(batch.stdout)["batch_id"], "--json")
     assert json.loads(status.stdout)["suppressed"] == 1
     assert json.loads(status.stdout)["by_status"] == {"queued": 1, "suppressed": 1}
+
+
+@pytest.mark.parametrize("command", ["add", "remove", "count", "export"])
+def test_every_list_command_checks_the_tenant_name_before_touching_the_list(
+    ad_env: dict[str, str], command: str
+) -> None:
+    numbers = ("01011112222",) if command in ("add", "remove") else ()
+    bad = run("suppressions", command, "--tenant", "no spaces allowed", *numbers)
+    assert bad.exit_code == 2, bad.output
+    assert "tenant" in one_error_line(bad, f"kmsg suppressions {command}")
+    assert json.loads(run("suppressions", "count", "--json").stdout) == {"tenant": "default", "count": 0}

@@ -22,7 +22,20 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
-TENANT_OPTION = click.option("--tenant", default="default", show_default=True, help="The tenant the list belongs to.")
+
+def _tenant(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from kmsg_worker.errors import ValidationError
+    from kmsg_worker.message import check_tenant
+
+    try:
+        return check_tenant(value)  # the producer's rule: every command names a tenant the same way
+    except ValidationError as exc:
+        raise click.BadParameter(f"{exc.detail} [{exc.rule}]") from None
+
+
+TENANT_OPTION = click.option(
+    "--tenant", default="default", show_default=True, callback=_tenant, help="The tenant the list belongs to."
+)
 
 
 @contextmanager
@@ -61,11 +74,10 @@ def advertisers() -> None:
 @JSON_OPTION
 def advertisers_set(tenant: str, sender: str, name: str, opt_out: str, contact: str | None, as_json: bool) -> int:
     """Configure (or replace) the advertiser profile of a tenant's sender number."""
-    from kmsg_worker.message import check_tenant, normalize_phone
+    from kmsg_worker.message import normalize_phone
     from kmsg_worker.message.advertising import AdvertiserProfile
     from kmsg_worker.storage.advertising import ANY_SENDER, set_advertiser
 
-    tenant = check_tenant(tenant)
     sender_key = ANY_SENDER if sender == ANY_SENDER else normalize_phone(sender, "sender")
     profile = AdvertiserProfile(name=name, opt_out=opt_out, contact=contact)
     with _store() as (_, store):
@@ -138,9 +150,7 @@ def _numbers(values: tuple[str, ...]) -> list[str]:
 def suppressions_add(tenant: str, numbers: tuple[str, ...], as_json: bool) -> int:
     """Add NUMBERS to the tenant's list (a number already there is left as it was)."""
     from kmsg_worker import adrules
-    from kmsg_worker.message import check_tenant
 
-    tenant = check_tenant(tenant)
     normalized = _numbers(numbers)
     with _store() as (settings, store):
         added = adrules.suppress(settings, store, tenant, normalized, source="cli", now=_now())
@@ -191,9 +201,7 @@ def suppressions_import(tenant: str, file: Path, as_json: bool) -> int:
     A line whose number is invalid stops the import before anything is stored, naming the line.
     """
     from kmsg_worker import adrules
-    from kmsg_worker.message import check_tenant
 
-    tenant = check_tenant(tenant)
     numbers = [n for _, n in _read_csv(file)]  # validated in full first: all or nothing
     with _store() as (settings, store):
         added = adrules.suppress(settings, store, tenant, numbers, source="import", now=_now())
