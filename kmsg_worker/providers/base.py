@@ -283,11 +283,11 @@ class Provider:
     #: which an AlimTalk needs when the message names none; ``None``: its API needs no channel in the
     #: request (the key is bound to one). The producer checks it (:meth:`kmsg_worker.routing.Router.route`).
     kakao_channel_option: ClassVar[str | None] = None
+    #: Keys of ``message.kakao`` this adapter reads a message's own Kakao channel from.
+    kakao_channel_keys: ClassVar[tuple[str, ...]] = ("profile_id", "profileId")
     #: Requests one :meth:`send_batch` call may have in flight at once; an HTTP adapter reads it from
     #: ``KMSG_<NAME>_MAX_IN_FLIGHT`` (:class:`~kmsg_worker.providers.base_http.HttpProvider`).
     max_in_flight: int = 1
-    #: Keys of ``message.kakao`` this adapter reads a message's own Kakao channel from.
-    kakao_channel_keys: ClassVar[tuple[str, ...]] = ("profile_id", "profileId")
 
     def __init__(self, config: ProviderConfig) -> None:
         if not self.name:
@@ -314,8 +314,9 @@ class Provider:
         call into requests of at most :attr:`batch_limit` itself (``capabilities.send_batch_limit``
         set) takes up to one window of full requests, :attr:`batch_limit` x :attr:`max_in_flight`,
         and never more than that capability. So the per-chunk work (claim, task, recording) is paid
-        once for several requests while a call still takes about as long as one round of requests
-        (the chunk task's time limit and lease were sized for a call, not for a queue of them).
+        once for several requests while a call still takes a round or two of requests, not a queue
+        of them: the chunk task must finish within its time limit (0.75 x ``KMSG_LEASE_SECONDS``)
+        however large the chunk.
 
         ``options['batch_limit']`` is the operator's cap on one *request*: it lowers
         :attr:`batch_limit` and, through it, this window, so smaller requests also mean smaller
