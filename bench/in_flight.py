@@ -5,7 +5,7 @@
 
 The fakes run in their own process (``kmsg fake-providers``) so their CPU is not this process's
 GIL; the adapter sends ``--count`` personalised SMS (every text different) in batches of its
-``batch_limit``, as a bulk chunk would, with ``KMSG_<P>_MAX_IN_FLIGHT`` set to each value. Prints
+``send_batch_limit``, as a bulk chunk would, with ``KMSG_<P>_MAX_IN_FLIGHT`` set to each value. Prints
 messages per second, the fake's peak of concurrent requests and the CPU seconds of this process
 (the adapter path) per 1,000 messages. No Redis, no PostgreSQL: this isolates the adapter.
 """
@@ -53,8 +53,9 @@ def measure(name: str, count: int, latency_ms: float, in_flight: int) -> dict[st
     started = time.perf_counter()
     accepted = 0
     errors: Counter[str] = Counter()
-    for start in range(0, count, provider.batch_limit):
-        for outcome in provider.send_batch(messages[start : start + provider.batch_limit]):
+    limit = provider.send_batch_limit
+    for start in range(0, count, limit):
+        for outcome in provider.send_batch(messages[start : start + limit]):
             accepted += outcome.accepted
             if outcome.error is not None:
                 errors[str(outcome.error)[:120]] += 1

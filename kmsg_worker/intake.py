@@ -258,7 +258,13 @@ class _Chunk:
 
 
 class _Chunker:
-    """Assigns rows to chunks: one open chunk per (type, first provider), cut at the provider's limit."""
+    """Assigns rows to chunks: one open chunk per (type, first provider), cut at the provider's limit.
+
+    The limit is what one ``send_batch`` call of the first provider takes
+    (:attr:`~kmsg_worker.providers.base.Provider.send_batch_limit`), which for an adapter that
+    splits a call into requests itself is larger than one request, lowered by the chunk size
+    (``send_many``'s ``chunk_size`` or ``KMSG_BULK_CHUNK_SIZE``).
+    """
 
     def __init__(self, rt: Runtime, chunk_size: int) -> None:
         self.rt = rt
@@ -276,7 +282,7 @@ class _Chunker:
                 self.ready.append(current.number)
             message = Message.from_content(content)
             route = self.rt.router.route(message)
-            provider_limit = self.rt.provider(route[0]).batch_limit
+            provider_limit = self.rt.provider(route[0]).send_batch_limit
             current = _Chunk(self.next_number, route, max(1, min(self.chunk_size, provider_limit)))
             self.next_number += 1
             self.open[key] = current

@@ -607,6 +607,52 @@ def test_chunk_size_defaults_to_the_setting_and_a_caller_overrides_it(
     assert info.value.variable == "KMSG_BULK_CHUNK_SIZE"
 
 
+#: Adapters configured without a server: intake builds them to read their limits and sends nothing.
+_PROVIDER_ENV = {
+    "aligo": {"KMSG_ALIGO_API_KEY": "k", "KMSG_ALIGO_USER_ID": "u"},
+    "solapi": {"KMSG_SOLAPI_API_KEY": "k", "KMSG_SOLAPI_API_SECRET": "s"},
+    "iwinv": {"KMSG_IWINV_API_KEY": "k", "KMSG_IWINV_SMS_API_KEY": "k", "KMSG_IWINV_SMS_AUTH_KEY": "a"},
+}
+
+
+@pytest.mark.parametrize(
+    ("provider", "env", "count", "sizes"),
+    [
+        # Aligo splits a call into requests itself: chunks of KMSG_BULK_CHUNK_SIZE, not of 1,000
+        ("aligo", {}, 12_000, [5_000, 5_000, 2_000]),
+        # ... up to one window of requests: 1,000 x 2 in flight
+        ("aligo", {"KMSG_ALIGO_MAX_IN_FLIGHT": "2"}, 4_500, [2_000, 2_000, 500]),
+        # ... of the operator's smaller requests: 300 x 8
+        ("aligo", {"KMSG_ALIGO_BATCH_LIMIT": "300"}, 5_000, [2_400, 2_400, 200]),
+        # one request per call: the request's limit
+        ("aligo", {"KMSG_ALIGO_MAX_IN_FLIGHT": "1"}, 2_500, [1_000, 1_000, 500]),
+        ("solapi", {"KMSG_SOLAPI_BATCH_LIMIT": "700"}, 1_500, [700, 700, 100]),
+        ("iwinv", {}, 2_500, [1_000, 1_000, 500]),
+    ],
+)
+def test_chunks_are_cut_at_what_one_send_batch_call_of_the_provider_takes(
+    tmp_path: Any, settings_factory: Any, provider: str, env: dict[str, str], count: int, sizes: list[int]
+) -> None:
+    settings = settings_factory(
+        f"sqlite:///{tmp_path / 'chunks.sqlite'}", KMSG_PROVIDERS=provider, **_PROVIDER_ENV[provider], **env
+    )
+    dispatcher = RecordingDispatcher()
+    rt = Runtime(settings, dispatcher=dispatcher)
+    try:
+        receipt = KMsg(runtime=rt).send_many(recipients(count), defaults={**DEFAULTS, "type": "SMS"})
+        with rt.store.sessions() as s:
+            per_chunk = s.execute(
+                select(MessageRow.chunk, func.count())
+                .where(MessageRow.batch_id == receipt.batch_id)
+                .group_by(MessageRow.chunk)
+                .order_by(MessageRow.chunk)
+            ).all()
+    finally:
+        rt.close()
+    assert [n for _, n in per_chunk] == sizes
+    assert sorted(c for _, c, _ in dispatcher.chunks) == list(range(len(sizes)))
+
+
 def test_a_keyed_batch_cut_off_stores_nothing_and_its_retry_stores_it_once(
     kmsg: KMsg, runtime: Runtime, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,11 +1,12 @@
 """A bulk chunk: claim the chunk's lease, settle unknown outcomes, admit, call per provider, record.
 
 A chunk task (:func:`process_chunk`) claims its rows with one lease row, makes as few provider
-requests as the provider allows (one ``send_batch`` per provider batch limit; the adapter may split
-further by its own rules), and records every recipient's result with one statement per outcome
-kind, through the same steps as a single send. When a bulk call partly fails, only the failed
-recipients are retried; recipients that were accepted are never sent again. Running a chunk twice
-is harmless: the second claim finds the lease held, or nothing left to send.
+calls as the provider allows (one ``send_batch`` per ``send_batch_limit`` rows; the adapter splits a
+call into requests by its own rules and runs them through its in-flight window), and records
+every recipient's result with one statement per outcome kind, through the same steps as a single
+send. When a bulk call partly fails, only the failed recipients are retried; recipients that were
+accepted are never sent again. Running a chunk twice is harmless: the second claim finds the lease
+held, or nothing left to send.
 
 Routing is decided per chunk (round robin and weights then spread chunks, not rows, across
 providers): per-row routing would cost a Redis round trip per message.
@@ -129,7 +130,7 @@ def _cancel_claimed(
 
 
 def _send_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[SendRow], now: datetime, result: ChunkResult) -> None:
-    """One bulk request per provider (split further only by the provider's own limit)."""
+    """One ``send_batch`` call per provider (split further only by what one call takes)."""
     sendable = [r for r in rows if not r.outcome_unknown]
     unknown = [r for r in rows if r.outcome_unknown]
     if unknown:
@@ -144,7 +145,7 @@ def _send_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[SendRow], now:
     for row in admitted.ready:
         by_provider[row.provider].append(row)
     for name, group in by_provider.items():
-        limit = rt.provider(name).batch_limit
+        limit = rt.provider(name).send_batch_limit
         for start in range(0, len(group), limit):
             piece = group[start : start + limit]
             called = call_provider(rt, name, piece, expect=HELD, chunk=chunk, hold_on_throttle=group[start:])
@@ -158,7 +159,11 @@ def _send_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[SendRow], now:
 def _log_request(
     chunk: tuple[str, int], name: str, piece: Sequence[SendRow], counts: dict[DeliveryAction, int], latency_ms: float
 ) -> None:
-    """One event per provider request, labelled for metrics (provider, type, tenant, latency)."""
+    """One event per provider call (``send_batch``), labelled for metrics (provider, type, tenant, latency).
+
+    ``requests`` counts calls: an adapter may split one call into several vendor requests, run
+    concurrently, and ``latency_ms`` is the whole call's.
+    """
     log.info(
         "batch.chunk_sent",
         batch_id=chunk[0],

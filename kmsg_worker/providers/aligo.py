@@ -25,6 +25,8 @@ makes us do, and the choices made here:
   message of a request in the delivery results.
 * **Concurrency.** The requests of one batch are independent, so they run with at most
   ``max_in_flight`` (``KMSG_ALIGO_MAX_IN_FLIGHT``) in flight (:meth:`HttpProvider.send_requests`).
+  That is why one batch (a bulk chunk) may hold several requests' worth of messages
+  (:data:`SEND_BATCH_LIMIT`, bounded by the window).
 * **Ids.** Aligo returns one ``msg_id`` per request, so each recipient's provider message id is
   ``"<msg_id>:<n>"`` with ``n`` its 1-based position in that request (never the phone number).
 * **Delivery results** (SMS/LMS/MMS): ``POST /sms_list/`` lists the receivers of one ``mid`` with
@@ -85,6 +87,7 @@ __all__ = [
     "ERROR_CODES",
     "KAKAO_BATCH_LIMIT",
     "MASS_BATCH_LIMIT",
+    "SEND_BATCH_LIMIT",
     "SHARED_TEXT_MIN",
     "SMS_BATCH_LIMIT",
     "AligoProvider",
@@ -129,6 +132,12 @@ SMS_LIST_PAGE_SIZE = 500
 SMS_LIST_MAX_PAGES = 4
 #: Recipients in one Kakao request (``receiver_1`` .. ``receiver_500``).
 KAKAO_BATCH_LIMIT = 500
+#: Most messages one ``send_batch`` call takes (a bulk chunk): the call is split into the requests
+#: above and they run through the in-flight window, so a chunk is not held to one request's 1,000.
+#: The window bounds it first (1,000 x ``max_in_flight``, 8,000 by default; see
+#: :attr:`~kmsg_worker.providers.base.Provider.send_batch_limit`), so personalised texts, 500 to a
+#: ``/send_mass/`` request, take at most two rounds of it; this cap only binds above 10 in flight.
+SEND_BATCH_LIMIT = 10_000
 #: ``msg`` is 1-2,000 bytes and ``title`` 1-44 bytes (Aligo SMS API spec).
 MAX_MSG_BYTES = 2000
 MAX_TITLE_BYTES = 44
@@ -329,6 +338,7 @@ class AligoProvider(HttpProvider):
             {MessageType.SMS, MessageType.LMS, MessageType.MMS, MessageType.ALIMTALK, MessageType.FRIENDTALK}
         ),
         bulk_limit=SMS_BATCH_LIMIT,
+        send_batch_limit=SEND_BATCH_LIMIT,
         status_query=True,
         bulk_status=True,
         alimtalk_fallback="partial",

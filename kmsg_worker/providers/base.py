@@ -54,6 +54,10 @@ class Capabilities:
     Attributes:
         types: Message types it can send.
         bulk_limit: Most recipients in one send request (1 = no bulk API).
+        send_batch_limit: Most messages one :meth:`Provider.send_batch` call takes, for an adapter
+            whose ``_send_batch`` splits a call into requests of at most ``bulk_limit`` itself and
+            runs them through a bounded window (:meth:`HttpProvider.send_requests`); ``None``: a
+            call is one request, so ``bulk_limit``. See :attr:`Provider.send_batch_limit`.
         status_query: It has a delivery-status API.
         bulk_status: Its status API answers for many messages in one call.
         alimtalk_fallback: Native AlimTalk -> SMS fallback: ``full``, ``partial`` or ``none``.
@@ -65,6 +69,7 @@ class Capabilities:
 
     types: frozenset[MessageType]
     bulk_limit: int = 1
+    send_batch_limit: int | None = None
     status_query: bool = False
     bulk_status: bool = False
     alimtalk_fallback: Literal["full", "partial", "none"] = "none"
@@ -280,6 +285,9 @@ class Provider:
     kakao_channel_option: ClassVar[str | None] = None
     #: Keys of ``message.kakao`` this adapter reads a message's own Kakao channel from.
     kakao_channel_keys: ClassVar[tuple[str, ...]] = ("profile_id", "profileId")
+    #: Requests one :meth:`send_batch` call may have in flight at once; an HTTP adapter reads it from
+    #: ``KMSG_<NAME>_MAX_IN_FLIGHT`` (:class:`~kmsg_worker.providers.base_http.HttpProvider`).
+    max_in_flight: int = 1
 
     def __init__(self, config: ProviderConfig) -> None:
         if not self.name:
@@ -298,6 +306,28 @@ class Provider:
         limit = self.capabilities.bulk_limit
         return min(limit, int(configured)) if configured else limit
 
+    @property
+    def send_batch_limit(self) -> int:
+        """Most messages one :meth:`send_batch` call takes: what a bulk chunk is cut at.
+
+        An adapter that sends a call as one request takes :attr:`batch_limit`. One that splits a
+        call into requests of at most :attr:`batch_limit` itself (``capabilities.send_batch_limit``
+        set) takes up to one window of full requests, :attr:`batch_limit` x :attr:`max_in_flight`,
+        and never more than that capability. So the per-chunk work (claim, task, recording) is paid
+        once for several requests while a call still takes a round or two of requests, not a queue
+        of them: the chunk task must finish within its time limit (0.75 x ``KMSG_LEASE_SECONDS``)
+        however large the chunk.
+
+        ``options['batch_limit']`` is the operator's cap on one *request*: it lowers
+        :attr:`batch_limit` and, through it, this window, so smaller requests also mean smaller
+        chunks. With ``max_in_flight`` 1 a call is one request again.
+        """
+        per_request = self.batch_limit
+        most = self.capabilities.send_batch_limit
+        if most is None:
+            return per_request
+        return max(per_request, min(most, per_request * self.max_in_flight))
+
     def supports(self, mtype: MessageType) -> bool:
         """Whether this provider can send ``mtype``."""
         return mtype in self.capabilities.types
@@ -314,7 +344,7 @@ class Provider:
         return self.send_batch([message])[0]
 
     def send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
-        """Send up to :attr:`batch_limit` messages in as few requests as the vendor allows.
+        """Send up to :attr:`send_batch_limit` messages in as few requests as the vendor allows.
 
         Returns:
             One outcome per message, in the same order.
@@ -324,8 +354,9 @@ class Provider:
         """
         if not messages:
             return []
-        if len(messages) > self.batch_limit:
-            raise ValueError(f"{self.name}: {len(messages)} messages exceed the batch limit {self.batch_limit}")
+        limit = self.send_batch_limit
+        if len(messages) > limit:
+            raise ValueError(f"{self.name}: {len(messages)} messages exceed the send_batch limit {limit}")
         for message in messages:
             if not self.supports(message.type):
                 raise ProviderRejected(

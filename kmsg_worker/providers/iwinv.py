@@ -496,6 +496,10 @@ class IwinvProvider(HttpProvider):
     capabilities: ClassVar[Capabilities] = Capabilities(
         types=frozenset(_SMS_TYPES | {MessageType.ALIMTALK}),
         bulk_limit=SMS_MAX_RECIPIENTS,
+        # No send_batch_limit, although requests run through the window: personalised SMS and MMS
+        # are one request per message here, so a call larger than one request's 1,000 would
+        # multiply the requests a chunk waits for (and its time under the chunk task's limit)
+        # while those requests, not the per-chunk work, bound the rate.
         status_query=True,
         bulk_status=False,
         alimtalk_fallback="full",
@@ -546,7 +550,7 @@ class IwinvProvider(HttpProvider):
         return super().supports(mtype)
 
     def send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
-        """Send up to :attr:`batch_limit` messages in as few requests as IWINV allows.
+        """Send up to :attr:`send_batch_limit` messages in as few requests as IWINV allows.
 
         Raises:
             ProviderRejected: An SMS type without the SMS v2 keys configured (``UNSUPPORTED``).
