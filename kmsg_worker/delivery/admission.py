@@ -27,13 +27,12 @@ from datetime import datetime
 from typing import Any
 
 from kmsg_worker import circuit, ratelimit
-from kmsg_worker.delivery.record import Applied
+from kmsg_worker.delivery.record import Applied, log_final
 from kmsg_worker.delivery.record import hold as hold_rows
 from kmsg_worker.errors import ErrorCode
 from kmsg_worker.logging import get_logger
 from kmsg_worker.message.advertising import next_allowed
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.sandbox import event_mark
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage.messages import Transition, attempt_row, insert_attempts, record_transitions
 from kmsg_worker.storage.models import MessageRow
@@ -193,15 +192,7 @@ def _all_open(
         by_provider: dict[str, list[SendRow]] = {}
         for row in too_old:
             by_provider.setdefault(row.provider, []).append(row)
-            log.info(
-                "message.failed",
-                message_id=row.id,
-                provider=row.provider,
-                error_code="RETRIES_EXHAUSTED",
-                type=row.message.type.value,
-                tenant=row.message.tenant,
-                **event_mark(row.message),
-            )
+            log_final("message.failed", row, ErrorCode.RETRIES_EXHAUSTED.value)
         record_transitions(
             rt.store,
             [

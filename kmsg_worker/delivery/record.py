@@ -237,15 +237,24 @@ def _log_failure(row: SendRow, d: Decision, error: ProviderError) -> None:
             reason=d.reason,
         )
     elif d.action is A.FAILED:
-        log.info(
-            "message.failed",
-            message_id=row.id,
-            provider=row.provider,
-            error_code=error.code.value,
-            type=row.message.type.value,
-            tenant=row.message.tenant,
-            **event_mark(row.message),
-        )
+        log_final("message.failed", row, error.code.value)
+
+
+def log_final(event: str, row: SendRow, error_code: str) -> None:
+    """The event of a message that ended ``failed`` or ``unknown`` here, labelled for the metrics.
+
+    ``message.unknown`` is a warning (nobody can say whether the recipient got it); the rest info.
+    """
+    emit = log.warning if event == "message.unknown" else log.info
+    emit(
+        event,
+        message_id=row.id,
+        provider=row.provider,
+        error_code=error_code,
+        type=row.message.type.value,
+        tenant=row.message.tenant,
+        **event_mark(row.message),
+    )
 
 
 def hold(

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from kmsg_worker.delivery.outcome import RECONCILE_DELAY
-from kmsg_worker.delivery.record import Applied, hold
+from kmsg_worker.delivery.record import Applied, hold, log_final
 from kmsg_worker.errors import ErrorCode, ProviderError
 from kmsg_worker.logging import get_logger
 from kmsg_worker.providers.base import LookupHint, ProviderLookupUndecided, SendOutcome
 from kmsg_worker.runtime import Runtime
-from kmsg_worker.sandbox import event_mark
 from kmsg_worker.status import AttemptOutcome, DeliveryAction, MessageStatus
 from kmsg_worker.storage import chunks as chunk_store
 from kmsg_worker.storage.messages import (
@@ -187,15 +186,7 @@ def _undecided(
             rt.store, [Transition([r.id for r in give_up], S.UNKNOWN, values)], [], now=now, expect=expect
         )
         for row in give_up:
-            log.warning(
-                "message.unknown",
-                message_id=row.id,
-                provider=row.provider,
-                error_code="OUTCOME_UNDECIDED",
-                type=row.message.type.value,
-                tenant=row.message.tenant,
-                **event_mark(row.message),
-            )
+            log_final("message.unknown", row, ErrorCode.OUTCOME_UNDECIDED.value)
         applied.counts[A.UNKNOWN] += len(give_up)
     for delay, group in waits.items():
         applied.merge(
