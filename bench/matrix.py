@@ -118,7 +118,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
     import redis
     from sqlalchemy import text as sql
 
-    from bench.run import REDIS_URL, wait_count
+    from bench.run import REDIS_URL, wait_settled
     from kmsg_worker.storage.db import make_engine
 
     _use_provider(env, name)
@@ -144,15 +144,7 @@ def bench_cell(env: Env, name: str, shape: str, count: int, latency_ms: float) -
     started = time.monotonic()
     receipt = kmsg.send_many(rows, defaults={"text": text, "sender": SENDER, "type": "SMS"})
     accepted = time.monotonic()
-    done = wait_count(
-        engine,
-        "SELECT :n - (SELECT count(*) FROM kmsg_messages WHERE status = 'queued')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'sending')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'retrying')",
-        {"n": count},
-        count,
-        3600,
-    )
+    done = wait_settled(engine, count, 3600)
     with engine.connect() as conn:
         by_status = dict(
             conn.execute(

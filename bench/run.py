@@ -242,6 +242,19 @@ def wait_count(engine: Any, sql: str, params: dict[str, Any], target: int, timeo
     raise RuntimeError(f"timed out: {n}/{target} after {timeout}s ({sql})")
 
 
+def wait_settled(engine: Any, count: int, timeout: float) -> float:
+    """Poll until none of the run's ``count`` messages is queued, sending or retrying; returns when.
+
+    It counts what is still pending (each of those states has a small partial index; the scratch
+    database holds only this run's rows), not what is sent: counting 100,000 sent rows every 0.1 s
+    took a third of a core from the run being measured.
+    """
+    pending = " - ".join(
+        f"(SELECT count(*) FROM kmsg_messages WHERE status = '{s}')" for s in ("queued", "sending", "retrying")
+    )
+    return wait_count(engine, f"SELECT :n - {pending}", {"n": count}, count, timeout)
+
+
 def bench_naive(env: Env, count: int) -> dict[str, Any]:
     from kmsg_worker.storage.db import make_engine
 
@@ -319,18 +332,7 @@ def bench_bulk(
         on_invalid=on_invalid,
     )
     accepted = time.monotonic()
-    # Poll what is still pending (each state has a small partial index; the scratch database holds
-    # only this run's rows), not what is sent: counting 100,000 sent rows every 0.1 s took a third
-    # of a core from the run being measured.
-    done = wait_count(
-        engine,
-        "SELECT :n - (SELECT count(*) FROM kmsg_messages WHERE status = 'queued')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'sending')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'retrying')",
-        {"n": count},
-        count,
-        900,
-    )
+    done = wait_settled(engine, count, 900)
     with engine.connect() as conn:
         sent = conn.execute(
             text("SELECT count(*) FROM kmsg_messages WHERE batch_id = :b AND status = 'sent'"), {"b": receipt.batch_id}

@@ -34,7 +34,7 @@ import orjson
 import redis
 from sqlalchemy import text
 
-from bench.run import REDIS_URL, RESULTS, Env, log, scratch_database, wait_count
+from bench.run import REDIS_URL, RESULTS, Env, log, scratch_database, wait_settled
 from kmsg_worker.webhooks.signing import SignatureError, new_secret, verify
 
 #: Webhook settings of every run (the "off" runs have no endpoint, so they never apply).
@@ -149,15 +149,7 @@ def one_run(env: Env, engine: Any, count: int, receiver: Receiver | None, *, ful
     rows = ({"to": f"010{i:08d}", "variables": {"n": i}} for i in range(count))
     started = time.monotonic()
     kmsg.send_many(rows, defaults={"text": "[bench] 겨울 세일 쿠폰 #{n}", "sender": "0212345678"})
-    done = wait_count(
-        engine,
-        "SELECT :n - (SELECT count(*) FROM kmsg_messages WHERE status = 'queued')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'sending')"
-        " - (SELECT count(*) FROM kmsg_messages WHERE status = 'retrying')",
-        {"n": count},
-        count,
-        900,
-    )
+    done = wait_settled(engine, count, 900)
     seconds = done - started
     result: dict[str, Any] = {
         "webhooks": receiver is not None,
