@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -246,6 +248,10 @@ def max_in_flight(config: ProviderConfig) -> int:
     return value
 
 
+def _report(finished: queue.SimpleQueue[tuple[int, Future[R]]], index: int, future: Future[R]) -> None:
+    finished.put((index, future))
+
+
 def halts_batch(error: ProviderError) -> bool:
     """Whether a failed request stops the rest of a batch: yes unless it was refused for its own content.
 
@@ -350,19 +356,22 @@ class HttpProvider(Provider):
                     break
             return results
         pool = self._executor()
-        pending: dict[Future[R | ProviderError], int] = {}
-        started = 0
+        # Each request reports its own completion on one queue: O(1) per request, where
+        # ``concurrent.futures.wait`` re-arms a waiter on every pending future each round.
+        finished: queue.SimpleQueue[tuple[int, Future[R | ProviderError]]] = queue.SimpleQueue()
+        in_flight = started = 0
         halted = False
-        while pending or (started < len(calls) and not halted):
-            while not halted and started < len(calls) and len(pending) < self.max_in_flight:
-                pending[pool.submit(self._call_one, calls[started])] = started
+        while in_flight or (started < len(calls) and not halted):
+            while not halted and started < len(calls) and in_flight < self.max_in_flight:
+                future = pool.submit(self._call_one, calls[started])
+                future.add_done_callback(partial(_report, finished, started))
                 started += 1
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                results[index] = outcome = future.result()
-                if isinstance(outcome, ProviderError) and halts(outcome):
-                    halted = True
+                in_flight += 1
+            index, future = finished.get()
+            in_flight -= 1
+            results[index] = outcome = future.result()
+            if isinstance(outcome, ProviderError) and halts(outcome):
+                halted = True
         return results
 
     def _call_one(self, call: Callable[[], R]) -> R | ProviderError:
