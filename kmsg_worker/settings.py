@@ -9,7 +9,7 @@ Provider settings are ``KMSG_<PROVIDER>_<KEY>``: keys the provider class declare
 ``credential_keys`` are secrets (never logged or shown in a repr); every other key is an option
 (``KMSG_SOLAPI_BASE_URL``, ``KMSG_SOLAPI_DEFAULT_FROM``, ``KMSG_IWINV_BATCH_LIMIT`` ...).
 ``KMSG_<PROVIDER>_MAX_IN_FLIGHT`` bounds the requests an HTTP adapter runs at once for one batch
-(default 8, at most the connection pool's 20; checked when the adapter is built).
+(default 16, at most the connection pool's 32; checked when the adapter is built).
 """
 
 from __future__ import annotations

@@ -623,7 +623,7 @@ _PROVIDER_ENV = {
         # ... up to one window of requests: 1,000 x 2 in flight
         ("aligo", {"KMSG_ALIGO_MAX_IN_FLIGHT": "2"}, 4_500, [2_000, 2_000, 500]),
         # ... of the operator's smaller requests: 300 x 8
-        ("aligo", {"KMSG_ALIGO_BATCH_LIMIT": "300"}, 5_000, [2_400, 2_400, 200]),
+        ("aligo", {"KMSG_ALIGO_BATCH_LIMIT": "300", "KMSG_ALIGO_MAX_IN_FLIGHT": "8"}, 5_000, [2_400, 2_400, 200]),
         # one request per call: the request's limit
         ("aligo", {"KMSG_ALIGO_MAX_IN_FLIGHT": "1"}, 2_500, [1_000, 1_000, 500]),
         ("solapi", {"KMSG_SOLAPI_BATCH_LIMIT": "700"}, 1_500, [700, 700, 100]),

@@ -134,9 +134,10 @@ SMS_LIST_MAX_PAGES = 4
 KAKAO_BATCH_LIMIT = 500
 #: Most messages one ``send_batch`` call takes (a bulk chunk): the call is split into the requests
 #: above and they run through the in-flight window, so a chunk is not held to one request's 1,000.
-#: The window bounds it first (1,000 x ``max_in_flight``, 8,000 by default; see
-#: :attr:`~kmsg_worker.providers.base.Provider.send_batch_limit`), so personalised texts, 500 to a
-#: ``/send_mass/`` request, take at most two rounds of it; this cap only binds above 10 in flight.
+#: The window bounds it (1,000 x ``max_in_flight``; see
+#: :attr:`~kmsg_worker.providers.base.Provider.send_batch_limit`) and so does this cap from 10 in
+#: flight on (the default window is 16): 10,000 personalised texts, 500 to a ``/send_mass/``
+#: request, are 20 requests, two rounds of a 16-request window at most.
 SEND_BATCH_LIMIT = 10_000
 #: ``msg`` is 1-2,000 bytes and ``title`` 1-44 bytes (Aligo SMS API spec).
 MAX_MSG_BYTES = 2000

@@ -59,13 +59,15 @@ __all__ = [
 #: far below the Celery time limit so the task can still record the attempt.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=10.0, write=10.0, pool=5.0)
 #: Connection pool per worker process.
-DEFAULT_LIMITS = httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=20, keepalive_expiry=30.0)
 USER_AGENT = "kmsg-worker/0.1 (+httpx)"
 #: Requests one provider adapter keeps in flight per process when a batch needs several (see
 #: :meth:`HttpProvider.send_requests`). Below ``max_keepalive_connections`` so that a window's
 #: connections are all reused by the next one, and well below ``max_connections`` so that the other
-#: providers of the process still find a free connection.
-DEFAULT_MAX_IN_FLIGHT = 8
+#: providers of the process still find a free connection. At a provider's usual ~20 ms a window of
+#: one-text requests is bounded by how many are in flight, not by CPU: 16 sends about 1.75x what 8
+#: did (figures and the command in docs/PERFORMANCE.md).
+DEFAULT_MAX_IN_FLIGHT = 16
 
 R = TypeVar("R")
 

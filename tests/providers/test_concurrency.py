@@ -37,7 +37,7 @@ from kmsg_worker.errors import (
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.providers.aligo import AligoProvider
 from kmsg_worker.providers.base import DeliveryState, Provider, ProviderConfig, SendOutcome
-from kmsg_worker.providers.base_http import DEFAULT_MAX_IN_FLIGHT, make_http_client
+from kmsg_worker.providers.base_http import DEFAULT_LIMITS, DEFAULT_MAX_IN_FLIGHT, make_http_client
 from kmsg_worker.providers.iwinv import IwinvProvider
 from kmsg_worker.settings import Settings
 from kmsg_worker.testing.fake_aligo import FakeAligoServer
@@ -400,7 +400,7 @@ def test_aligo_window_with_one_bad_request(aligo: ScriptedAligo, aligo_provider:
 # -- the setting --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["0", "21", "many", "-3"])
+@pytest.mark.parametrize("value", ["0", str((DEFAULT_LIMITS.max_connections or 0) + 1), "many", "-3"])
 def test_a_bad_max_in_flight_stops_the_process_at_start(value: str) -> None:
     env = {"KMSG_PROVIDERS": "iwinv", "KMSG_IWINV_API_KEY": "k", "KMSG_IWINV_MAX_IN_FLIGHT": value}
     with pytest.raises(ConfigurationError) as info:

@@ -36,12 +36,13 @@ def aligo(client: httpx.Client, **options: Any) -> AligoProvider:
 def test_aligo_takes_a_window_of_requests_per_call(client: httpx.Client) -> None:
     # One request carries 1,000; a call carries max_in_flight requests' worth
     assert aligo(client).batch_limit == SMS_BATCH_LIMIT
-    assert aligo(client).send_batch_limit == SMS_BATCH_LIMIT * DEFAULT_MAX_IN_FLIGHT == 8_000
     assert aligo(client, max_in_flight="3").send_batch_limit == 3_000
+    assert aligo(client, max_in_flight="8").send_batch_limit == 8_000
     # no window: a call is one request again
     assert aligo(client, max_in_flight="1").send_batch_limit == SMS_BATCH_LIMIT
     # a wide window stops at the adapter's cap
     assert aligo(client, max_in_flight="20").send_batch_limit == SEND_BATCH_LIMIT
+    assert SMS_BATCH_LIMIT * DEFAULT_MAX_IN_FLIGHT > SEND_BATCH_LIMIT == aligo(client).send_batch_limit
 
 
 def test_the_operators_request_cap_lowers_the_window_with_it(client: httpx.Client) -> None:
