@@ -15,7 +15,8 @@ threads, each sending one message per HTTP request through the same adapter (``s
 persistence, to the same fake: the design of a library that sends each message on its own. Each
 thread has its own client and keep-alive connection: httpcore's pool looks through all of its
 connections for every request, which on one 50-connection client doubled the client's CPU per
-request (about 1.3 ms against 0.7 ms, at 0 and at 20 ms), so a shared pool would flatter the cells.
+request (about 1.3 ms against 0.7 ms, at 0 and at 20 ms; ``python -m bench.client_pool``), so a
+shared pool would flatter the cells.
 Even so, this client runs our Python adapter and is bounded by its own CPU on a small machine,
 while at 20 ms no per-message client with 50 in flight can beat 50 / 0.020 s = 2,500 msg/s whatever
 its language. The 20 ms targets are therefore checked against the larger of the measured baseline
