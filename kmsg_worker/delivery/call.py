@@ -16,7 +16,7 @@ from kmsg_worker.delivery.admission import throttle
 from kmsg_worker.delivery.outcome import decide_outcomes, refusal
 from kmsg_worker.delivery.record import Applied, apply_decisions
 from kmsg_worker.errors import ProviderError
-from kmsg_worker.providers.base import SendOutcome
+from kmsg_worker.providers.base import SendOutcome, counting_requests
 from kmsg_worker.runtime import Runtime
 from kmsg_worker.status import MessageStatus
 from kmsg_worker.storage.rows import SendRow
@@ -41,9 +41,11 @@ def _provider_side_error(outcomes: Sequence[SendOutcome]) -> ProviderError | Non
 
 @dataclass
 class Called(Applied):
-    """:class:`Applied`, plus the call's latency (``None`` when throttled: no call was made)."""
+    """:class:`Applied`, plus the call's latency (``None`` when throttled: no call was made) and the
+    number of vendor requests the adapter made for it."""
 
     latency_ms: float | None = None
+    requests: int = 0
 
 
 def call_provider(
@@ -75,16 +77,17 @@ def call_provider(
         return called
     started = time.perf_counter()
     observed: ProviderError | None
-    try:
-        if single:
-            outcomes = [provider.send(rows[0].message)]
-            observed = None if outcomes[0].accepted else refusal(outcomes[0], name)
-        else:
-            outcomes = provider.send_batch([r.message for r in rows])
-            observed = _provider_side_error(outcomes)
-    except ProviderError as exc:
-        outcomes = [SendOutcome(r.id, False, error=exc) for r in rows]
-        observed = exc
+    with counting_requests() as tally:
+        try:
+            if single:
+                outcomes = [provider.send(rows[0].message)]
+                observed = None if outcomes[0].accepted else refusal(outcomes[0], name)
+            else:
+                outcomes = provider.send_batch([r.message for r in rows])
+                observed = _provider_side_error(outcomes)
+        except ProviderError as exc:
+            outcomes = [SendOutcome(r.id, False, error=exc) for r in rows]
+            observed = exc
     # When the provider answered, before our own bookkeeping below.
     answered = rt.now()
     latency_ms = (time.perf_counter() - started) * 1000
@@ -111,4 +114,5 @@ def call_provider(
     called = Called()
     called.merge(applied)
     called.latency_ms = latency_ms
+    called.requests = tally.count
     return called

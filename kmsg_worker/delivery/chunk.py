@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from kmsg_worker.delivery.admission import admit_circuits, admit_window
-from kmsg_worker.delivery.call import call_provider
+from kmsg_worker.delivery.call import Called, call_provider
 from kmsg_worker.delivery.record import Applied
 from kmsg_worker.delivery.recovery import reconcile
 from kmsg_worker.errors import ErrorCode
@@ -53,6 +53,7 @@ class ChunkResult:
     failed_over: int = 0
     dead: int = 0
     cancelled: int = 0
+    #: Vendor requests made (an adapter may split a call into several).
     requests: int = 0
     throttled: int = 0
     #: Advertising rows held until their sending window opens.
@@ -152,18 +153,17 @@ def _send_claimed(rt: Runtime, chunk: tuple[str, int], rows: list[SendRow], now:
             result.add(called)
             if called.latency_ms is None:
                 break  # throttled: the rest of the group waits with this piece
-            result.requests += 1
-            _log_request(chunk, name, piece, called.counts, called.latency_ms)
+            result.requests += called.requests
+            _log_request(chunk, name, piece, called)
 
 
-def _log_request(
-    chunk: tuple[str, int], name: str, piece: Sequence[SendRow], counts: dict[DeliveryAction, int], latency_ms: float
-) -> None:
+def _log_request(chunk: tuple[str, int], name: str, piece: Sequence[SendRow], called: Called) -> None:
     """One event per provider call (``send_batch``), labelled for metrics (provider, type, tenant, latency).
 
-    ``requests`` counts calls: an adapter may split one call into several vendor requests, run
-    concurrently, and ``latency_ms`` is the whole call's.
+    ``requests`` is the vendor requests the adapter made for the call (it may split one call into
+    several and run them concurrently); ``latency_ms`` is the whole call's.
     """
+    counts = called.counts
     log.info(
         "batch.chunk_sent",
         batch_id=chunk[0],
@@ -175,7 +175,7 @@ def _log_request(
         sent=counts.get(A.SENT, 0),
         retrying=counts.get(A.RETRY, 0) + counts.get(A.RECONCILE, 0),
         failed=counts.get(A.FAILED, 0),
-        requests=1,
-        latency_ms=round(latency_ms, 2),
+        requests=called.requests,
+        latency_ms=round(called.latency_ms or 0.0, 2),
         **event_mark(piece[0].message),  # a chunk is one batch's: one key, live or test
     )

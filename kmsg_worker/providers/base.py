@@ -11,7 +11,10 @@ check capability -> ``_send_batch`` (vendor) -> per-recipient :class:`SendOutcom
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -29,12 +32,62 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderLookupUndecided",
+    "RequestTally",
     "SendOutcome",
     "SendWarning",
     "StatusQuery",
     "StatusReport",
     "alimtalk_template",
+    "count_request",
+    "counting_requests",
 ]
+
+
+class RequestTally:
+    """How many vendor requests were made inside one :func:`counting_requests` block.
+
+    An adapter's in-flight window adds from several threads at once, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        """Count one request."""
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        """Requests counted so far."""
+        return self._count
+
+
+_tally: ContextVar[RequestTally | None] = ContextVar("kmsg_request_tally", default=None)
+
+
+@contextmanager
+def counting_requests() -> Iterator[RequestTally]:
+    """Count the vendor requests an adapter makes for one call (``send`` / ``send_batch``).
+
+    A call may be one request or many (an adapter splits a chunk by its provider's limits, uploads
+    images first, runs requests through its in-flight window); the adapters report each one with
+    :func:`count_request`, so the caller learns the real number without a change to their API.
+    """
+    tally = RequestTally()
+    token = _tally.set(tally)
+    try:
+        yield tally
+    finally:
+        _tally.reset(token)
+
+
+def count_request() -> None:
+    """Report one vendor request to the enclosing :func:`counting_requests` block, if there is one."""
+    tally = _tally.get()
+    if tally is not None:
+        tally.add()
 
 
 class DeliveryState(StrEnum):

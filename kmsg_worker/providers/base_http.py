@@ -10,6 +10,7 @@ for its own codes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import email.utils
 import os
 import queue
@@ -36,7 +37,7 @@ from kmsg_worker.errors import (
     ProviderTransientError,
 )
 from kmsg_worker.logging import get_logger
-from kmsg_worker.providers.base import HealthReport, Provider, ProviderConfig, SendOutcome
+from kmsg_worker.providers.base import HealthReport, Provider, ProviderConfig, SendOutcome, count_request
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -365,7 +366,8 @@ class HttpProvider(Provider):
         halted = False
         while in_flight or (started < len(calls) and not halted):
             while not halted and started < len(calls) and in_flight < self.max_in_flight:
-                future = pool.submit(self._call_one, calls[started])
+                # In the caller's context, so that the requests are counted where it counts them.
+                future = pool.submit(contextvars.copy_context().run, self._call_one, calls[started])
                 future.add_done_callback(partial(_report, finished, started))
                 started += 1
                 in_flight += 1
@@ -422,6 +424,7 @@ class HttpProvider(Provider):
             if not any(k.lower() == "content-type" for k in headers or {}):
                 headers = {**(headers or {}), "Content-Type": "application/json"}
         timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
+        count_request()
         with map_transport_errors(self.name):
             response = self.client.request(
                 method,

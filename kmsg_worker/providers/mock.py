@@ -49,6 +49,7 @@ from kmsg_worker.providers.base import (
     SendWarning,
     StatusQuery,
     StatusReport,
+    count_request,
 )
 
 __all__ = ["MockProvider", "read_call_log"]
@@ -225,6 +226,7 @@ class MockProvider(Provider):
 
     def _send_batch(self, messages: Sequence[Message]) -> list[SendOutcome]:
         self.requests += 1
+        count_request()
         if self._latency:
             time.sleep(self._latency)
         scripted = any(m.provider_options.get("mock") for m in messages)

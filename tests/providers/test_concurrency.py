@@ -36,7 +36,7 @@ from kmsg_worker.errors import (
 )
 from kmsg_worker.message import Message, normalize
 from kmsg_worker.providers.aligo import AligoProvider
-from kmsg_worker.providers.base import DeliveryState, Provider, ProviderConfig, SendOutcome
+from kmsg_worker.providers.base import DeliveryState, Provider, ProviderConfig, SendOutcome, counting_requests
 from kmsg_worker.providers.base_http import DEFAULT_LIMITS, DEFAULT_MAX_IN_FLIGHT, make_http_client
 from kmsg_worker.providers.iwinv import IwinvProvider
 from kmsg_worker.settings import Settings
@@ -337,6 +337,37 @@ def test_default_bound(iwinv: ScriptedIwinv, iwinv_provider: Any) -> None:
     assert provider.max_in_flight == DEFAULT_MAX_IN_FLIGHT
     assert all(o.accepted for o in provider.send_batch(personalised(3 * DEFAULT_MAX_IN_FLIGHT)))
     assert iwinv.peak_in_flight == DEFAULT_MAX_IN_FLIGHT
+
+
+def test_the_requests_of_a_window_are_counted_for_the_call_that_made_them(
+    iwinv: ScriptedIwinv, iwinv_provider: Any
+) -> None:
+    iwinv.set_faults(latency_ms=10)
+    provider = iwinv_provider()
+    counted: dict[str, int] = {}
+
+    def send(prefix: str, messages: list[Message]) -> None:
+        with counting_requests() as tally:
+            assert all(o.accepted for o in provider.send_batch(messages))
+        counted[prefix] = tally.count
+
+    # Two calls at once through one adapter (its window's threads serve both): 12 personalised texts
+    # are 12 requests, 30 receivers of one text one request; each call counts only its own
+    same_text = [
+        normalize({"to": f"0107{i:07d}", "text": "같은 안내", "type": "SMS", "sender": SENDER}) for i in range(30)
+    ]
+    threads = [
+        threading.Thread(target=send, args=("0105", personalised(12))),
+        threading.Thread(target=send, args=("0107", same_text)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert counted == {"0105": 12, "0107": 1}
+    assert iwinv.ledger.requests == 13
+    # Outside a counting block nothing is counted and nothing fails
+    assert all(o.accepted for o in provider.send_batch(personalised(2, prefix="0108")))
 
 
 def test_mms_go_one_per_request_within_the_bound(iwinv: ScriptedIwinv, iwinv_provider: Any) -> None:
