@@ -2,6 +2,8 @@
 
     python -m bench.run --matrix                        # 50,000 messages per cell
     python -m bench.run --matrix --matrix-count 2000    # a quick check of the harness
+    python -m bench.run --matrix --matrix-count 1000000 --matrix-providers aligo \
+        --matrix-texts personalised --matrix-latencies 20  # one cell, e.g. for the worker's memory
 
 Cells: provider {solapi, iwinv, aligo} x text {same, personalised} x fake latency {0, 20 ms}. Each
 cell is a ``send_many`` of N SMS end to end: the producer stores the batch in PostgreSQL, real
@@ -286,7 +288,14 @@ def targets(cells: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -
     return found
 
 
-def run_matrix(count: int, baseline_count: int, providers: tuple[str, ...] = PROVIDERS) -> dict[str, Any]:
+def run_matrix(
+    count: int,
+    baseline_count: int,
+    providers: tuple[str, ...] = PROVIDERS,
+    *,
+    texts: tuple[str, ...] = TEXTS,
+    latencies: tuple[float, ...] = LATENCIES,
+) -> dict[str, Any]:
     results: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "matrix_count": count,
@@ -299,9 +308,9 @@ def run_matrix(count: int, baseline_count: int, providers: tuple[str, ...] = PRO
         try:
             env.start_fakes()
             for name in providers:
-                for latency in LATENCIES:
+                for latency in latencies:
                     base = baselines[f"{name}@{latency:g}"] = bench_baseline(env, name, baseline_count, latency)
-                    for shape in TEXTS:
+                    for shape in texts:
                         cell = bench_cell(env, name, shape, count, latency)
                         cell["ratio_vs_baseline"] = round(cell["msgs_per_s"] / base["msgs_per_s"], 2)
                         cell["ratio_vs_per_message"] = round(cell["msgs_per_s"] / per_message_ceiling(base), 2)

@@ -537,12 +537,22 @@ def main() -> None:
         "--matrix-baseline-count", type=int, default=None, help="messages per baseline run (default: the cell count)"
     )
     parser.add_argument("--matrix-providers", default="solapi,iwinv,aligo", help="comma-separated subset")
+    parser.add_argument("--matrix-texts", default="same,personalised", help="comma-separated subset")
+    parser.add_argument("--matrix-latencies", default="0,20", help="fake latencies in ms, comma-separated")
     args = parser.parse_args()
     if args.matrix:
         from bench.matrix import run_matrix
 
-        providers = tuple(p.strip() for p in args.matrix_providers.split(",") if p.strip())
-        run_matrix(args.matrix_count, args.matrix_baseline_count or args.matrix_count, providers)
+        def listed(value: str) -> tuple[str, ...]:
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+
+        run_matrix(
+            args.matrix_count,
+            args.matrix_baseline_count or args.matrix_count,
+            listed(args.matrix_providers),
+            texts=listed(args.matrix_texts),
+            latencies=tuple(float(v) for v in listed(args.matrix_latencies)),
+        )
         return
     stages = args.only or [s for s in STAGES if s != "bulk_1m" or args.long]
     results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "machine": os.uname().nodename}
