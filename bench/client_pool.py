@@ -14,13 +14,13 @@ matrix's per-message baseline gives each thread its own client.
 from __future__ import annotations
 
 import argparse
-import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from bench.in_flight import cpu_seconds
 from bench.matrix import SENDER, fake_url, provider_env
 from bench.run import Env, log
 from kmsg_worker.message import normalize
@@ -29,11 +29,6 @@ from kmsg_worker.providers.registry import provider_class
 from kmsg_worker.settings import Settings
 
 NAME = "iwinv"
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def one_request() -> httpx.Request:
