@@ -50,10 +50,8 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
 @pytest.fixture
 def fake() -> Iterator[FakeAligoServer]:
-    server = FakeAligoServer(api_key=API_KEY, user_id=USER_ID, sender_key=SENDER_KEY)
-    server.start()
-    yield server
-    server.stop()
+    with FakeAligoServer(api_key=API_KEY, user_id=USER_ID, sender_key=SENDER_KEY) as server:
+        yield server
 
 
 @pytest.fixture
@@ -808,10 +806,8 @@ def test_health_fails_on_bad_credentials(make_provider: Any) -> None:
 
 @pytest.fixture(scope="module")
 def shared_server() -> Iterator[FakeAligoServer]:
-    server = FakeAligoServer(api_key=API_KEY, user_id=USER_ID, sender_key=SENDER_KEY)
-    server.start()
-    yield server
-    server.stop()
+    with FakeAligoServer(api_key=API_KEY, user_id=USER_ID, sender_key=SENDER_KEY) as server:
+        yield server
 
 
 @pytest.fixture

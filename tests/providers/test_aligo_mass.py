@@ -29,10 +29,8 @@ SENDER = "0212345678"
 
 @pytest.fixture
 def fake() -> Iterator[FakeAligoServer]:
-    server = FakeAligoServer(api_key=API_KEY, user_id=USER_ID)
-    server.start()
-    yield server
-    server.stop()
+    with FakeAligoServer(api_key=API_KEY, user_id=USER_ID) as server:
+        yield server
 
 
 @pytest.fixture

@@ -58,10 +58,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def fake(clock: Clock) -> Iterator[CountingAligo]:
-    server = CountingAligo(clock)
-    server.start()
-    yield server
-    server.stop()
+    with CountingAligo(clock) as server:
+        yield server
 
 
 @pytest.fixture

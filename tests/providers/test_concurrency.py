@@ -133,18 +133,14 @@ def _iwinv_receivers(request: FakeRequest) -> list[str]:
 
 @pytest.fixture
 def iwinv() -> Iterator[ScriptedIwinv]:
-    server = ScriptedIwinv()
-    server.start()
-    yield server
-    server.stop()
+    with ScriptedIwinv() as server:
+        yield server
 
 
 @pytest.fixture
 def aligo() -> Iterator[ScriptedAligo]:
-    server = ScriptedAligo()
-    server.start()
-    yield server
-    server.stop()
+    with ScriptedAligo() as server:
+        yield server
 
 
 @pytest.fixture

@@ -39,10 +39,8 @@ from tests.providers.test_concurrency import CLIENT_TIMEOUT, ScriptedAligo, Scri
 
 @pytest.fixture
 def fake() -> Iterator[ScriptedIwinv]:
-    server = ScriptedIwinv()
-    server.start()
-    yield server
-    server.stop()
+    with ScriptedIwinv() as server:
+        yield server
 
 
 @pytest.fixture
@@ -190,10 +188,8 @@ class FailsSecondMassRequest(ScriptedAligo):
 
 @pytest.fixture
 def aligo_fake() -> Iterator[FailsSecondMassRequest]:
-    server = FailsSecondMassRequest()
-    server.start()
-    yield server
-    server.stop()
+    with FailsSecondMassRequest() as server:
+        yield server
 
 
 @pytest.fixture

@@ -96,10 +96,8 @@ def query(message: Message, pmid: str, requested_at: datetime | None = None) -> 
 
 @pytest.fixture
 def fake() -> Iterator[FakeIwinvServer]:
-    server = FakeIwinvServer(templates=TEMPLATES)
-    server.start()
-    yield server
-    server.stop()
+    with FakeIwinvServer(templates=TEMPLATES) as server:
+        yield server
 
 
 @pytest.fixture

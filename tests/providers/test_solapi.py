@@ -55,10 +55,8 @@ JPEG = b"\xff\xd8\xff\xe0" + b"fake-jpeg-bytes" * 8
 
 @pytest.fixture
 def fake() -> Iterator[FakeSolapiServer]:
-    server = FakeSolapiServer(api_key=API_KEY, api_secret=API_SECRET)
-    server.start()
-    yield server
-    server.stop()
+    with FakeSolapiServer(api_key=API_KEY, api_secret=API_SECRET) as server:
+        yield server
 
 
 @pytest.fixture
